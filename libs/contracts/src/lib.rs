@@ -1,0 +1,20 @@
+//! The wire contract of proxypool: every NATS subject and every message that crosses a process boundary.
+//!
+//! Nothing outside this crate formats a subject string. Consumer-facing subjects (`lease.*`) are a public,
+//! versioned contract: fields are only ever added (with `#[serde(default)]`), never renamed or removed.
+//!
+//! # Layout
+//! - [`subjects`]: subject names and queue groups.
+//! - [`domain`]: validated input types ([`Area`], [`ObjectIdHex`]) that inner code can trust.
+//! - [`reply`]: the reply envelope and the typed error shared by NATS replies and HTTP bodies.
+//! - [`lease`]: lease acquire/release requests and replies.
+//! - [`events`]: broadcast events (`proxy.changed`).
+
+pub mod domain;
+pub mod events;
+pub mod lease;
+pub mod reply;
+pub mod subjects;
+
+pub use domain::{Area, ObjectIdHex};
+pub use reply::{ApiError, ErrorCode, Reply};

@@ -1,0 +1,70 @@
+//! NATS connection settings and connect helper.
+
+use std::time::Duration;
+
+use crate::env::{ConfigError, Env};
+use crate::Secret;
+
+/// How to reach NATS.
+#[derive(Debug, Clone)]
+pub struct NatsConfig {
+    /// `NATS_URL`, default `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// `NATS_USER` / `NATS_PASSWORD`, when the server requires them.
+    pub user: Option<(String, Secret<String>)>,
+    /// `NATS_CREDS`: path to a `.creds` file (decentralised auth).
+    pub creds_file: Option<String>,
+    /// `NATS_REQUEST_TIMEOUT` (seconds, default 5): how long a request waits for a reply.
+    pub request_timeout: Duration,
+}
+
+impl NatsConfig {
+    /// Reads the NATS variables.
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let url = env.get("NATS_URL").unwrap_or_else(|| "nats://127.0.0.1:4222".to_owned());
+        if !(url.starts_with("nats://") || url.starts_with("tls://") || url.starts_with("ws")) {
+            return Err(ConfigError::invalid("NATS_URL", "must start with nats://, tls:// or ws(s)://"));
+        }
+        let user = match (env.get("NATS_USER"), env.get("NATS_PASSWORD")) {
+            (Some(u), Some(p)) => Some((u, Secret::new(p))),
+            (None, None) => None,
+            (Some(_), None) => return Err(ConfigError::Missing("NATS_PASSWORD")),
+            (None, Some(_)) => return Err(ConfigError::Missing("NATS_USER")),
+        };
+        Ok(Self {
+            url,
+            user,
+            creds_file: env.get("NATS_CREDS"),
+            request_timeout: env.seconds_or("NATS_REQUEST_TIMEOUT", Duration::from_secs(5))?,
+        })
+    }
+
+    /// A config for a local server at `url` (tests, benchmarks).
+    pub fn local(url: impl Into<String>) -> Self {
+        Self { url: url.into(), user: None, creds_file: None, request_timeout: Duration::from_secs(5) }
+    }
+
+    /// Connects. The client reconnects by itself forever, also when the server is down at start, so a service
+    /// comes up before NATS does and recovers after a NATS restart without intervention.
+    pub async fn connect(&self, name: &str) -> Result<async_nats::Client, async_nats::ConnectError> {
+        let mut opts = async_nats::ConnectOptions::new()
+            .name(name)
+            .retry_on_initial_connect()
+            .request_timeout(Some(self.request_timeout))
+            .connection_timeout(Duration::from_secs(3))
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Connected => tracing::info!("nats connected"),
+                    async_nats::Event::Disconnected => tracing::warn!("nats disconnected"),
+                    other => tracing::debug!(event = %other, "nats event"),
+                }
+            });
+        if let Some((user, password)) = &self.user {
+            opts = opts.user_and_password(user.clone(), password.expose().clone());
+        }
+        if let Some(path) = &self.creds_file {
+            opts = opts.credentials_file(path).await.map_err(async_nats::ConnectError::from)?;
+        }
+        opts.connect(self.url.as_str()).await
+    }
+}

@@ -1,0 +1,43 @@
+//! Driver errors, classified into what a caller acts on.
+
+use mongodb::error::{Error, ErrorKind, WriteFailure};
+
+/// A database error.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached (selection timeout, network, shutdown in progress): answer 503.
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] Error),
+    /// A unique index refused the write (E11000).
+    #[error("duplicate key: {0}")]
+    Duplicate(#[source] Error),
+    /// Anything else: a bug or unexpected data.
+    #[error("database error: {0}")]
+    Other(#[source] Error),
+}
+
+impl From<Error> for StoreError {
+    fn from(e: Error) -> Self {
+        if is_duplicate(&e) {
+            return StoreError::Duplicate(e);
+        }
+        match *e.kind {
+            ErrorKind::ServerSelection { .. }
+            | ErrorKind::Io(_)
+            | ErrorKind::ConnectionPoolCleared { .. }
+            | ErrorKind::Shutdown => StoreError::Unavailable(e),
+            _ => StoreError::Other(e),
+        }
+    }
+}
+
+fn is_duplicate(e: &Error) -> bool {
+    match &*e.kind {
+        ErrorKind::Write(WriteFailure::WriteError(w)) => w.code == 11000,
+        ErrorKind::Command(c) => c.code == 11000,
+        ErrorKind::InsertMany(m) => {
+            m.write_errors.as_ref().is_some_and(|ws| ws.iter().any(|w| w.code == 11000))
+        }
+        _ => false,
+    }
+}

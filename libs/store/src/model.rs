@@ -1,0 +1,345 @@
+//! Document types of the four collections, with SPEC.md's field names and defaults.
+//!
+//! Every field that SPEC.md gives a default is `#[serde(default)]`, so documents written by the original system (or
+//! by hand) load even when they lack a field. `createdAt`/`updatedAt` are set by the writer on every insert/update.
+
+use bson::oid::ObjectId;
+use bson::DateTime;
+use proxypool_contracts::Area;
+use serde::{Deserialize, Serialize};
+
+/// Collection names.
+pub mod collections {
+    /// `proxies`.
+    pub const PROXIES: &str = "proxies";
+    /// `proxy_packages`.
+    pub const PROXY_PACKAGES: &str = "proxy_packages";
+    /// `proxy_providers`.
+    pub const PROXY_PROVIDERS: &str = "proxy_providers";
+    /// `users`.
+    pub const USERS: &str = "users";
+}
+
+/// SPEC.md's default rotation interval in seconds.
+pub const DEFAULT_ROTATE_TIME_SECS: i64 = 60;
+
+/// `proxies.status`: 0 = PENDING, 1 = PROCESSING, 2 = COMPLETED.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "i32", into = "i32")]
+pub enum ProxyStatus {
+    /// Never rotated, or waiting.
+    Pending,
+    /// A rotation is running.
+    Processing,
+    /// The last rotation completed.
+    Completed,
+}
+
+impl From<i32> for ProxyStatus {
+    fn from(v: i32) -> Self {
+        match v {
+            1 => ProxyStatus::Processing,
+            2 => ProxyStatus::Completed,
+            _ => ProxyStatus::Pending,
+        }
+    }
+}
+
+impl From<ProxyStatus> for i32 {
+    fn from(s: ProxyStatus) -> i32 {
+        match s {
+            ProxyStatus::Pending => 0,
+            ProxyStatus::Processing => 1,
+            ProxyStatus::Completed => 2,
+        }
+    }
+}
+
+impl Default for ProxyStatus {
+    fn default() -> Self {
+        ProxyStatus::Pending
+    }
+}
+
+/// One active lease on a proxy (`proxy_used[]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProxyUsed {
+    /// The consumer holding the lease (its IP or id).
+    pub ip: String,
+    /// The lease key (ObjectId hex); required to return the lease.
+    pub key: String,
+    /// When the lease was granted.
+    pub time: DateTime,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_rotate_time() -> i64 {
+    DEFAULT_ROTATE_TIME_SECS
+}
+
+/// A document of `proxies`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProxyDoc {
+    /// `_id`.
+    #[serde(rename = "_id")]
+    pub id: ObjectId,
+    /// Current IP or hostname of the proxy server.
+    pub ip: String,
+    /// Proxy port.
+    pub port: i32,
+    /// Proxy auth username.
+    #[serde(default)]
+    pub username: String,
+    /// Proxy auth password.
+    #[serde(default)]
+    pub password: String,
+    /// `vn` or `global`.
+    pub area: Area,
+    /// URL that rotates the proxy's IP.
+    pub rotate_url: String,
+    /// Seconds between rotations.
+    #[serde(default = "default_rotate_time")]
+    pub rotate_time: i64,
+    /// Bearer token for `rotate_url`.
+    #[serde(default)]
+    pub auth_token: Option<String>,
+    /// Public IP seen through the proxy at the last check.
+    #[serde(default)]
+    pub ip_public: Option<String>,
+    /// Eligible for leases.
+    #[serde(default = "default_true")]
+    pub is_active: bool,
+    /// The last rotation or check failed.
+    #[serde(default)]
+    pub is_error: bool,
+    /// A rotation holds this proxy.
+    #[serde(default)]
+    pub is_rotating: bool,
+    /// Skip the rotate call; verify the IP only.
+    #[serde(default)]
+    pub disable_auto_rotate: bool,
+    /// When the proxy is next due for rotation.
+    #[serde(default)]
+    pub next_rotate: Option<DateTime>,
+    /// When the proxy was last leased.
+    #[serde(default)]
+    pub last_used_at: Option<DateTime>,
+    /// Provider subscription expiry.
+    #[serde(default)]
+    pub expired_at: Option<DateTime>,
+    /// Active leases (lease service only).
+    #[serde(default)]
+    pub in_use: i32,
+    /// Leases granted in this rotation cycle (lease service only).
+    #[serde(default)]
+    pub used_count: i32,
+    /// Active lease records (lease service only).
+    #[serde(default)]
+    pub proxy_used: Vec<ProxyUsed>,
+    /// Return URL of the latest lease.
+    #[serde(default)]
+    pub webhook_url: Option<String>,
+    /// Failed outbound webhook attempts.
+    #[serde(default)]
+    pub call_webhook_count: i32,
+    /// Rotation status.
+    #[serde(default)]
+    pub status: ProxyStatus,
+    /// HTTP status of the last rotate call.
+    #[serde(default)]
+    pub status_code: Option<i32>,
+    /// Body of the last rotate call (truncated, for debugging).
+    #[serde(default)]
+    pub response: Option<String>,
+    /// Region label of the public IP.
+    #[serde(default)]
+    pub region: String,
+    /// Denormalised package name.
+    #[serde(default)]
+    pub package_name: String,
+    /// Parent package.
+    pub proxy_package_id: ObjectId,
+    /// Creator (`users._id`), or none for machine clients.
+    #[serde(default)]
+    pub created_by: Option<ObjectId>,
+    /// Last updater.
+    #[serde(default)]
+    pub updated_by: Option<ObjectId>,
+    /// Creation time.
+    #[serde(rename = "createdAt")]
+    pub created_at: DateTime,
+    /// Last update time.
+    #[serde(rename = "updatedAt")]
+    pub updated_at: DateTime,
+}
+
+/// What a writer supplies to create a proxy; everything else takes SPEC.md's default.
+#[derive(Debug, Clone)]
+pub struct NewProxy {
+    /// IP or hostname.
+    pub ip: String,
+    /// Port.
+    pub port: u16,
+    /// Username.
+    pub username: String,
+    /// Password.
+    pub password: String,
+    /// Area.
+    pub area: Area,
+    /// Rotate URL.
+    pub rotate_url: String,
+    /// Seconds between rotations.
+    pub rotate_time: i64,
+    /// Bearer token for the rotate URL.
+    pub auth_token: Option<String>,
+    /// Enabled.
+    pub is_active: bool,
+    /// Skip the rotate call.
+    pub disable_auto_rotate: bool,
+    /// Subscription expiry.
+    pub expired_at: Option<DateTime>,
+    /// Parent package and its name.
+    pub proxy_package_id: ObjectId,
+    /// Denormalised package name.
+    pub package_name: String,
+    /// Creator.
+    pub created_by: Option<ObjectId>,
+}
+
+impl ProxyDoc {
+    /// A new document with SPEC.md's defaults: no leases, `next_rotate = now + rotate_time`.
+    pub fn new(p: NewProxy) -> Self {
+        let now = DateTime::now();
+        let next = DateTime::from_millis(now.timestamp_millis() + p.rotate_time.saturating_mul(1000));
+        Self {
+            id: ObjectId::new(),
+            ip: p.ip,
+            port: i32::from(p.port),
+            username: p.username,
+            password: p.password,
+            area: p.area,
+            rotate_url: p.rotate_url,
+            rotate_time: p.rotate_time,
+            auth_token: p.auth_token,
+            ip_public: None,
+            is_active: p.is_active,
+            is_error: false,
+            is_rotating: false,
+            disable_auto_rotate: p.disable_auto_rotate,
+            next_rotate: Some(next),
+            last_used_at: None,
+            expired_at: p.expired_at,
+            in_use: 0,
+            used_count: 0,
+            proxy_used: Vec::new(),
+            webhook_url: None,
+            call_webhook_count: 0,
+            status: ProxyStatus::Pending,
+            status_code: None,
+            response: None,
+            region: String::new(),
+            package_name: p.package_name,
+            proxy_package_id: p.proxy_package_id,
+            created_by: p.created_by,
+            updated_by: p.created_by,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+}
+
+/// A document of `proxy_packages`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PackageDoc {
+    /// `_id`.
+    #[serde(rename = "_id")]
+    pub id: ObjectId,
+    /// Unique business key (`KiotProxy_<code>`, `ZingProxy_Pack`, …).
+    pub code: String,
+    /// Display name.
+    pub name: String,
+    /// Monthly price.
+    pub price: f64,
+    /// Notes.
+    #[serde(default)]
+    pub note: String,
+    /// Parent provider.
+    pub proxy_provider_id: ObjectId,
+    /// Active.
+    #[serde(default = "default_true")]
+    pub is_active: bool,
+    /// Creator.
+    #[serde(default)]
+    pub created_by: Option<ObjectId>,
+    /// Last updater.
+    #[serde(default)]
+    pub updated_by: Option<ObjectId>,
+    /// Creation time.
+    #[serde(rename = "createdAt")]
+    pub created_at: DateTime,
+    /// Last update time.
+    #[serde(rename = "updatedAt")]
+    pub updated_at: DateTime,
+}
+
+/// A document of `proxy_providers`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProviderDoc {
+    /// `_id`.
+    #[serde(rename = "_id")]
+    pub id: ObjectId,
+    /// Unique display name.
+    pub name: String,
+    /// Unique account on the provider's platform.
+    pub account: String,
+    /// Unique website domain.
+    pub domain: String,
+    /// Active.
+    #[serde(default = "default_true")]
+    pub is_active: bool,
+    /// Creator.
+    #[serde(default)]
+    pub created_by: Option<ObjectId>,
+    /// Last updater.
+    #[serde(default)]
+    pub updated_by: Option<ObjectId>,
+    /// Creation time.
+    #[serde(rename = "createdAt")]
+    pub created_at: DateTime,
+    /// Last update time.
+    #[serde(rename = "updatedAt")]
+    pub updated_at: DateTime,
+}
+
+/// A document of `users`.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct UserDoc {
+    /// `_id`.
+    #[serde(rename = "_id")]
+    pub id: ObjectId,
+    /// Unique email, the login.
+    pub email: String,
+    /// Unique display name.
+    pub username: String,
+    /// bcrypt hash.
+    pub password: String,
+    /// Creation time.
+    #[serde(rename = "createdAt")]
+    pub created_at: DateTime,
+    /// Last update time.
+    #[serde(rename = "updatedAt")]
+    pub updated_at: DateTime,
+}
+
+impl std::fmt::Debug for UserDoc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserDoc")
+            .field("id", &self.id)
+            .field("email", &self.email)
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}

@@ -62,6 +62,6 @@ pub struct LeaseSnapshot {
     pub last_used_at: Option<DateTime<Utc>>,
     /// `next_rotate`.
     pub next_rotate: Option<DateTime<Utc>>,
-    /// `updatedAt` of the write; older snapshots never overwrite newer state.
-    pub updated_at: DateTime<Utc>,
+    /// `lease_rev` after the write; a snapshot older than what a replica knows is ignored.
+    pub lease_rev: i64,
 }

@@ -139,6 +139,12 @@ pub struct ProxyDoc {
     /// Active lease records (lease service only).
     #[serde(default)]
     pub proxy_used: Vec<ProxyUsed>,
+    /// Revision of the lease state, incremented by every lease-service write (our addition to SPEC.md's schema).
+    ///
+    /// Lease replicas keep an in-memory index fed by events that can arrive out of order; the revision lets them
+    /// keep the newest state instead of whichever arrived last.
+    #[serde(default)]
+    pub lease_rev: i64,
     /// Return URL of the latest lease.
     #[serde(default)]
     pub webhook_url: Option<String>,
@@ -235,6 +241,7 @@ impl ProxyDoc {
             in_use: 0,
             used_count: 0,
             proxy_used: Vec::new(),
+            lease_rev: 0,
             webhook_url: None,
             call_webhook_count: 0,
             status: ProxyStatus::Pending,

@@ -1,1 +1,23 @@
-fn main(){}
+//! `proxypool-lease`: loads config, initialises telemetry, connects, runs until SIGTERM.
+
+use anyhow::Context;
+use proxypool_lease::LeaseConfig;
+use proxypool_settings::env::Env;
+use proxypool_settings::shutdown::{self, Shutdown};
+use proxypool_store::Store;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    proxypool_telemetry::init("proxypool-lease").map_err(anyhow::Error::msg)?;
+    let config = LeaseConfig::from_env(&Env::process()).context("invalid configuration")?;
+    let client = config.nats.connect("proxypool-lease").await.context("cannot connect to NATS")?;
+    let store = Store::connect(&config.store, "proxypool-lease").await.context("invalid MongoDB settings")?;
+    let (trigger, shutdown) = Shutdown::new();
+    tokio::spawn(async move {
+        shutdown::signal().await;
+        trigger.fire();
+    });
+    proxypool_lease::run(&config, client.clone(), store, shutdown).await?;
+    client.drain().await.context("cannot drain the NATS connection")?;
+    Ok(())
+}

@@ -1,0 +1,128 @@
+//! Consumer and admin authentication: the static key (constant-time compare) and the client-IP allow list.
+//!
+//! The client IP is the TCP peer's address. `X-Forwarded-For` is believed only when the peer is one of
+//! `TRUSTED_PROXIES`; then the client is the right-most address in the header that is not itself a trusted proxy
+//! (addresses further left were written by the client and can be forged).
+
+use std::net::{IpAddr, SocketAddr};
+
+use axum::http::{header, HeaderMap};
+use ipnet::IpNet;
+use subtle::ConstantTimeEq;
+
+use crate::error::HttpError;
+
+/// Normalises IPv4-mapped IPv6 addresses (`::ffff:1.2.3.4`) to IPv4, as dual-stack listeners report them.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+fn contains(nets: &[IpNet], ip: IpAddr) -> bool {
+    nets.iter().any(|n| n.contains(&ip))
+}
+
+/// The client's IP, per the rules in the module doc.
+pub fn client_ip(peer: SocketAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let peer_ip = canonical(peer.ip());
+    if !contains(trusted, peer_ip) {
+        return peer_ip;
+    }
+    let forwarded: Vec<IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|s| s.trim().parse::<IpAddr>().ok())
+        .map(canonical)
+        .collect();
+    forwarded.iter().rev().copied().find(|ip| !contains(trusted, *ip)).or(forwarded.first().copied()).unwrap_or(peer_ip)
+}
+
+/// Whether the `Authorization` header is exactly the static key. Constant time in the key's content.
+pub fn has_static_key(headers: &HeaderMap, key: &str) -> bool {
+    headers
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes().trim_ascii())
+        .is_some_and(|given| bool::from(given.ct_eq(key.as_bytes())))
+}
+
+/// SPEC.md's consumer auth: the static key AND an allowed client IP.
+pub fn check_consumer(
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    key: &str,
+    allowed: &[IpNet],
+    trusted: &[IpNet],
+) -> Result<IpAddr, HttpError> {
+    if headers.get(header::AUTHORIZATION).is_none() {
+        return Err(HttpError::unauthorized("the Authorization header is required"));
+    }
+    if !has_static_key(headers, key) {
+        return Err(HttpError::unauthorized("the Authorization header does not hold a valid API key"));
+    }
+    let ip = client_ip(peer, headers, trusted);
+    if !contains(allowed, ip) {
+        return Err(HttpError::forbidden(format!("client IP {ip} is not in IP_ALLOWED")));
+    }
+    Ok(ip)
+}
+
+/// Admin auth for this stage: the static key.
+pub fn check_admin(headers: &HeaderMap, key: &str) -> Result<(), HttpError> {
+    if has_static_key(headers, key) {
+        Ok(())
+    } else {
+        Err(HttpError::unauthorized("admin routes need a valid Authorization header"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn nets(s: &[&str]) -> Vec<IpNet> {
+        s.iter().filter_map(|n| n.parse().ok()).collect()
+    }
+
+    fn xff(v: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Ok(v) = HeaderValue::from_str(v) {
+            h.insert("x-forwarded-for", v);
+        }
+        h
+    }
+
+    #[test]
+    fn untrusted_peer_cannot_spoof() {
+        let peer: SocketAddr = ([203, 0, 113, 7], 5000).into();
+        assert_eq!(client_ip(peer, &xff("127.0.0.1"), &[]), IpAddr::from([203, 0, 113, 7]));
+    }
+
+    #[test]
+    fn trusted_peer_gives_rightmost_untrusted() {
+        let peer: SocketAddr = ([10, 0, 0, 2], 5000).into();
+        let trusted = nets(&["10.0.0.0/8"]);
+        // The client forged "127.0.0.1"; the load balancer appended the real address.
+        let ip = client_ip(peer, &xff("127.0.0.1, 198.51.100.4, 10.0.0.9"), &trusted);
+        assert_eq!(ip, IpAddr::from([198, 51, 100, 4]));
+    }
+
+    #[test]
+    fn mapped_v6_is_v4() {
+        let peer: SocketAddr = "[::ffff:127.0.0.1]:80".parse().unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
+        assert_eq!(client_ip(peer, &HeaderMap::new(), &[]), IpAddr::from([127, 0, 0, 1]));
+    }
+
+    #[test]
+    fn key_must_match_exactly() {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("secret-key-0123456"));
+        assert!(has_static_key(&h, "secret-key-0123456"));
+        assert!(!has_static_key(&h, "secret-key-012345"));
+        assert!(!has_static_key(&HeaderMap::new(), "secret-key-0123456"));
+    }
+}

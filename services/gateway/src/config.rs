@@ -1,0 +1,79 @@
+//! Gateway configuration.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use proxypool_settings::env::{ConfigError, Env};
+use proxypool_settings::nats::NatsConfig;
+use proxypool_settings::Secret;
+use proxypool_store::StoreConfig;
+
+/// Everything the gateway needs, read once at start.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// `PORT` (default 33033).
+    pub port: u16,
+    /// `ALLOWED_API_KEY`: the static key of consumers and machine admin clients.
+    pub allowed_api_key: Secret<String>,
+    /// `IP_ALLOWED`: addresses or CIDR ranges allowed to lease and return proxies. Empty allows nobody.
+    pub ip_allowed: Vec<IpNet>,
+    /// `TRUSTED_PROXIES`: addresses or ranges of reverse proxies whose `X-Forwarded-For` is believed. Empty (the
+    /// default) believes nobody, so the header cannot be used to spoof an allowed IP.
+    pub trusted_proxies: Vec<IpNet>,
+    /// NATS.
+    pub nats: NatsConfig,
+    /// MongoDB.
+    pub store: StoreConfig,
+}
+
+/// Parses `1.2.3.4`, `::1` or `10.0.0.0/8`.
+fn parse_net(s: &str) -> Result<IpNet, String> {
+    if let Ok(net) = s.parse::<IpNet>() {
+        return Ok(net);
+    }
+    s.parse::<IpAddr>().map(IpNet::from).map_err(|_| "not an IP address or CIDR range".to_owned())
+}
+
+fn nets(env: &Env, name: &'static str) -> Result<Vec<IpNet>, ConfigError> {
+    let Some(raw) = env.get(name) else { return Ok(Vec::new()) };
+    raw.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| parse_net(s).map_err(|e| ConfigError::invalid(name, format!("{s:?}: {e}"))))
+        .collect()
+}
+
+impl GatewayConfig {
+    /// Reads and validates the environment.
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let key = env.required("ALLOWED_API_KEY")?;
+        if key.len() < 16 {
+            return Err(ConfigError::invalid("ALLOWED_API_KEY", "must be at least 16 characters"));
+        }
+        Ok(Self {
+            port: env.parse_or("PORT", 33033)?,
+            allowed_api_key: Secret::new(key),
+            ip_allowed: nets(env, "IP_ALLOWED")?,
+            trusted_proxies: nets(env, "TRUSTED_PROXIES")?,
+            nats: NatsConfig::from_env(env)?,
+            store: StoreConfig::from_env(env)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validates_and_names_variables() {
+        let base = [("ALLOWED_API_KEY", "0123456789abcdef0123"), ("IP_ALLOWED", "127.0.0.1, 10.0.0.0/8,::1")];
+        let c = GatewayConfig::from_env(&Env::from_pairs(base)).ok();
+        assert_eq!(c.map(|c| c.ip_allowed.len()), Some(3));
+        let bad = Env::from_pairs([("ALLOWED_API_KEY", "0123456789abcdef0123"), ("TRUSTED_PROXIES", "lb")]);
+        let e = GatewayConfig::from_env(&bad).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("TRUSTED_PROXIES"), "{e}");
+        let e = GatewayConfig::from_env(&Env::default()).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("ALLOWED_API_KEY"), "{e}");
+    }
+}

@@ -1,0 +1,62 @@
+//! Consumer routes: lease a proxy and return it (SPEC.md's `/api/get-proxy` and `/webhook/return-proxy/:id`).
+//!
+//! Both forward to the lease service over NATS, so HTTP and NATS consumers get the same answers and codes.
+
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::HeaderMap;
+use axum::Json;
+use proxypool_contracts::lease::{AcquireRequest, LeaseGrant, ReleaseOutcome, ReleaseRequest};
+use proxypool_contracts::{subjects, Area, ObjectIdHex};
+use serde::Deserialize;
+
+use crate::auth;
+use crate::error::HttpResult;
+use crate::state::AppState;
+
+/// Query of `GET /api/get-proxy`.
+#[derive(Debug, Deserialize)]
+pub struct GetProxyQuery {
+    /// `vn` or `global`.
+    pub area: Option<String>,
+}
+
+/// `GET /api/get-proxy?area=`: lease a proxy for the calling IP.
+#[tracing::instrument(skip_all, fields(area = q.area.as_deref().unwrap_or("")))]
+pub async fn get_proxy(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Query(q): Query<GetProxyQuery>,
+) -> HttpResult<Json<LeaseGrant>> {
+    let c = &state.config;
+    let ip = auth::check_consumer(peer, &headers, c.allowed_api_key.expose(), &c.ip_allowed, &c.trusted_proxies)?;
+    let area = Area::parse_field("area", q.area.as_deref())?;
+    let req = AcquireRequest { area: Some(area.as_str().to_owned()), consumer: Some(ip.to_string()) };
+    Ok(Json(state.request(subjects::LEASE_ACQUIRE, &req).await?))
+}
+
+/// Query of the return webhook.
+#[derive(Debug, Deserialize)]
+pub struct ReturnQuery {
+    /// The lease key.
+    pub key: Option<String>,
+}
+
+/// `POST /webhook/return-proxy/{id}?key=`: return a lease.
+#[tracing::instrument(skip_all)]
+pub async fn return_proxy(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<ReturnQuery>,
+) -> HttpResult<Json<ReleaseOutcome>> {
+    let c = &state.config;
+    auth::check_consumer(peer, &headers, c.allowed_api_key.expose(), &c.ip_allowed, &c.trusted_proxies)?;
+    let proxy_id = ObjectIdHex::parse_field("id", Some(&id))?;
+    let key = ObjectIdHex::parse_field("key", q.key.as_deref())?;
+    let req = ReleaseRequest { proxy_id: Some(proxy_id.to_string()), key: Some(key.to_string()) };
+    Ok(Json(state.request(subjects::LEASE_RELEASE, &req).await?))
+}

@@ -1,0 +1,55 @@
+//! Lease service configuration.
+
+use std::time::Duration;
+
+use proxypool_settings::env::{ConfigError, Env};
+use proxypool_settings::nats::NatsConfig;
+use proxypool_store::StoreConfig;
+
+/// Everything the lease service needs, read once at start.
+#[derive(Debug, Clone)]
+pub struct LeaseConfig {
+    /// `PROXY_USE_MAX` (default 3): leases one proxy may hold at once, and per rotation cycle.
+    pub proxy_use_max: u32,
+    /// `WEBHOOK_RETURN_PROXY`: base of the return URL handed to consumers.
+    pub webhook_return_proxy: String,
+    /// `LEASE_INDEX_REFRESH` (seconds, default 60): period of the full index reload, a safety net behind the events.
+    pub index_refresh: Duration,
+    /// `LEASE_MAX_IN_FLIGHT` (default 512): requests handled concurrently by one replica.
+    pub max_in_flight: usize,
+    /// Identifies this replica in `proxy.changed` events (`HOSTNAME` in Kubernetes, else random).
+    pub instance_id: String,
+    /// NATS.
+    pub nats: NatsConfig,
+    /// MongoDB.
+    pub store: StoreConfig,
+}
+
+impl LeaseConfig {
+    /// Reads and validates the environment.
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let proxy_use_max: u32 = env.parse_or("PROXY_USE_MAX", 3)?;
+        if proxy_use_max == 0 || proxy_use_max > 10_000 {
+            return Err(ConfigError::invalid("PROXY_USE_MAX", "must be between 1 and 10000"));
+        }
+        let webhook_return_proxy = env
+            .get("WEBHOOK_RETURN_PROXY")
+            .unwrap_or_else(|| "http://127.0.0.1:33033/webhook/return-proxy".to_owned());
+        if !(webhook_return_proxy.starts_with("http://") || webhook_return_proxy.starts_with("https://")) {
+            return Err(ConfigError::invalid("WEBHOOK_RETURN_PROXY", "must be an http(s) URL"));
+        }
+        let max_in_flight: usize = env.parse_or("LEASE_MAX_IN_FLIGHT", 512)?;
+        if max_in_flight == 0 {
+            return Err(ConfigError::invalid("LEASE_MAX_IN_FLIGHT", "must be at least 1"));
+        }
+        Ok(Self {
+            proxy_use_max,
+            webhook_return_proxy: webhook_return_proxy.trim_end_matches('/').to_owned(),
+            index_refresh: env.seconds_or("LEASE_INDEX_REFRESH", Duration::from_secs(60))?,
+            max_in_flight,
+            instance_id: env.get("HOSTNAME").unwrap_or_else(|| format!("lease-{}", bson::oid::ObjectId::new())),
+            nats: NatsConfig::from_env(env)?,
+            store: StoreConfig::from_env(env)?,
+        })
+    }
+}

@@ -1,0 +1,403 @@
+//! Acquire and release: the only code that writes `in_use`, `used_count`, `proxy_used` and `lease_rev`.
+//!
+//! A grant is one guarded `find_one_and_update` by `_id`: its filter re-checks every condition of SPEC.md's lease
+//! query, so it either applies the whole lease (counters, record, timestamps) or nothing. Candidates come from the
+//! in-memory [`PoolIndex`]; no request scans the collection. Any number of replicas can run side by side: the
+//! database arbitrates, no mutex is shared.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bson::oid::ObjectId;
+use bson::{doc, DateTime, Document};
+use chrono::{TimeZone, Utc};
+use futures::TryStreamExt;
+use mongodb::options::ReturnDocument;
+use proxypool_contracts::events::{ChangeReason, LeaseSnapshot, ProxyChanged};
+use proxypool_contracts::lease::{Acquire, LeaseGrant, Release, ReleaseOutcome};
+use proxypool_contracts::{ApiError, Area, ErrorCode};
+use proxypool_store::model::ProxyDoc;
+use proxypool_store::{Store, StoreError};
+use serde::Deserialize;
+
+use crate::index::{Entry, PoolIndex, ROTATE_GRACE_MS};
+
+/// How many candidates one acquire tries before giving up; each miss refreshes the index entry it hit.
+const MAX_ATTEMPTS: usize = 8;
+
+/// The lease logic, shared by all request handlers of one replica.
+#[derive(Debug, Clone)]
+pub struct LeaseService {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Store,
+    max: u32,
+    webhook_base: String,
+    instance_id: String,
+    index: Mutex<PoolIndex>,
+    loaded: std::sync::atomic::AtomicBool,
+}
+
+/// Result of a write, with the event other replicas should see.
+#[derive(Debug)]
+pub struct Outcome<T> {
+    /// Reply data.
+    pub value: T,
+    /// Event to publish on `proxy.changed`.
+    pub event: ProxyChanged,
+}
+
+/// The projection used to load the index.
+#[derive(Debug, Deserialize)]
+struct LeaseView {
+    #[serde(rename = "_id")]
+    id: ObjectId,
+    area: Area,
+    #[serde(default = "yes")]
+    is_active: bool,
+    #[serde(default)]
+    is_rotating: bool,
+    #[serde(default)]
+    in_use: i32,
+    #[serde(default)]
+    used_count: i32,
+    #[serde(default)]
+    last_used_at: Option<DateTime>,
+    #[serde(default)]
+    next_rotate: Option<DateTime>,
+    #[serde(default)]
+    lease_rev: i64,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn count(v: i32) -> u32 {
+    u32::try_from(v).unwrap_or(0)
+}
+
+impl From<&LeaseView> for Entry {
+    fn from(v: &LeaseView) -> Self {
+        Entry {
+            area: v.area,
+            is_active: v.is_active,
+            is_rotating: v.is_rotating,
+            in_use: count(v.in_use),
+            used_count: count(v.used_count),
+            last_used_ms: v.last_used_at.map(|d| d.timestamp_millis()),
+            next_rotate_ms: v.next_rotate.map(|d| d.timestamp_millis()),
+            rev: v.lease_rev,
+        }
+    }
+}
+
+impl From<&ProxyDoc> for Entry {
+    fn from(d: &ProxyDoc) -> Self {
+        Entry {
+            area: d.area,
+            is_active: d.is_active,
+            is_rotating: d.is_rotating,
+            in_use: count(d.in_use),
+            used_count: count(d.used_count),
+            last_used_ms: d.last_used_at.map(|t| t.timestamp_millis()),
+            next_rotate_ms: d.next_rotate.map(|t| t.timestamp_millis()),
+            rev: d.lease_rev,
+        }
+    }
+}
+
+fn chrono_of(d: DateTime) -> chrono::DateTime<Utc> {
+    Utc.timestamp_millis_opt(d.timestamp_millis()).single().unwrap_or_default()
+}
+
+fn snapshot(e: &Entry) -> LeaseSnapshot {
+    let ts = |ms: Option<i64>| ms.and_then(|m| Utc.timestamp_millis_opt(m).single());
+    LeaseSnapshot {
+        area: e.area,
+        is_active: e.is_active,
+        is_rotating: e.is_rotating,
+        in_use: e.in_use,
+        used_count: e.used_count,
+        last_used_at: ts(e.last_used_ms),
+        next_rotate: ts(e.next_rotate_ms),
+        lease_rev: e.rev,
+    }
+}
+
+fn entry_of_snapshot(s: &LeaseSnapshot) -> Entry {
+    Entry {
+        area: s.area,
+        is_active: s.is_active,
+        is_rotating: s.is_rotating,
+        in_use: s.in_use,
+        used_count: s.used_count,
+        last_used_ms: s.last_used_at.map(|t| t.timestamp_millis()),
+        next_rotate_ms: s.next_rotate.map(|t| t.timestamp_millis()),
+        rev: s.lease_rev,
+    }
+}
+
+/// Maps a database failure to the reply a consumer gets: unreachable → retryable 503, anything else → 500.
+pub(crate) fn store_error(e: impl Into<StoreError>) -> ApiError {
+    match e.into() {
+        StoreError::Unavailable(e) => {
+            tracing::warn!(error = %e, "database unavailable");
+            ApiError::unavailable("the database is unreachable; retry shortly")
+        }
+        other => {
+            tracing::error!(error = ?other, "database error");
+            ApiError::internal("unexpected database error")
+        }
+    }
+}
+
+impl LeaseService {
+    /// A service over `store` with an empty index; call [`LeaseService::reload`] before serving.
+    pub fn new(store: Store, max: u32, webhook_base: String, instance_id: String) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                max,
+                webhook_base,
+                instance_id,
+                index: Mutex::new(PoolIndex::new(max)),
+                loaded: std::sync::atomic::AtomicBool::new(false),
+            }),
+        }
+    }
+
+    fn index(&self) -> MutexGuard<'_, PoolIndex> {
+        // A panic while holding the lock cannot leave the index inconsistent in a way the guarded writes would not
+        // catch, so a poisoned lock is recovered rather than propagated.
+        self.inner.index.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// This replica's id (the `origin` of its events).
+    pub fn instance_id(&self) -> &str {
+        &self.inner.instance_id
+    }
+
+    /// Whether the index has been loaded at least once.
+    pub fn is_loaded(&self) -> bool {
+        self.inner.loaded.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Loads every proxy's lease state into the index (at start and periodically).
+    pub async fn reload(&self) -> Result<usize, StoreError> {
+        let token = self.index().begin_reload();
+        let projection = doc! {
+            "_id": 1, "area": 1, "is_active": 1, "is_rotating": 1, "in_use": 1, "used_count": 1,
+            "last_used_at": 1, "next_rotate": 1, "lease_rev": 1,
+        };
+        let mut cursor = self
+            .inner
+            .store
+            .proxies()
+            .clone_with_type::<Document>()
+            .find(doc! {})
+            .projection(projection)
+            .batch_size(5_000)
+            .await?;
+        let mut loaded = Vec::new();
+        while let Some(raw) = cursor.try_next().await? {
+            match bson::from_document::<LeaseView>(raw) {
+                Ok(v) => loaded.push((v.id, Entry::from(&v))),
+                // One malformed document must not keep the pool from serving.
+                Err(e) => tracing::warn!(error = %e, "skipping a proxy document the lease index cannot read"),
+            }
+        }
+        let n = loaded.len();
+        self.index().finish_reload(token, loaded);
+        self.inner.loaded.store(true, std::sync::atomic::Ordering::Release);
+        Ok(n)
+    }
+
+    /// Re-reads one proxy and records its state (after a guard miss, or an event without a snapshot).
+    pub async fn refresh_one(&self, id: ObjectId) -> Result<(), StoreError> {
+        let doc = self.inner.store.proxies().find_one(doc! { "_id": id }).await?;
+        let mut index = self.index();
+        match doc {
+            Some(d) => {
+                index.apply(id, Entry::from(&d));
+            }
+            None => index.remove(id),
+        }
+        Ok(())
+    }
+
+    /// Applies an event from another writer. Returns the id to re-read when the event carries no snapshot.
+    pub fn apply_event(&self, event: &ProxyChanged) -> Option<ObjectId> {
+        if event.origin.as_deref() == Some(self.instance_id()) {
+            return None;
+        }
+        let id = ObjectId::parse_str(&event.proxy_id).ok()?;
+        match (&event.reason, &event.snapshot) {
+            (ChangeReason::Deleted, _) => {
+                self.index().remove(id);
+                None
+            }
+            (_, Some(s)) => {
+                self.index().apply(id, entry_of_snapshot(s));
+                None
+            }
+            (_, None) => Some(id),
+        }
+    }
+
+    /// The guard: every condition of the lease query, re-checked by the database at write time.
+    fn guard(&self, id: ObjectId, area: Area, now: DateTime) -> Document {
+        let max = i64::from(self.inner.max);
+        let window = DateTime::from_millis(now.timestamp_millis() - ROTATE_GRACE_MS);
+        doc! {
+            "_id": id,
+            "area": area.as_str(),
+            "is_active": true,
+            "is_rotating": false,
+            "in_use": { "$lt": max },
+            "used_count": { "$lt": max },
+            "$or": [ { "next_rotate": { "$gt": window } }, { "used_count": 0 } ],
+        }
+    }
+
+    /// Grants a lease in `req.area`, or `no_proxy_available`.
+    pub async fn acquire(&self, req: &Acquire) -> Result<Outcome<LeaseGrant>, ApiError> {
+        if !self.is_loaded() {
+            return Err(ApiError::unavailable("the lease index is still loading; retry shortly"));
+        }
+        for _ in 0..MAX_ATTEMPTS {
+            let now = DateTime::now();
+            let Some(id) = self.index().pick(req.area, now.timestamp_millis()) else {
+                return Err(ApiError::new(
+                    ErrorCode::NoProxyAvailable,
+                    format!("no proxy in area {} can take another lease right now", req.area),
+                ));
+            };
+            let key = ObjectId::new().to_hex();
+            let webhook_url = format!("{}/{}?key={}", self.inner.webhook_base, id.to_hex(), key);
+            let update = doc! {
+                "$inc": { "in_use": 1, "used_count": 1, "lease_rev": 1 },
+                "$push": { "proxy_used": { "ip": &req.consumer, "key": &key, "time": now } },
+                "$set": { "last_used_at": now, "webhook_url": &webhook_url, "updatedAt": now },
+            };
+            let res = self
+                .inner
+                .store
+                .proxies()
+                .find_one_and_update(self.guard(id, req.area, now), update)
+                .return_document(ReturnDocument::After)
+                .await;
+            match res {
+                Ok(Some(doc)) => {
+                    let entry = Entry::from(&doc);
+                    self.index().apply(id, entry.clone());
+                    let grant = LeaseGrant {
+                        id: id.to_hex(),
+                        ip: doc.ip,
+                        port: u16::try_from(doc.port).unwrap_or_default(),
+                        username: doc.username,
+                        password: doc.password,
+                        auth_token: doc.auth_token,
+                        webhook_url,
+                        key,
+                        area: doc.area,
+                        ip_public: doc.ip_public,
+                        region: doc.region,
+                        expired_at: doc.expired_at.map(chrono_of),
+                        next_rotate: doc.next_rotate.map(chrono_of),
+                        leased_at: chrono_of(now),
+                    };
+                    let event = self.event(id, ChangeReason::Leased, &entry);
+                    return Ok(Outcome { value: grant, event });
+                }
+                Ok(None) => {
+                    // Guard miss: another replica, a rotation or an admin got there first. Learn the truth for this
+                    // proxy and try the next candidate.
+                    tracing::debug!(proxy = %id, "lease guard miss");
+                    self.refresh_one(id).await.map_err(store_error)?;
+                }
+                Err(e) => {
+                    // The write may have applied (a timeout after the commit): re-read so the index does not drift.
+                    // A lease applied but never replied holds one slot until the proxy's next rotation resets it.
+                    let _ = self.refresh_one(id).await;
+                    return Err(store_error(e));
+                }
+            }
+        }
+        Err(ApiError::new(
+            ErrorCode::NoProxyAvailable,
+            format!("no proxy in area {} could be leased after {MAX_ATTEMPTS} attempts; retry shortly", req.area),
+        ))
+    }
+
+    /// Returns a lease. The same key twice changes nothing the second time (`not_found`).
+    pub async fn release(&self, req: &Release) -> Result<Outcome<ReleaseOutcome>, ApiError> {
+        let id = ObjectId::parse_str(req.proxy_id.as_str())
+            .map_err(|_| ApiError::invalid("proxy_id", "must be a 24-character hexadecimal ObjectId"))?;
+        let key = req.key.as_str();
+        let now = DateTime::now();
+        let filter = doc! { "_id": id, "proxy_used.key": key, "in_use": { "$gt": 0 } };
+        let update = doc! {
+            "$pull": { "proxy_used": { "key": key } },
+            "$inc": { "in_use": -1, "lease_rev": 1 },
+            "$set": { "updatedAt": now },
+        };
+        let res = self
+            .inner
+            .store
+            .proxies()
+            .find_one_and_update(filter, update)
+            .return_document(ReturnDocument::After)
+            .await
+            .map_err(store_error)?;
+        match res {
+            Some(doc) => {
+                let entry = Entry::from(&doc);
+                self.index().apply(id, entry.clone());
+                let value =
+                    ReleaseOutcome { proxy_id: id.to_hex(), key: key.to_owned(), in_use: count(doc.in_use) };
+                Ok(Outcome { value, event: self.event(id, ChangeReason::Released, &entry) })
+            }
+            None => {
+                let exists = self
+                    .inner
+                    .store
+                    .proxies()
+                    .clone_with_type::<Document>()
+                    .find_one(doc! { "_id": id })
+                    .projection(doc! { "_id": 1 })
+                    .await
+                    .map_err(store_error)?
+                    .is_some();
+                Err(if exists {
+                    ApiError::not_found(format!(
+                        "no active lease with key {key} on proxy {id} (already returned, or never granted)"
+                    ))
+                } else {
+                    ApiError::not_found(format!("proxy {id} not found"))
+                })
+            }
+        }
+    }
+
+    fn event(&self, id: ObjectId, reason: ChangeReason, entry: &Entry) -> ProxyChanged {
+        ProxyChanged {
+            proxy_id: id.to_hex(),
+            reason,
+            origin: Some(self.inner.instance_id.clone()),
+            snapshot: Some(snapshot(entry)),
+        }
+    }
+
+    /// Leasable/total counts per area from the index.
+    pub fn stats(&self, area: Area) -> crate::index::AreaStats {
+        self.index().stats(area)
+    }
+}

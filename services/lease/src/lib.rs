@@ -23,12 +23,12 @@ pub use config::LeaseConfig;
 pub use service::LeaseService;
 
 /// Runs the lease service on an existing NATS connection and store until `shutdown` fires.
-pub async fn run(config: &LeaseConfig, client: Client, store: Store, shutdown: Shutdown) -> Result<(), server::ServeError> {
-    let service = LeaseService::new(
-        store,
-        config.proxy_use_max,
-        config.webhook_return_proxy.clone(),
-        config.instance_id.clone(),
-    );
+pub async fn run(
+    config: LeaseConfig,
+    client: Client,
+    store: Store,
+    shutdown: Shutdown,
+) -> Result<(), server::ServeError> {
+    let service = LeaseService::new(store, config.proxy_use_max, config.webhook_return_proxy, config.instance_id);
     server::serve(service, client, config.index_refresh, config.max_in_flight, shutdown).await
 }

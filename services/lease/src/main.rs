@@ -17,7 +17,7 @@ async fn main() -> anyhow::Result<()> {
         shutdown::signal().await;
         trigger.fire();
     });
-    proxypool_lease::run(&config, client.clone(), store, shutdown).await?;
+    proxypool_lease::run(config, client.clone(), store, shutdown).await?;
     client.drain().await.context("cannot drain the NATS connection")?;
     Ok(())
 }

@@ -153,6 +153,8 @@ pub async fn serve(
     let mut events = subscribe(&client, subjects::PROXY_CHANGED, false).await?;
     let mut acquires = subscribe(&client, subjects::LEASE_ACQUIRE, true).await?;
     let mut releases = subscribe(&client, subjects::LEASE_RELEASE, true).await?;
+    // Make sure the server has our subscriptions before we report being loaded.
+    let _ = client.flush().await;
     let maintenance = tokio::spawn(maintain_index(service.clone(), index_refresh, shutdown.clone(), true));
 
     let permits = Arc::new(Semaphore::new(max_in_flight));

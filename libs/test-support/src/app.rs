@@ -1,0 +1,404 @@
+//! [`TestApp`]: lease service replica(s) and the gateway, in-process, against real servers.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use bson::oid::ObjectId;
+use bson::{doc, DateTime, Document};
+use futures::TryStreamExt;
+use proxypool_contracts::events::{ChangeReason, ProxyChanged};
+use proxypool_contracts::lease::{AcquireRequest, LeaseGrant, ReleaseOutcome, ReleaseRequest};
+use proxypool_contracts::{subjects, Area, Reply};
+use proxypool_gateway::GatewayConfig;
+use proxypool_lease::LeaseService;
+use proxypool_settings::nats::NatsConfig;
+use proxypool_settings::shutdown::{Shutdown, ShutdownTrigger};
+use proxypool_settings::Secret;
+use proxypool_store::model::{NewProxy, PackageDoc, ProviderDoc, ProxyDoc};
+use proxypool_store::{Store, StoreConfig};
+use tokio::task::JoinHandle;
+
+use crate::servers::{MongoServer, NatsServer};
+
+/// The static key every test app uses.
+pub const API_KEY: &str = "test-allowed-api-key-0123456789";
+
+/// Options for [`TestApp`].
+#[derive(Debug, Clone)]
+pub struct TestAppBuilder {
+    proxy_use_max: u32,
+    lease_instances: usize,
+    ip_allowed: Vec<String>,
+    trusted_proxies: Vec<String>,
+    seed: Vec<(Area, usize)>,
+}
+
+impl Default for TestAppBuilder {
+    fn default() -> Self {
+        Self {
+            proxy_use_max: 3,
+            lease_instances: 1,
+            ip_allowed: vec!["127.0.0.1".into()],
+            trusted_proxies: Vec::new(),
+            seed: Vec::new(),
+        }
+    }
+}
+
+impl TestAppBuilder {
+    /// `PROXY_USE_MAX`.
+    pub fn proxy_use_max(mut self, n: u32) -> Self {
+        self.proxy_use_max = n;
+        self
+    }
+
+    /// How many lease-service replicas to run side by side.
+    pub fn lease_instances(mut self, n: usize) -> Self {
+        self.lease_instances = n;
+        self
+    }
+
+    /// `IP_ALLOWED`.
+    pub fn ip_allowed(mut self, nets: &[&str]) -> Self {
+        self.ip_allowed = nets.iter().map(|s| (*s).to_owned()).collect();
+        self
+    }
+
+    /// `TRUSTED_PROXIES`.
+    pub fn trusted_proxies(mut self, nets: &[&str]) -> Self {
+        self.trusted_proxies = nets.iter().map(|s| (*s).to_owned()).collect();
+        self
+    }
+
+    /// Proxies to insert before the services start.
+    pub fn seed(mut self, area: Area, n: usize) -> Self {
+        self.seed.push((area, n));
+        self
+    }
+
+    /// Starts the servers and the services.
+    pub async fn spawn(self) -> anyhow::Result<TestApp> {
+        crate::init_logs();
+        let nats_server = NatsServer::start()?;
+        let mongo_server = MongoServer::start()?;
+        let db_name = format!("proxypool_test_{}", ObjectId::new().to_hex());
+        let store_config = StoreConfig::local(mongo_server.uri(), db_name);
+        let store = Store::connect(&store_config, "test").await?;
+        store.ensure_indexes().await.context("ensure_indexes")?;
+        let nats_config = NatsConfig::local(nats_server.url());
+        let client = nats_config.connect("test-client").await?;
+
+        let mut app = TestApp {
+            nats_server,
+            mongo_server,
+            store,
+            store_config,
+            nats_config,
+            client,
+            http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            package_id: ObjectId::new(),
+            proxy_use_max: self.proxy_use_max,
+            leases: Vec::new(),
+            gateway: None,
+            next_instance: 0,
+        };
+        app.package_id = app.insert_package().await?;
+        for (area, n) in &self.seed {
+            app.insert_proxies(*area, *n).await?;
+        }
+        for _ in 0..self.lease_instances {
+            app.start_lease().await?;
+        }
+        let gateway_config = GatewayConfig {
+            port: 0,
+            allowed_api_key: Secret::new(API_KEY.to_owned()),
+            ip_allowed: self.ip_allowed.iter().filter_map(|s| parse_net(s)).collect(),
+            trusted_proxies: self.trusted_proxies.iter().filter_map(|s| parse_net(s)).collect(),
+            nats: app.nats_config.clone(),
+            store: app.store_config.clone(),
+        };
+        app.start_gateway(gateway_config).await?;
+        Ok(app)
+    }
+}
+
+fn parse_net(s: &str) -> Option<ipnet::IpNet> {
+    s.parse().ok().or_else(|| s.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
+}
+
+/// A running lease replica.
+#[derive(Debug)]
+pub struct LeaseReplica {
+    /// The service (index inspection).
+    pub service: LeaseService,
+    trigger: ShutdownTrigger,
+    handle: JoinHandle<()>,
+}
+
+/// The whole system for one test.
+#[derive(Debug)]
+pub struct TestApp {
+    /// NATS server (stop/restart for fault tests).
+    pub nats_server: NatsServer,
+    /// MongoDB-protocol server (stop/restart for fault tests).
+    pub mongo_server: MongoServer,
+    /// Direct database access for assertions.
+    pub store: Store,
+    /// Database settings the services use.
+    pub store_config: StoreConfig,
+    /// NATS settings the services use.
+    pub nats_config: NatsConfig,
+    /// A NATS client acting as a consumer.
+    pub client: async_nats::Client,
+    /// HTTP client.
+    pub http: reqwest::Client,
+    /// Gateway address.
+    pub addr: SocketAddr,
+    /// The package seeded proxies belong to.
+    pub package_id: ObjectId,
+    proxy_use_max: u32,
+    leases: Vec<LeaseReplica>,
+    gateway: Option<(ShutdownTrigger, JoinHandle<()>)>,
+    next_instance: usize,
+}
+
+impl TestApp {
+    /// A builder with defaults: `PROXY_USE_MAX=3`, one lease replica, `IP_ALLOWED=127.0.0.1`.
+    pub fn builder() -> TestAppBuilder {
+        TestAppBuilder::default()
+    }
+
+    async fn insert_package(&self) -> anyhow::Result<ObjectId> {
+        let now = DateTime::now();
+        let provider = ProviderDoc {
+            id: ObjectId::new(),
+            name: "TestProvider".into(),
+            account: "test".into(),
+            domain: "https://provider.test".into(),
+            is_active: true,
+            created_by: None,
+            updated_by: None,
+            created_at: now,
+            updated_at: now,
+        };
+        self.store.providers().insert_one(&provider).await?;
+        let package = PackageDoc {
+            id: ObjectId::new(),
+            code: "TEST_PACK".into(),
+            name: "Test package".into(),
+            price: 1.0,
+            note: String::new(),
+            proxy_provider_id: provider.id,
+            is_active: true,
+            created_by: None,
+            updated_by: None,
+            created_at: now,
+            updated_at: now,
+        };
+        self.store.packages().insert_one(&package).await?;
+        Ok(package.id)
+    }
+
+    /// A proxy document in `area` with SPEC.md's defaults.
+    pub fn new_proxy(&self, area: Area, n: usize) -> ProxyDoc {
+        ProxyDoc::new(NewProxy {
+            ip: format!("10.{}.{}.{}", (n >> 16) & 255, (n >> 8) & 255, n & 255),
+            port: 8000 + u16::try_from(n % 1000).unwrap_or(0),
+            username: format!("user{n}"),
+            password: format!("pass{n}"),
+            area,
+            rotate_url: format!("http://provider.test/rotate/{n}"),
+            rotate_time: 600,
+            auth_token: None,
+            is_active: true,
+            disable_auto_rotate: false,
+            expired_at: None,
+            proxy_package_id: self.package_id,
+            package_name: "Test package".into(),
+            created_by: None,
+        })
+    }
+
+    /// Inserts `n` proxies (directly; call before the services start or announce them with [`TestApp::announce`]).
+    pub async fn insert_proxies(&self, area: Area, n: usize) -> anyhow::Result<Vec<ObjectId>> {
+        let docs: Vec<ProxyDoc> = (0..n).map(|i| self.new_proxy(area, i)).collect();
+        let ids = docs.iter().map(|d| d.id).collect();
+        for chunk in docs.chunks(5_000) {
+            self.store.proxies().insert_many(chunk).await?;
+        }
+        Ok(ids)
+    }
+
+    /// Applies a raw update to a proxy, as an admin or the rotator would, and announces it on `proxy.changed`.
+    pub async fn update_proxy(&self, id: ObjectId, update: Document) -> anyhow::Result<()> {
+        self.store.proxies().update_one(doc! { "_id": id }, update).await?;
+        self.announce(id).await
+    }
+
+    /// Publishes `proxy.changed` for `id` without a snapshot.
+    pub async fn announce(&self, id: ObjectId) -> anyhow::Result<()> {
+        let event =
+            ProxyChanged { proxy_id: id.to_hex(), reason: ChangeReason::Updated, origin: None, snapshot: None };
+        self.client.publish(subjects::PROXY_CHANGED, serde_json::to_vec(&event)?.into()).await?;
+        self.client.flush().await?;
+        Ok(())
+    }
+
+    /// Starts one more lease replica and waits until its index is loaded.
+    pub async fn start_lease(&mut self) -> anyhow::Result<()> {
+        self.next_instance += 1;
+        let client = self.nats_config.connect("test-lease").await?;
+        let store = Store::connect(&self.store_config, "test-lease").await?;
+        let service = LeaseService::new(
+            store,
+            self.proxy_use_max,
+            "http://127.0.0.1:33033/webhook/return-proxy".into(),
+            format!("lease-test-{}", self.next_instance),
+        );
+        let (trigger, shutdown) = Shutdown::new();
+        let s = service.clone();
+        let handle = tokio::spawn(async move {
+            if let Err(e) =
+                proxypool_lease::server::serve(s, client, Duration::from_secs(3600), 512, shutdown).await
+            {
+                tracing::error!(error = %e, "lease replica failed");
+            }
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !service.is_loaded() {
+            if tokio::time::Instant::now() > deadline {
+                bail!("lease replica did not load its index within 20 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.leases.push(LeaseReplica { service, trigger, handle });
+        Ok(())
+    }
+
+    /// Stops lease replica `i` gracefully and waits for it.
+    pub async fn stop_lease(&mut self, i: usize) -> anyhow::Result<()> {
+        let r = self.leases.remove(i);
+        r.trigger.fire();
+        r.handle.await?;
+        Ok(())
+    }
+
+    /// The running lease replicas.
+    pub fn lease_replicas(&self) -> &[LeaseReplica] {
+        &self.leases
+    }
+
+    async fn start_gateway(&mut self, config: GatewayConfig) -> anyhow::Result<()> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        self.addr = listener.local_addr()?;
+        let nats = config.nats.connect("test-gateway").await?;
+        let store = Store::connect(&config.store, "test-gateway").await?;
+        let (trigger, shutdown) = Shutdown::new();
+        let handle = tokio::spawn(async move {
+            if let Err(e) = proxypool_gateway::run(listener, config, nats, store, shutdown).await {
+                tracing::error!(error = %e, "gateway failed");
+            }
+        });
+        self.gateway = Some((trigger, handle));
+        Ok(())
+    }
+
+    /// `http://127.0.0.1:<port><path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// `GET /api/get-proxy?area=` with the right key.
+    pub async fn http_get_proxy(&self, area: &str) -> anyhow::Result<reqwest::Response> {
+        Ok(self
+            .http
+            .get(self.url("/api/get-proxy"))
+            .query(&[("area", area)])
+            .header("Authorization", API_KEY)
+            .send()
+            .await?)
+    }
+
+    /// `POST /webhook/return-proxy/{id}?key=` with the right key.
+    pub async fn http_return(&self, id: &str, key: &str) -> anyhow::Result<reqwest::Response> {
+        Ok(self
+            .http
+            .post(self.url(&format!("/webhook/return-proxy/{id}")))
+            .query(&[("key", key)])
+            .header("Authorization", API_KEY)
+            .send()
+            .await?)
+    }
+
+    /// A raw NATS request on a subject, decoded as a reply envelope.
+    pub async fn nats_request<T: serde::de::DeserializeOwned>(
+        &self,
+        subject: &'static str,
+        body: &impl serde::Serialize,
+    ) -> anyhow::Result<Reply<T>> {
+        let msg = self.client.request(subject, serde_json::to_vec(body)?.into()).await?;
+        Ok(serde_json::from_slice(&msg.payload)?)
+    }
+
+    /// `lease.acquire` over NATS.
+    pub async fn nats_acquire(&self, area: &str, consumer: &str) -> anyhow::Result<Reply<LeaseGrant>> {
+        let req = AcquireRequest { area: Some(area.into()), consumer: Some(consumer.into()) };
+        self.nats_request(subjects::LEASE_ACQUIRE, &req).await
+    }
+
+    /// `lease.release` over NATS.
+    pub async fn nats_release(&self, id: &str, key: &str) -> anyhow::Result<Reply<ReleaseOutcome>> {
+        let req = ReleaseRequest { proxy_id: Some(id.into()), key: Some(key.into()) };
+        self.nats_request(subjects::LEASE_RELEASE, &req).await
+    }
+
+    /// A proxy document.
+    pub async fn proxy(&self, id: &str) -> anyhow::Result<ProxyDoc> {
+        let id = ObjectId::parse_str(id)?;
+        self.store.proxies().find_one(doc! { "_id": id }).await?.context("proxy not found")
+    }
+
+    /// Every proxy document.
+    pub async fn all_proxies(&self) -> anyhow::Result<Vec<ProxyDoc>> {
+        Ok(self.store.proxies().find(doc! {}).await?.try_collect().await?)
+    }
+
+    /// Asserts the lease invariant on every proxy: `in_use == len(proxy_used) <= max` and `used_count >= in_use`.
+    pub async fn assert_invariants(&self) -> anyhow::Result<()> {
+        for p in self.all_proxies().await? {
+            let held = i32::try_from(p.proxy_used.len())?;
+            let max = i32::try_from(self.proxy_use_max)?;
+            if p.in_use != held || p.in_use > max || p.in_use < 0 || p.used_count < p.in_use || p.used_count > max {
+                bail!(
+                    "invariant broken on {}: in_use={} len(proxy_used)={} used_count={} max={}",
+                    p.id,
+                    p.in_use,
+                    held,
+                    p.used_count,
+                    max
+                );
+            }
+            let mut keys: Vec<&str> = p.proxy_used.iter().map(|u| u.key.as_str()).collect();
+            keys.sort_unstable();
+            keys.dedup();
+            if keys.len() != p.proxy_used.len() {
+                bail!("duplicate lease keys on {}", p.id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops every service gracefully.
+    pub async fn shutdown(mut self) {
+        if let Some((t, h)) = self.gateway.take() {
+            t.fire();
+            let _ = h.await;
+        }
+        for r in self.leases.drain(..) {
+            r.trigger.fire();
+            let _ = r.handle.await;
+        }
+    }
+}

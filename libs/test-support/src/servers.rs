@@ -1,0 +1,207 @@
+//! External servers for tests, each on a free port with its own temporary storage.
+//!
+//! Each server runs under a small shell watchdog in its own process group: dropping the handle kills the group, and
+//! if the test process dies without dropping it (a crash, a CI timeout), the watchdog notices and kills the server,
+//! so no test leaves a server behind.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// Asks the OS for a free port.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn find_binary(env_var: &str, candidates: &[PathBuf], name: &str) -> anyhow::Result<PathBuf> {
+    if let Ok(p) = std::env::var(env_var) {
+        return Ok(PathBuf::from(p));
+    }
+    for c in candidates {
+        if c.is_file() {
+            return Ok(c.clone());
+        }
+    }
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let p = dir.join(name);
+            if p.is_file() {
+                return Ok(p);
+            }
+        }
+    }
+    bail!("{name} not found: run scripts/bootstrap.sh, or set {env_var}")
+}
+
+/// A server process under a watchdog.
+#[derive(Debug)]
+struct Supervised {
+    program: PathBuf,
+    args: Vec<String>,
+    port: u16,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+const WATCHDOG: &str = r#"watch=$1; shift; "$@" & c=$!
+while kill -0 "$watch" 2>/dev/null && kill -0 "$c" 2>/dev/null; do sleep 1; done
+kill "$c" 2>/dev/null; wait "$c""#;
+
+impl Supervised {
+    fn start(&mut self) -> anyhow::Result<()> {
+        use std::os::unix::process::CommandExt;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(WATCHDOG)
+            .arg("watchdog")
+            .arg(std::process::id().to_string())
+            .arg(&self.program)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("cannot start {}", self.program.display()))?;
+        self.child = Some(child);
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        bail!("{} did not listen on {} within 20 s; log:\n{log}", self.program.display(), self.port)
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // The watchdog leads its own process group; killing the group takes the server with it.
+            if let Ok(pgid) = i32::try_from(child.id()) {
+                if pgid > 1 {
+                    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), nix::sys::signal::SIGKILL);
+                }
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            // Wait until the port is free so that a restart can bind it again.
+            let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline
+                && TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok()
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A `nats-server -js` for one test.
+#[derive(Debug)]
+pub struct NatsServer {
+    proc: Supervised,
+    _dir: tempfile::TempDir,
+}
+
+impl NatsServer {
+    /// Starts a server with JetStream on a free port.
+    pub fn start() -> anyhow::Result<Self> {
+        let program = find_binary("NATS_SERVER_BIN", &[PathBuf::from("/usr/sbin/nats-server")], "nats-server")?;
+        let dir = tempfile::tempdir()?;
+        let port = free_port()?;
+        let args = vec![
+            "-a".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+            "-js".into(),
+            "-sd".into(),
+            dir.path().join("js").display().to_string(),
+        ];
+        let mut proc = Supervised { program, args, port, child: None, log: dir.path().join("nats.log") };
+        proc.start()?;
+        Ok(Self { proc, _dir: dir })
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.proc.port)
+    }
+
+    /// Kills the server (fault tests).
+    pub fn stop(&mut self) {
+        self.proc.stop();
+    }
+
+    /// Starts it again on the same port and storage.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.proc.stop();
+        self.proc.start()
+    }
+}
+
+/// A SecantusDB server (MongoDB wire protocol) for one test, with on-disk storage in a temp dir so that a restart
+/// keeps the data.
+#[derive(Debug)]
+pub struct MongoServer {
+    proc: Supervised,
+    _dir: tempfile::TempDir,
+}
+
+impl MongoServer {
+    /// Starts a server on a free port.
+    pub fn start() -> anyhow::Result<Self> {
+        let program = find_binary(
+            "SECANTUSD_BIN",
+            &[workspace_root().join(".venv/bin/secantusd-py")],
+            "secantusd-py",
+        )?;
+        let dir = tempfile::tempdir()?;
+        let port = free_port()?;
+        let args = vec![
+            "--host".into(),
+            "127.0.0.1".into(),
+            "--port".into(),
+            port.to_string(),
+            "--storage-path".into(),
+            dir.path().join("data").display().to_string(),
+            "--log-level".into(),
+            "WARNING".into(),
+        ];
+        let mut proc = Supervised { program, args, port, child: None, log: dir.path().join("mongo.log") };
+        proc.start()?;
+        Ok(Self { proc, _dir: dir })
+    }
+
+    /// `mongodb://127.0.0.1:<port>/`.
+    pub fn uri(&self) -> String {
+        format!("mongodb://127.0.0.1:{}/?directConnection=true", self.proc.port)
+    }
+
+    /// Kills the server (fault tests).
+    pub fn stop(&mut self) {
+        self.proc.stop();
+    }
+
+    /// Starts it again on the same port and storage.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.proc.stop();
+        self.proc.start()
+    }
+}

@@ -1,0 +1,262 @@
+//! Lease service over NATS, against a real `nats-server -js` and the MongoDB-protocol server.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bson::{doc, DateTime};
+use futures::future::join_all;
+use proxypool_contracts::{Area, ErrorCode, Reply};
+use proxypool_test_support::TestApp;
+
+type R<T = ()> = anyhow::Result<T>;
+
+/// Fires `n` acquires at once and counts grants and refusals per code.
+async fn storm(app: &TestApp, n: usize, area: &str) -> R<(Vec<(String, String)>, HashMap<ErrorCode, usize>)> {
+    let replies = join_all((0..n).map(|i| {
+        let consumer = format!("consumer-{i}");
+        async move { app.nats_acquire(area, &consumer).await }
+    }))
+    .await;
+    let mut grants = Vec::new();
+    let mut refused = HashMap::new();
+    for r in replies {
+        match r? {
+            Reply::Ok(g) => grants.push((g.id, g.key)),
+            Reply::Err(e) => *refused.entry(e.code).or_insert(0) += 1,
+        }
+    }
+    Ok((grants, refused))
+}
+
+async fn check_storm(app: &TestApp) -> R {
+    let (grants, refused) = storm(app, 200, "vn").await?;
+    assert_eq!(grants.len(), 30, "10 proxies x PROXY_USE_MAX=3; refused: {refused:?}");
+    assert_eq!(refused.get(&ErrorCode::NoProxyAvailable).copied(), Some(170), "{refused:?}");
+    let mut per_proxy: HashMap<&str, usize> = HashMap::new();
+    for (id, _) in &grants {
+        *per_proxy.entry(id.as_str()).or_default() += 1;
+    }
+    assert_eq!(per_proxy.len(), 10);
+    assert!(per_proxy.values().all(|&n| n == 3), "{per_proxy:?}");
+    app.assert_invariants().await?;
+    for p in app.all_proxies().await? {
+        assert_eq!((p.in_use, p.used_count, p.proxy_used.len()), (3, 3, 3));
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storm_of_200_grants_exactly_30() -> R {
+    let app = TestApp::builder().proxy_use_max(3).seed(Area::Vn, 10).spawn().await?;
+    check_storm(&app).await?;
+    app.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storm_with_two_lease_replicas_grants_exactly_30() -> R {
+    let app = TestApp::builder().proxy_use_max(3).lease_instances(2).seed(Area::Vn, 10).spawn().await?;
+    check_storm(&app).await?;
+    app.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_acquires_and_releases_keep_invariants() -> R {
+    let app = TestApp::builder().proxy_use_max(2).lease_instances(2).seed(Area::Global, 4).spawn().await?;
+    // 8 workers each lease and return 10 times; with 4 proxies x 2 slots some refusals are expected, and at every
+    // moment the database must hold in_use == len(proxy_used) <= 2.
+    let workers = (0..8).map(|w| {
+        let app = &app;
+        async move {
+            let mut granted = 0;
+            for i in 0..10 {
+                if let Reply::Ok(g) = app.nats_acquire("global", &format!("w{w}-{i}")).await? {
+                    granted += 1;
+                    let back = app.nats_release(&g.id, &g.key).await?;
+                    assert!(matches!(back, Reply::Ok(_)), "{back:?}");
+                }
+            }
+            R::Ok(granted)
+        }
+    });
+    let checker = async {
+        for _ in 0..10 {
+            app.assert_invariants().await?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        R::Ok(())
+    };
+    let (results, checked) = tokio::join!(join_all(workers), checker);
+    checked?;
+    let granted: usize = results.into_iter().collect::<R<Vec<_>>>()?.into_iter().sum();
+    assert!(granted > 0);
+    app.assert_invariants().await?;
+    for p in app.all_proxies().await? {
+        assert_eq!(p.in_use, 0, "every lease was returned");
+    }
+    app.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_is_idempotent() -> R {
+    let app = TestApp::builder().seed(Area::Vn, 1).spawn().await?;
+    let g = app.nats_acquire("vn", "c1").await?.into_result()?;
+    let g2 = app.nats_acquire("vn", "c2").await?.into_result()?;
+    assert_eq!(g.id, g2.id);
+    assert_ne!(g.key, g2.key);
+    assert_eq!(g.webhook_url, format!("http://127.0.0.1:33033/webhook/return-proxy/{}?key={}", g.id, g.key));
+    let held = app.proxy(&g.id).await?;
+    assert_eq!(held.in_use, 2);
+    assert!(held.proxy_used.iter().any(|u| u.key == g.key && u.ip == "c1"));
+
+    let first = app.nats_release(&g.id, &g.key).await?.into_result()?;
+    assert_eq!(first.in_use, 1);
+    let after_first = app.proxy(&g.id).await?;
+    let second = app.nats_release(&g.id, &g.key).await?;
+    match second {
+        Reply::Err(e) => assert_eq!(e.code, ErrorCode::NotFound, "{e:?}"),
+        Reply::Ok(o) => panic!("second release must not succeed: {o:?}"),
+    }
+    let after_second = app.proxy(&g.id).await?;
+    assert_eq!(after_first, after_second, "the second release changed nothing");
+    assert_eq!(after_second.in_use, 1);
+    assert_eq!(after_second.used_count, 2, "used_count counts the cycle's grants, not the held leases");
+    assert_eq!(after_second.proxy_used.len(), 1);
+
+    // Unknown proxy and unknown key are both clear not_found errors.
+    let e = app.nats_release("65a1b2c3d4e5f60718293a4b", &g2.key).await?.into_result().err();
+    assert_eq!(e.as_ref().map(|e| e.code), Some(ErrorCode::NotFound));
+    assert!(e.map(|e| e.message).unwrap_or_default().contains("not found"));
+    let e = app.nats_release(&g.id, "65a1b2c3d4e5f60718293a4b").await?.into_result().err();
+    assert_eq!(e.map(|e| e.code), Some(ErrorCode::NotFound));
+    app.assert_invariants().await?;
+    app.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_only_from_the_requested_area() -> R {
+    let app = TestApp::builder().seed(Area::Vn, 2).seed(Area::Global, 3).spawn().await?;
+    let (grants, _) = storm(&app, 20, "global").await?;
+    assert_eq!(grants.len(), 9);
+    for (id, _) in &grants {
+        assert_eq!(app.proxy(id).await?.area, Area::Global);
+    }
+    let (grants, _) = storm(&app, 20, "vn").await?;
+    assert_eq!(grants.len(), 6);
+    for (id, _) in &grants {
+        assert_eq!(app.proxy(id).await?.area, Area::Vn);
+    }
+    app.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inactive_rotating_overused_and_overdue_proxies_are_never_leased() -> R {
+    let app = TestApp::builder().seed(Area::Vn, 5).spawn().await?;
+    let ids: Vec<_> = app.all_proxies().await?.into_iter().map(|p| p.id).collect();
+    let overdue = DateTime::from_millis(DateTime::now().timestamp_millis() - 5 * 60 * 1000);
+    app.update_proxy(ids[0], doc! { "$set": { "is_active": false } }).await?;
+    app.update_proxy(ids[1], doc! { "$set": { "is_rotating": true } }).await?;
+    // Over-used in this rotation cycle though no lease is held now.
+    app.update_proxy(ids[2], doc! { "$set": { "used_count": 3 } }).await?;
+    // Used and past next_rotate + 4 min: due for rotation, no new leases.
+    app.update_proxy(ids[3], doc! { "$set": { "used_count": 1, "next_rotate": overdue } }).await?;
+    let (grants, _) = storm(&app, 12, "vn").await?;
+    assert_eq!(grants.len(), 3, "only the fifth proxy is leasable");
+    assert!(grants.iter().all(|(id, _)| *id == ids[4].to_hex()));
+    for id in &ids[..4] {
+        assert_eq!(app.proxy(&id.to_hex()).await?.proxy_used.len(), 0);
+    }
+    app.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_written_behind_the_index_are_caught_by_the_guard() -> R {
+    // Written without an event: the index still believes the proxy is leasable, the guard must refuse it.
+    let app = TestApp::builder().seed(Area::Vn, 2).spawn().await?;
+    let ids: Vec<_> = app.all_proxies().await?.into_iter().map(|p| p.id).collect();
+    app.store.proxies().update_one(doc! { "_id": ids[0] }, doc! { "$set": { "is_active": false } }).await?;
+    let (grants, _) = storm(&app, 8, "vn").await?;
+    assert_eq!(grants.len(), 3);
+    assert!(grants.iter().all(|(id, _)| *id == ids[1].to_hex()));
+    app.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_proxies_become_leasable_through_proxy_changed() -> R {
+    let app = TestApp::builder().spawn().await?;
+    let e = app.nats_acquire("vn", "c").await?.into_result().err();
+    assert_eq!(e.map(|e| e.code), Some(ErrorCode::NoProxyAvailable));
+    let id = app.insert_proxies(Area::Vn, 1).await?[0];
+    app.announce(id).await?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match app.nats_acquire("vn", "c").await? {
+            Reply::Ok(g) => {
+                assert_eq!(g.id, id.to_hex());
+                break;
+            }
+            Reply::Err(e) if Instant::now() < deadline => {
+                assert_eq!(e.code, ErrorCode::NoProxyAvailable);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Reply::Err(e) => panic!("the new proxy never became leasable: {e:?}"),
+        }
+    }
+    app.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_name_the_field_and_change_nothing() -> R {
+    let app = TestApp::builder().seed(Area::Vn, 1).spawn().await?;
+    let before = app.all_proxies().await?;
+    let cases: Vec<(&str, serde_json::Value, &str)> = vec![
+        ("proxypool.v1.lease.acquire", serde_json::json!({"consumer": "c"}), "area"),
+        ("proxypool.v1.lease.acquire", serde_json::json!({"area": "mars", "consumer": "c"}), "area"),
+        ("proxypool.v1.lease.acquire", serde_json::json!({"area": "vn"}), "consumer"),
+        ("proxypool.v1.lease.release", serde_json::json!({"proxy_id": "nope", "key": "65a1b2c3d4e5f60718293a4b"}), "proxy_id"),
+        ("proxypool.v1.lease.release", serde_json::json!({"proxy_id": "65a1b2c3d4e5f60718293a4b", "key": "x"}), "key"),
+        ("proxypool.v1.lease.acquire", serde_json::json!("not an object"), "body"),
+    ];
+    for (subject, body, field) in cases {
+        let reply: Reply<serde_json::Value> = app.nats_request(subject, &body).await?;
+        let e = reply.into_result().err();
+        assert_eq!(e.as_ref().map(|e| e.code), Some(ErrorCode::InvalidInput), "{subject} {body}");
+        assert_eq!(e.and_then(|e| e.field).as_deref(), Some(field), "{subject} {body}");
+    }
+    assert_eq!(before, app.all_proxies().await?, "nothing changed");
+    app.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_outage_is_a_fast_503_and_recovers() -> R {
+    let mut app = TestApp::builder().seed(Area::Vn, 2).spawn().await?;
+    app.mongo_server.stop();
+    let started = Instant::now();
+    let e = app.nats_acquire("vn", "c").await?.into_result().err();
+    assert_eq!(e.map(|e| e.code), Some(ErrorCode::ServiceUnavailable));
+    assert!(started.elapsed() < Duration::from_secs(5), "answered in {:?}", started.elapsed());
+    app.mongo_server.restart()?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let g = loop {
+        match app.nats_acquire("vn", "c").await? {
+            Reply::Ok(g) => break g,
+            Reply::Err(e) if Instant::now() < deadline => {
+                assert!(e.code.is_retryable(), "{e:?}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Reply::Err(e) => panic!("no recovery after the database came back: {e:?}"),
+        }
+    };
+    app.nats_release(&g.id, &g.key).await?.into_result()?;
+    app.assert_invariants().await?;
+    app.shutdown().await;
+    Ok(())
+}

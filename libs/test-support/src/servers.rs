@@ -86,15 +86,13 @@ impl Supervised {
 
     fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            // The watchdog leads its own process group; killing the group takes the server with it.
-            if let Ok(pgid) = i32::try_from(child.id()) {
-                if pgid > 1 {
-                    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), nix::sys::signal::SIGKILL);
-                }
+            // The watchdog leads its own process group; signalling the group reaches the server too. SIGTERM
+            // first, so the database flushes what it acknowledged and a restart finds the data again.
+            use nix::sys::signal::{killpg, Signal};
+            let group = i32::try_from(child.id()).ok().filter(|g| *g > 1).map(nix::unistd::Pid::from_raw);
+            if let Some(g) = group {
+                let _ = killpg(g, Signal::SIGTERM);
             }
-            let _ = child.kill();
-            let _ = child.wait();
-            // Wait until the port is free so that a restart can bind it again.
             let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
             let deadline = Instant::now() + Duration::from_secs(5);
             while Instant::now() < deadline
@@ -102,6 +100,11 @@ impl Supervised {
             {
                 std::thread::sleep(Duration::from_millis(20));
             }
+            if let Some(g) = group {
+                let _ = killpg(g, Signal::SIGKILL);
+            }
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 }

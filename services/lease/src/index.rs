@@ -129,7 +129,7 @@ impl PoolIndex {
     /// and they come back only through a write (rotation), which updates the index.
     ///
     /// [`apply`]: PoolIndex::apply
-    pub fn pick(&mut self, area: Area, now_ms: i64) -> Option<ObjectId> {
+    pub fn pick(&mut self, area: Area, now_ms: i64) -> Option<(ObjectId, Entry)> {
         let set = self.order.get_mut(&area)?;
         let mut chosen = None;
         while let Some(rank) = set.first().copied() {
@@ -145,13 +145,22 @@ impl PoolIndex {
             }
         }
         let id = chosen?;
-        if let Some(mut slot) = self.unlink(id) {
-            slot.entry.in_use += 1;
-            slot.entry.used_count += 1;
-            slot.entry.last_used_ms = Some(now_ms);
-            self.link(id, slot.entry);
+        let mut slot = self.unlink(id)?;
+        let before = slot.entry.clone();
+        slot.entry.in_use += 1;
+        slot.entry.used_count += 1;
+        slot.entry.last_used_ms = Some(now_ms);
+        self.link(id, slot.entry);
+        Some((id, before))
+    }
+
+    /// Undoes an optimistic [`PoolIndex::pick`] whose write did not happen (database error, cancelled request),
+    /// unless a newer state arrived in the meantime.
+    pub fn unpick(&mut self, id: ObjectId, before: Entry) {
+        if self.entries.get(&id).is_some_and(|s| s.entry.rev == before.rev) {
+            self.unlink(id);
+            self.link(id, before);
         }
-        Some(id)
     }
 
     /// Starts a full reload; pass the returned token to [`PoolIndex::finish_reload`].
@@ -219,10 +228,11 @@ mod tests {
         idx.apply(b, entry(Area::Vn, 0, Some(NOW - 5)));
         idx.apply(c, entry(Area::Vn, 0, None));
         // used_count asc, then last_used_at asc with never-used first.
-        assert_eq!(idx.pick(Area::Vn, NOW), Some(c));
-        assert_eq!(idx.pick(Area::Vn, NOW), Some(b));
-        assert_eq!(idx.pick(Area::Vn, NOW), Some(a));
-        assert_eq!(idx.pick(Area::Global, NOW), None);
+        let pick = |idx: &mut PoolIndex, area| idx.pick(area, NOW).map(|(id, _)| id);
+        assert_eq!(pick(&mut idx, Area::Vn), Some(c));
+        assert_eq!(pick(&mut idx, Area::Vn), Some(b));
+        assert_eq!(pick(&mut idx, Area::Vn), Some(a));
+        assert_eq!(pick(&mut idx, Area::Global), None);
     }
 
     #[test]
@@ -250,7 +260,19 @@ mod tests {
         // Never used in this cycle: leasable even when overdue.
         let fresh = ObjectId::new();
         idx.apply(fresh, Entry { next_rotate_ms: Some(NOW - ROTATE_GRACE_MS - 1), ..entry(Area::Vn, 0, None) });
-        assert_eq!(idx.pick(Area::Vn, NOW), Some(fresh));
+        assert_eq!(idx.pick(Area::Vn, NOW).map(|(id, _)| id), Some(fresh));
+    }
+
+    #[test]
+    fn unpick_restores_the_slot() {
+        let mut idx = PoolIndex::new(1);
+        let id = ObjectId::new();
+        idx.apply(id, entry(Area::Vn, 0, None));
+        let (picked, before) = idx.pick(Area::Vn, NOW).unwrap_or((ObjectId::new(), entry(Area::Vn, 9, None)));
+        assert_eq!(picked, id);
+        assert!(idx.pick(Area::Vn, NOW).is_none(), "full after the optimistic count");
+        idx.unpick(id, before);
+        assert_eq!(idx.pick(Area::Vn, NOW).map(|(p, _)| p), Some(id));
     }
 
     #[test]

@@ -19,6 +19,18 @@ use crate::service::{LeaseService, Outcome};
 /// How long shutdown waits for in-flight requests before giving up on them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Longest a request may take before it is answered `service_unavailable`. It stays below the callers' NATS request
+/// timeout (5 s by default) so that a consumer gets this answer rather than a bare timeout.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(4);
+
+async fn within_deadline<T>(
+    fut: impl std::future::Future<Output = Result<T, ApiError>>,
+) -> Result<T, ApiError> {
+    tokio::time::timeout(REQUEST_DEADLINE, fut)
+        .await
+        .unwrap_or_else(|_| Err(ApiError::unavailable("the database did not answer in time; retry shortly")))
+}
+
 /// Errors that stop the service.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -80,7 +92,7 @@ async fn handle_acquire(service: LeaseService, client: Client, msg: Message) {
     let result = match parse::<AcquireRequest>(&msg.payload).and_then(|r| r.validate()) {
         Ok(req) => {
             tracing::Span::current().record("area", req.area.as_str());
-            service.acquire(&req).await
+            within_deadline(service.acquire(&req)).await
         }
         Err(e) => Err(e),
     };
@@ -90,7 +102,7 @@ async fn handle_acquire(service: LeaseService, client: Client, msg: Message) {
 #[tracing::instrument(skip_all)]
 async fn handle_release(service: LeaseService, client: Client, msg: Message) {
     let result = match parse::<ReleaseRequest>(&msg.payload).and_then(|r| r.validate()) {
-        Ok(req) => service.release(&req).await,
+        Ok(req) => within_deadline(service.release(&req)).await,
         Err(e) => Err(e),
     };
     finish(&client, &msg, result).await;

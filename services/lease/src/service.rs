@@ -40,6 +40,21 @@ struct Inner {
     loaded: std::sync::atomic::AtomicBool,
 }
 
+/// An optimistic pick not yet settled by a write; dropping it unsettled restores the index entry.
+struct PendingPick<'a> {
+    service: &'a LeaseService,
+    id: ObjectId,
+    before: Option<Entry>,
+}
+
+impl Drop for PendingPick<'_> {
+    fn drop(&mut self) {
+        if let Some(before) = self.before.take() {
+            self.service.index().unpick(self.id, before);
+        }
+    }
+}
+
 /// Result of a write, with the event other replicas should see.
 #[derive(Debug)]
 pub struct Outcome<T> {
@@ -274,12 +289,15 @@ impl LeaseService {
         }
         for _ in 0..MAX_ATTEMPTS {
             let now = DateTime::now();
-            let Some(id) = self.index().pick(req.area, now.timestamp_millis()) else {
+            let Some((id, before)) = self.index().pick(req.area, now.timestamp_millis()) else {
                 return Err(ApiError::new(
                     ErrorCode::NoProxyAvailable,
                     format!("no proxy in area {} can take another lease right now", req.area),
                 ));
             };
+            // Undoes the optimistic count if this attempt ends without a stored grant, including when the request
+            // is cancelled by its deadline mid-write.
+            let mut pending = PendingPick { service: self, id, before: Some(before) };
             let key = ObjectId::new().to_hex();
             let webhook_url = format!("{}/{}?key={}", self.inner.webhook_base, id.to_hex(), key);
             let update = doc! {
@@ -296,6 +314,7 @@ impl LeaseService {
                 .await;
             match res {
                 Ok(Some(doc)) => {
+                    pending.before = None;
                     let entry = Entry::from(&doc);
                     self.index().apply(id, entry.clone());
                     let grant = LeaseGrant {
@@ -318,15 +337,21 @@ impl LeaseService {
                     return Ok(Outcome { value: grant, event });
                 }
                 Ok(None) => {
+                    pending.before = None;
                     // Guard miss: another replica, a rotation or an admin got there first. Learn the truth for this
                     // proxy and try the next candidate.
                     tracing::debug!(proxy = %id, "lease guard miss");
                     self.refresh_one(id).await.map_err(store_error)?;
                 }
                 Err(e) => {
-                    // The write may have applied (a timeout after the commit): re-read so the index does not drift.
+                    // The write may have applied (a timeout after the commit): re-read in the background so the
+                    // index does not drift, without making the consumer wait for a database that is failing.
                     // A lease applied but never replied holds one slot until the proxy's next rotation resets it.
-                    let _ = self.refresh_one(id).await;
+                    drop(pending);
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        let _ = this.refresh_one(id).await;
+                    });
                     return Err(store_error(e));
                 }
             }

@@ -64,12 +64,11 @@ impl Store {
         Ok(())
     }
 
-    /// Creates every index proxypool relies on. Idempotent; every service calls it at start.
+    /// Creates the indexes shared by every service. Idempotent; every service calls it at start. (The lease
+    /// service adds the index of its own query.)
     ///
     /// - the unique indexes of SPEC.md (`proxy_packages.code`; `proxy_providers.name/account/domain`;
     ///   `users.email/username`);
-    /// - `lease_candidates` on `proxies`, shaped after the lease query (equality on area/is_active/is_rotating, then
-    ///   the sort keys), which also serves the lease service's index load;
     /// - `package` on `proxies.proxy_package_id` for reference checks and listings.
     pub async fn ensure_indexes(&self) -> Result<(), StoreError> {
         let unique = |keys: bson::Document, name: &str| {
@@ -95,15 +94,7 @@ impl Store {
                 unique(doc! { "username": 1 }, "username_unique"),
             ])
             .await?;
-        self.proxies()
-            .create_indexes([
-                plain(
-                    doc! { "area": 1, "is_active": 1, "is_rotating": 1, "used_count": 1, "last_used_at": 1 },
-                    "lease_candidates",
-                ),
-                plain(doc! { "proxy_package_id": 1 }, "package"),
-            ])
-            .await?;
+        self.proxies().create_index(plain(doc! { "proxy_package_id": 1 }, "package")).await?;
         Ok(())
     }
 }

@@ -123,7 +123,7 @@ async fn maintain_index(service: LeaseService, period: Duration, mut shutdown: S
     let mut indexes_done = !ensure;
     loop {
         if !indexes_done {
-            match service_store_indexes(&service).await {
+            match service.ensure_indexes().await {
                 Ok(()) => indexes_done = true,
                 Err(e) => tracing::warn!(error = %e, "cannot create indexes yet; retrying"),
             }
@@ -148,9 +148,6 @@ async fn maintain_index(service: LeaseService, period: Duration, mut shutdown: S
     }
 }
 
-async fn service_store_indexes(service: &LeaseService) -> Result<(), proxypool_store::StoreError> {
-    service.store().ensure_indexes().await
-}
 
 /// Serves lease requests until `shutdown` fires, then stops taking requests, finishes those in flight (bounded by
 /// [`DRAIN_TIMEOUT`]) and flushes its replies.

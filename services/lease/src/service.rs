@@ -205,6 +205,19 @@ impl LeaseService {
         self.inner.loaded.load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// Creates the shared indexes and `lease_candidates`, shaped after SPEC.md's lease query (equality on area,
+    /// is_active, is_rotating, then its sort keys), for a production MongoDB answering that query or an operator
+    /// inspecting the pool. Idempotent.
+    pub async fn ensure_indexes(&self) -> Result<(), StoreError> {
+        self.inner.store.ensure_indexes().await?;
+        let model = mongodb::IndexModel::builder()
+            .keys(doc! { "area": 1, "is_active": 1, "is_rotating": 1, "used_count": 1, "last_used_at": 1 })
+            .options(mongodb::options::IndexOptions::builder().name("lease_candidates".to_owned()).build())
+            .build();
+        self.inner.store.proxies().create_index(model).await?;
+        Ok(())
+    }
+
     /// Loads every proxy's lease state into the index (at start and periodically).
     pub async fn reload(&self) -> Result<usize, StoreError> {
         let token = self.index().begin_reload();

@@ -1,1 +1,281 @@
-fn main(){}
+//! `proxypool-bench`: lease round trips over NATS and HTTP, beside the limits of the parts underneath, in one run.
+//!
+//! Everything runs on this machine: a `nats-server -js`, the MongoDB-protocol server (SecantusDB), the lease service
+//! and the gateway in-process. Each figure is measured for a fixed time at a fixed number of concurrent clients.
+//!
+//! ```text
+//! cargo run --release -p proxypool-bench -- [--secs 3] [--sizes 1000,10000] [--out docs/benchmarks.md]
+//! ```
+//!
+//! The benchmark sets `PROXY_USE_MAX` very high so that a run never spends the per-rotation budget (`used_count`);
+//! the write a lease makes is the same whatever the limit.
+
+mod measure;
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bson::oid::ObjectId;
+use bson::{doc, DateTime, Document};
+use futures::StreamExt;
+use proxypool_contracts::lease::{LeaseGrant, ReleaseOutcome};
+use proxypool_contracts::{Area, Reply};
+use proxypool_lease::service::{grant_update, guard_filter, lease_filter, lease_sort};
+use proxypool_test_support::app::API_KEY;
+use proxypool_test_support::TestApp;
+
+use crate::measure::{measure, Stats};
+
+struct Args {
+    secs: f64,
+    sizes: Vec<usize>,
+    concurrency: Vec<usize>,
+    out: Option<String>,
+}
+
+fn args() -> anyhow::Result<Args> {
+    let mut a = Args { secs: 3.0, sizes: vec![1_000, 10_000], concurrency: vec![1, 16, 64], out: None };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--secs" => a.secs = value()?.parse()?,
+            "--sizes" => a.sizes = value()?.split(',').map(str::parse).collect::<Result<_, _>>()?,
+            "--concurrency" => a.concurrency = value()?.split(',').map(str::parse).collect::<Result<_, _>>()?,
+            "--out" => a.out = Some(value()?),
+            other => anyhow::bail!("unknown flag {other}"),
+        }
+    }
+    Ok(a)
+}
+
+/// One row of the report.
+struct Row {
+    what: String,
+    size: String,
+    clients: usize,
+    stats: Stats,
+    per_op: &'static str,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = args()?;
+    let dur = Duration::from_secs_f64(args.secs);
+    let mut rows: Vec<Row> = Vec::new();
+    let mut push = |what: &str, size: String, clients: usize, stats: Stats, per_op: &'static str| {
+        eprintln!("{what:<48} {size:>7} c={clients:<3} {stats}");
+        rows.push(Row { what: what.to_owned(), size, clients, stats, per_op });
+    };
+
+    // Bare axum endpoint: the HTTP framework and client on this machine.
+    let axum_url = bare_axum().await?;
+    let http = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
+    for &c in &args.concurrency {
+        let (h, u) = (http.clone(), axum_url.clone());
+        let s = measure(c, dur, move |_| {
+            let (h, u) = (h.clone(), u.clone());
+            async move {
+                h.get(&u).send().await?.error_for_status()?.bytes().await?;
+                Ok(())
+            }
+        })
+        .await;
+        push("baseline: bare axum GET", "-".into(), c, s, "request");
+    }
+
+    for &size in &args.sizes {
+        eprintln!("--- {size} proxies: seeding");
+        let app = TestApp::builder().proxy_use_max(1_000_000).seed(Area::Vn, size).spawn().await?;
+        let label = size.to_string();
+
+        // Bare NATS request-reply echo on the same server.
+        let echo_client = app.nats_config.connect("bench-echo").await?;
+        let mut sub = echo_client.queue_subscribe("bench.echo", "bench".into()).await?;
+        let responder = echo_client.clone();
+        let echo = tokio::spawn(async move {
+            while let Some(m) = sub.next().await {
+                if let Some(r) = m.reply {
+                    let _ = responder.publish(r, m.payload).await;
+                }
+            }
+        });
+        echo_client.flush().await?;
+        for &c in &args.concurrency {
+            let client = app.client.clone();
+            let s = measure(c, dur, move |_| {
+                let client = client.clone();
+                async move {
+                    client.request("bench.echo", r#"{"area":"vn","consumer":"bench"}"#.into()).await?;
+                    Ok(())
+                }
+            })
+            .await;
+            push("baseline: bare NATS request-reply echo", label.clone(), c, s, "request");
+        }
+        echo.abort();
+
+        // Bare database operations on a scratch collection of the same size and shape, in the same store.
+        let scratch = app.store.db().collection::<Document>("bench_scratch");
+        scratch.drop().await?;
+        let docs: Vec<Document> = (0..size)
+            .map(|i| bson::to_document(&app.new_proxy(Area::Vn, i)))
+            .collect::<Result<_, _>>()?;
+        let ids: Arc<Vec<ObjectId>> =
+            Arc::new(docs.iter().filter_map(|d| d.get_object_id("_id").ok()).collect());
+        for chunk in docs.chunks(5_000) {
+            scratch.insert_many(chunk).await?;
+        }
+        let next = Arc::new(AtomicUsize::new(0));
+        for &c in &args.concurrency {
+            let (coll, ids, next) = (scratch.clone(), ids.clone(), next.clone());
+            let s = measure(c, dur, move |_| {
+                let (coll, ids, next) = (coll.clone(), ids.clone(), next.clone());
+                async move {
+                    let id = ids[next.fetch_add(1, Ordering::Relaxed) % ids.len()];
+                    let now = DateTime::now();
+                    let key = ObjectId::new().to_hex();
+                    coll.update_one(guard_filter(id, Area::Vn, now, 1_000_000), grant_update("bench", &key, now, "x"))
+                        .await?;
+                    Ok(())
+                }
+            })
+            .await;
+            push("baseline: guarded update_one by _id", label.clone(), c, s, "update");
+        }
+        // The same updates, 64 per bulk write (one `update` command with 64 statements).
+        for &c in &args.concurrency {
+            let (db, ids, next) = (app.store.db().clone(), ids.clone(), next.clone());
+            let s = measure(c, dur, move |_| {
+                let (db, ids, next) = (db.clone(), ids.clone(), next.clone());
+                async move {
+                    let now = DateTime::now();
+                    let updates: Vec<Document> = (0..64)
+                        .map(|_| {
+                            let id = ids[next.fetch_add(1, Ordering::Relaxed) % ids.len()];
+                            let key = ObjectId::new().to_hex();
+                            doc! { "q": guard_filter(id, Area::Vn, now, 1_000_000), "u": grant_update("bench", &key, now, "x") }
+                        })
+                        .collect();
+                    db.run_command(doc! { "update": "bench_scratch", "updates": updates, "ordered": false }).await?;
+                    Ok(())
+                }
+            })
+            .await;
+            push("baseline: guarded updates, 64 per bulk write", label.clone(), c, s.scaled(64), "update");
+        }
+        // SPEC.md's original lease: one sorted find_one_and_update over the collection.
+        {
+            let coll = scratch.clone();
+            let s = measure(1, dur, move |_| {
+                let coll = coll.clone();
+                async move {
+                    let now = DateTime::now();
+                    let key = ObjectId::new().to_hex();
+                    coll.find_one_and_update(lease_filter(Area::Vn, now, 1_000_000), grant_update("bench", &key, now, "x"))
+                        .sort(lease_sort())
+                        .await?;
+                    Ok(())
+                }
+            })
+            .await;
+            push("baseline: sorted find_one_and_update (SPEC.md)", label.clone(), 1, s, "lease");
+        }
+        scratch.drop().await?;
+
+        // proxypool: acquire + release over NATS.
+        for &c in &args.concurrency {
+            let client = app.client.clone();
+            let s = measure(c, dur, move |w| {
+                let client = client.clone();
+                async move {
+                    let req = serde_json::json!({ "area": "vn", "consumer": format!("bench-{w}") });
+                    let m = client.request("proxypool.v1.lease.acquire", serde_json::to_vec(&req)?.into()).await?;
+                    let g = serde_json::from_slice::<Reply<LeaseGrant>>(&m.payload)?.into_result()?;
+                    let req = serde_json::json!({ "proxy_id": g.id, "key": g.key });
+                    let m = client.request("proxypool.v1.lease.release", serde_json::to_vec(&req)?.into()).await?;
+                    serde_json::from_slice::<Reply<ReleaseOutcome>>(&m.payload)?.into_result()?;
+                    Ok(())
+                }
+            })
+            .await;
+            push("proxypool: acquire+release over NATS", label.clone(), c, s, "round trip");
+        }
+        // proxypool: acquire + release over HTTP (gateway → NATS → lease).
+        for &c in &args.concurrency {
+            let (h, base) = (http.clone(), app.url(""));
+            let s = measure(c, dur, move |_| {
+                let (h, base) = (h.clone(), base.clone());
+                async move {
+                    let g: LeaseGrant = h
+                        .get(format!("{base}/api/get-proxy?area=vn"))
+                        .header("Authorization", API_KEY)
+                        .send()
+                        .await?
+                        .error_for_status()?
+                        .json()
+                        .await?;
+                    h.post(format!("{base}/webhook/return-proxy/{}?key={}", g.id, g.key))
+                        .header("Authorization", API_KEY)
+                        .send()
+                        .await?
+                        .error_for_status()?;
+                    Ok(())
+                }
+            })
+            .await;
+            push("proxypool: acquire+release over HTTP", label.clone(), c, s, "round trip");
+        }
+        app.assert_invariants().await?;
+        app.shutdown().await;
+    }
+
+    let report = render(&rows, &args);
+    println!("{report}");
+    if let Some(path) = &args.out {
+        std::fs::write(path, &report).with_context(|| format!("cannot write {path}"))?;
+        eprintln!("wrote {path}");
+    }
+    Ok(())
+}
+
+async fn bare_axum() -> anyhow::Result<String> {
+    let app = axum::Router::new().route("/", axum::routing::get(|| async { axum::Json(serde_json::json!({"ok": true})) }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(format!("http://{addr}/"))
+}
+
+fn render(rows: &[Row], args: &Args) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "| what | proxies | clients | ops/s | p50 ms | p99 ms | errors | op |");
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---|");
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {} | {} |",
+            r.what,
+            r.size,
+            r.clients,
+            r.stats.ops_per_sec(),
+            r.stats.p50_ms(),
+            r.stats.p99_ms(),
+            r.stats.errors,
+            r.per_op
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n_{}; {} s per cell; {} logical CPUs; bulk-write rows count updates (64 per command)._",
+        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
+        args.secs,
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+    );
+    s
+}

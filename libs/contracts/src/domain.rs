@@ -33,9 +33,9 @@ impl Area {
     pub fn parse_field(field: &str, value: Option<&str>) -> Result<Self, ApiError> {
         match value.map(str::trim) {
             None | Some("") => Err(ApiError::invalid(field, "is required (one of: vn, global)")),
-            Some(v) => v.parse().map_err(|_| {
-                ApiError::invalid(field, format!("unknown area {v:?} (expected one of: vn, global)"))
-            }),
+            Some(v) => v
+                .parse()
+                .map_err(|_| ApiError::invalid(field, format!("unknown area {v:?} (expected one of: vn, global)"))),
         }
     }
 }

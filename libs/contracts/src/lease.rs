@@ -141,8 +141,7 @@ mod tests {
 
     #[test]
     fn release_validation_names_fields() {
-        let bad_key =
-            ReleaseRequest { proxy_id: Some("65a1b2c3d4e5f60718293a4b".into()), key: Some("nope".into()) };
+        let bad_key = ReleaseRequest { proxy_id: Some("65a1b2c3d4e5f60718293a4b".into()), key: Some("nope".into()) };
         assert_eq!(bad_key.validate().err().and_then(|e| e.field).as_deref(), Some("key"));
         let bad_id = ReleaseRequest { proxy_id: Some("x".into()), key: None };
         assert_eq!(bad_id.validate().err().and_then(|e| e.field).as_deref(), Some("proxy_id"));

@@ -35,9 +35,7 @@ fn is_duplicate(e: &Error) -> bool {
     match &*e.kind {
         ErrorKind::Write(WriteFailure::WriteError(w)) => w.code == 11000,
         ErrorKind::Command(c) => c.code == 11000,
-        ErrorKind::InsertMany(m) => {
-            m.write_errors.as_ref().is_some_and(|ws| ws.iter().any(|w| w.code == 11000))
-        }
+        ErrorKind::InsertMany(m) => m.write_errors.as_ref().is_some_and(|ws| ws.iter().any(|w| w.code == 11000)),
         _ => false,
     }
 }

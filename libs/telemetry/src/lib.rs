@@ -16,7 +16,8 @@ pub fn init(service: &'static str) -> Result<(), String> {
         "json" => true,
         other => return Err(format!("LOG_FORMAT is invalid: {other:?} (expected text or json)")),
     };
-    let builder = fmt().with_env_filter(filter).with_target(true);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let builder = fmt().with_env_filter(filter).with_target(true).with_ansi(ansi);
     let res = if json { builder.json().flatten_event(true).try_init() } else { builder.try_init() };
     res.map_err(|e| format!("cannot install the tracing subscriber: {e}"))?;
     tracing::info!(service, "telemetry initialised");

@@ -239,8 +239,7 @@ impl TestApp {
 
     /// Publishes `proxy.changed` for `id` without a snapshot.
     pub async fn announce(&self, id: ObjectId) -> anyhow::Result<()> {
-        let event =
-            ProxyChanged { proxy_id: id.to_hex(), reason: ChangeReason::Updated, origin: None, snapshot: None };
+        let event = ProxyChanged { proxy_id: id.to_hex(), reason: ChangeReason::Updated, origin: None, snapshot: None };
         self.client.publish(subjects::PROXY_CHANGED, serde_json::to_vec(&event)?.into()).await?;
         self.client.flush().await?;
         Ok(())
@@ -260,9 +259,7 @@ impl TestApp {
         let (trigger, shutdown) = Shutdown::new();
         let s = service.clone();
         let handle = tokio::spawn(async move {
-            if let Err(e) =
-                proxypool_lease::server::serve(s, client, Duration::from_secs(3600), 512, shutdown).await
-            {
+            if let Err(e) = proxypool_lease::server::serve(s, client, Duration::from_secs(3600), 512, shutdown).await {
                 tracing::error!(error = %e, "lease replica failed");
             }
         });

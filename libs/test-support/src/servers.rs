@@ -95,9 +95,7 @@ impl Supervised {
             }
             let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
             let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline
-                && TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok()
-            {
+            while Instant::now() < deadline && TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
                 std::thread::sleep(Duration::from_millis(20));
             }
             if let Some(g) = group {
@@ -170,11 +168,7 @@ pub struct MongoServer {
 impl MongoServer {
     /// Starts a server on a free port.
     pub fn start() -> anyhow::Result<Self> {
-        let program = find_binary(
-            "SECANTUSD_BIN",
-            &[workspace_root().join(".venv/bin/secantusd-py")],
-            "secantusd-py",
-        )?;
+        let program = find_binary("SECANTUSD_BIN", &[workspace_root().join(".venv/bin/secantusd-py")], "secantusd-py")?;
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
         let args = vec![

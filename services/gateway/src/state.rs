@@ -36,8 +36,12 @@ impl AppState {
         }
         let body = serde_json::to_vec(req).map_err(|e| ApiError::internal(format!("cannot encode request: {e}")))?;
         let msg = self.nats.request(subject, Bytes::from(body)).await.map_err(|e| match e.kind() {
-            RequestErrorKind::NoResponders => ApiError::unavailable(format!("no service answers {subject}; retry shortly")),
-            RequestErrorKind::TimedOut => ApiError::unavailable(format!("{subject} did not answer in time; retry shortly")),
+            RequestErrorKind::NoResponders => {
+                ApiError::unavailable(format!("no service answers {subject}; retry shortly"))
+            }
+            RequestErrorKind::TimedOut => {
+                ApiError::unavailable(format!("{subject} did not answer in time; retry shortly"))
+            }
             RequestErrorKind::Other => ApiError::unavailable(format!("cannot reach the service behind {subject}: {e}")),
         })?;
         serde_json::from_slice::<Reply<Resp>>(&msg.payload)

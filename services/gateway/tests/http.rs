@@ -82,7 +82,10 @@ async fn nats_and_http_give_the_same_answers() -> R {
     let n = serde_json::to_value(&nats)?;
     let keys = |v: &Value| v.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>()).unwrap_or_default();
     assert_eq!(keys(&http), keys(&n));
-    assert_eq!((h.id.as_str(), h.ip.as_str(), h.port, h.area), (nats.id.as_str(), nats.ip.as_str(), nats.port, nats.area));
+    assert_eq!(
+        (h.id.as_str(), h.ip.as_str(), h.port, h.area),
+        (nats.id.as_str(), nats.ip.as_str(), nats.port, nats.area)
+    );
     // Pool exhausted: same code.
     let (status, e) = error_of(app.http_get_proxy("vn").await?).await?;
     let Reply::Err(ne) = app.nats_acquire("vn", "c").await? else { panic!("expected a refusal") };
@@ -118,7 +121,13 @@ async fn consumer_auth_refuses_wrong_key_foreign_ip_and_spoofing() -> R {
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     let (s, _) = error_of(get(Some(&format!("{API_KEY}x")), None).await?).await?;
     assert_eq!(s, StatusCode::UNAUTHORIZED, "a longer key is not the key");
-    let (s, _) = error_of(app.http.post(app.url("/webhook/return-proxy/65a1b2c3d4e5f60718293a4b?key=65a1b2c3d4e5f60718293a4b")).send().await?).await?;
+    let (s, _) = error_of(
+        app.http
+            .post(app.url("/webhook/return-proxy/65a1b2c3d4e5f60718293a4b?key=65a1b2c3d4e5f60718293a4b"))
+            .send()
+            .await?,
+    )
+    .await?;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     assert_eq!(app.proxy(&app.all_proxies().await?[0].id.to_hex()).await?.in_use, 0, "nothing leased");
     app.shutdown().await;
@@ -165,7 +174,8 @@ async fn consumer_auth_refuses_wrong_key_foreign_ip_and_spoofing() -> R {
 async fn bad_input_is_a_400_naming_the_field() -> R {
     let app = TestApp::builder().seed(Area::Vn, 1).spawn().await?;
     let before = app.all_proxies().await?;
-    let (s, e) = error_of(app.http.get(app.url("/api/get-proxy")).header("Authorization", API_KEY).send().await?).await?;
+    let (s, e) =
+        error_of(app.http.get(app.url("/api/get-proxy")).header("Authorization", API_KEY).send().await?).await?;
     assert_eq!((s, e["field"].as_str()), (StatusCode::BAD_REQUEST, Some("area")));
     let (s, e) = error_of(app.http_get_proxy("").await?).await?;
     assert_eq!((s, e["field"].as_str()), (StatusCode::BAD_REQUEST, Some("area")));

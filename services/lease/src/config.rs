@@ -32,9 +32,8 @@ impl LeaseConfig {
         if proxy_use_max == 0 || proxy_use_max > 10_000 {
             return Err(ConfigError::invalid("PROXY_USE_MAX", "must be between 1 and 10000"));
         }
-        let webhook_return_proxy = env
-            .get("WEBHOOK_RETURN_PROXY")
-            .unwrap_or_else(|| "http://127.0.0.1:33033/webhook/return-proxy".to_owned());
+        let webhook_return_proxy =
+            env.get("WEBHOOK_RETURN_PROXY").unwrap_or_else(|| "http://127.0.0.1:33033/webhook/return-proxy".to_owned());
         if !(webhook_return_proxy.starts_with("http://") || webhook_return_proxy.starts_with("https://")) {
             return Err(ConfigError::invalid("WEBHOOK_RETURN_PROXY", "must be an http(s) URL"));
         }

@@ -23,9 +23,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// timeout (5 s by default) so that a consumer gets this answer rather than a bare timeout.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(4);
 
-async fn within_deadline<T>(
-    fut: impl std::future::Future<Output = Result<T, ApiError>>,
-) -> Result<T, ApiError> {
+async fn within_deadline<T>(fut: impl std::future::Future<Output = Result<T, ApiError>>) -> Result<T, ApiError> {
     tokio::time::timeout(REQUEST_DEADLINE, fut)
         .await
         .unwrap_or_else(|_| Err(ApiError::unavailable("the database did not answer in time; retry shortly")))
@@ -147,7 +145,6 @@ async fn maintain_index(service: LeaseService, period: Duration, mut shutdown: S
         }
     }
 }
-
 
 /// Serves lease requests until `shutdown` fires, then stops taking requests, finishes those in flight (bounded by
 /// [`DRAIN_TIMEOUT`]) and flushes its replies.

@@ -40,6 +40,42 @@ struct Inner {
     loaded: std::sync::atomic::AtomicBool,
 }
 
+/// SPEC.md's lease query: the conditions a proxy must meet to take one more lease at `now`.
+pub fn lease_filter(area: Area, now: DateTime, max: u32) -> Document {
+    let max = i64::from(max);
+    let window = DateTime::from_millis(now.timestamp_millis() - ROTATE_GRACE_MS);
+    doc! {
+        "area": area.as_str(),
+        "is_active": true,
+        "is_rotating": false,
+        "in_use": { "$lt": max },
+        "used_count": { "$lt": max },
+        "$or": [ { "next_rotate": { "$gt": window } }, { "used_count": 0 } ],
+    }
+}
+
+/// SPEC.md's order of candidates (the original ran this as a sorted `findOneAndUpdate`).
+pub fn lease_sort() -> Document {
+    doc! { "used_count": 1, "last_used_at": 1 }
+}
+
+/// The guard of a grant: the lease query pinned to one `_id`, so the database re-checks every condition at write
+/// time and nothing rests on the in-memory index.
+pub fn guard_filter(id: ObjectId, area: Area, now: DateTime, max: u32) -> Document {
+    let mut filter = doc! { "_id": id };
+    filter.extend(lease_filter(area, now, max));
+    filter
+}
+
+/// The grant itself: counters, lease record, timestamps, return URL, revision — all in one update.
+pub fn grant_update(consumer: &str, key: &str, now: DateTime, webhook_url: &str) -> Document {
+    doc! {
+        "$inc": { "in_use": 1, "used_count": 1, "lease_rev": 1 },
+        "$push": { "proxy_used": { "ip": consumer, "key": key, "time": now } },
+        "$set": { "last_used_at": now, "webhook_url": webhook_url, "updatedAt": now },
+    }
+}
+
 /// An optimistic pick not yet settled by a write; dropping it unsettled restores the index entry.
 struct PendingPick<'a> {
     service: &'a LeaseService,
@@ -280,21 +316,6 @@ impl LeaseService {
         }
     }
 
-    /// The guard: every condition of the lease query, re-checked by the database at write time.
-    fn guard(&self, id: ObjectId, area: Area, now: DateTime) -> Document {
-        let max = i64::from(self.inner.max);
-        let window = DateTime::from_millis(now.timestamp_millis() - ROTATE_GRACE_MS);
-        doc! {
-            "_id": id,
-            "area": area.as_str(),
-            "is_active": true,
-            "is_rotating": false,
-            "in_use": { "$lt": max },
-            "used_count": { "$lt": max },
-            "$or": [ { "next_rotate": { "$gt": window } }, { "used_count": 0 } ],
-        }
-    }
-
     /// Grants a lease in `req.area`, or `no_proxy_available`.
     pub async fn acquire(&self, req: &Acquire) -> Result<Outcome<LeaseGrant>, ApiError> {
         if !self.is_loaded() {
@@ -313,16 +334,14 @@ impl LeaseService {
             let mut pending = PendingPick { service: self, id, before: Some(before) };
             let key = ObjectId::new().to_hex();
             let webhook_url = format!("{}/{}?key={}", self.inner.webhook_base, id.to_hex(), key);
-            let update = doc! {
-                "$inc": { "in_use": 1, "used_count": 1, "lease_rev": 1 },
-                "$push": { "proxy_used": { "ip": &req.consumer, "key": &key, "time": now } },
-                "$set": { "last_used_at": now, "webhook_url": &webhook_url, "updatedAt": now },
-            };
             let res = self
                 .inner
                 .store
                 .proxies()
-                .find_one_and_update(self.guard(id, req.area, now), update)
+                .find_one_and_update(
+                    guard_filter(id, req.area, now, self.inner.max),
+                    grant_update(&req.consumer, &key, now, &webhook_url),
+                )
                 .return_document(ReturnDocument::After)
                 .await;
             match res {
@@ -399,8 +418,7 @@ impl LeaseService {
             Some(doc) => {
                 let entry = Entry::from(&doc);
                 self.index().apply(id, entry.clone());
-                let value =
-                    ReleaseOutcome { proxy_id: id.to_hex(), key: key.to_owned(), in_use: count(doc.in_use) };
+                let value = ReleaseOutcome { proxy_id: id.to_hex(), key: key.to_owned(), in_use: count(doc.in_use) };
                 Ok(Outcome { value, event: self.event(id, ChangeReason::Released, &entry) })
             }
             None => {

@@ -220,7 +220,11 @@ async fn bad_requests_name_the_field_and_change_nothing() -> R {
         ("proxypool.v1.lease.acquire", serde_json::json!({"consumer": "c"}), "area"),
         ("proxypool.v1.lease.acquire", serde_json::json!({"area": "mars", "consumer": "c"}), "area"),
         ("proxypool.v1.lease.acquire", serde_json::json!({"area": "vn"}), "consumer"),
-        ("proxypool.v1.lease.release", serde_json::json!({"proxy_id": "nope", "key": "65a1b2c3d4e5f60718293a4b"}), "proxy_id"),
+        (
+            "proxypool.v1.lease.release",
+            serde_json::json!({"proxy_id": "nope", "key": "65a1b2c3d4e5f60718293a4b"}),
+            "proxy_id",
+        ),
         ("proxypool.v1.lease.release", serde_json::json!({"proxy_id": "65a1b2c3d4e5f60718293a4b", "key": "x"}), "key"),
         ("proxypool.v1.lease.acquire", serde_json::json!("not an object"), "body"),
     ];

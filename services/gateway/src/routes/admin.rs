@@ -193,7 +193,12 @@ pub async fn create_provider(
         created_at: now,
         updated_at: now,
     };
-    state.store.providers().insert_one(&d).await.map_err(|e| db_error(e, "a provider with this name, account or domain"))?;
+    state
+        .store
+        .providers()
+        .insert_one(&d)
+        .await
+        .map_err(|e| db_error(e, "a provider with this name, account or domain"))?;
     Ok((StatusCode::CREATED, Json(d.into())))
 }
 
@@ -296,7 +301,8 @@ pub async fn create_package(
         created_at: now,
         updated_at: now,
     };
-    let exists = state.store.providers().find_one(doc! { "_id": provider }).await.map_err(|e| db_error(e, "provider"))?;
+    let exists =
+        state.store.providers().find_one(doc! { "_id": provider }).await.map_err(|e| db_error(e, "provider"))?;
     if exists.is_none() {
         return Err(ApiError::invalid("proxy_provider_id", "does not name an existing provider").into());
     }

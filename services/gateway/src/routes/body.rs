@@ -15,11 +15,7 @@ pub fn parse<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, HttpError> {
         let reason = inner.to_string();
         // serde reports a missing field or an unknown field at the parent; take the field name from the message.
         let named = reason.split('`').nth(1).map(str::to_owned);
-        let field = if path.is_empty() || path == "." {
-            named.unwrap_or_else(|| "body".to_owned())
-        } else {
-            path
-        };
+        let field = if path.is_empty() || path == "." { named.unwrap_or_else(|| "body".to_owned()) } else { path };
         // Drop serde's "at line x column y" suffix: the field name is the useful part.
         let reason = reason.split(" at line ").next().unwrap_or(&reason).to_owned();
         HttpError(ApiError::invalid(&field, format!("is invalid: {reason}")))

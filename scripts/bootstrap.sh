@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what running and testing proxypool needs on a fresh Debian machine, and nothing that is already there:
+#   - nats-server (Debian package) for the message bus,
+#   - a pinned SecantusDB in .venv/ (a MongoDB wire-protocol server) for the database, since there is no mongod.
+# Rust (cargo) must already be installed.
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+SECANTUS_VERSION="0.7.0b3"
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+apt_install() {
+  echo "bootstrap: installing $* with apt" >&2
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$@" >/dev/null
+}
+
+command -v cargo >/dev/null || { echo "bootstrap: cargo not found; install Rust (https://rustup.rs) first" >&2; exit 1; }
+
+if ! command -v nats-server >/dev/null && [ ! -x /usr/sbin/nats-server ]; then
+  apt_install nats-server
+fi
+
+venv="$root/.venv"
+if ! "$venv/bin/python" -m pip show SecantusDB 2>/dev/null | grep -qx "Version: $SECANTUS_VERSION"; then
+  command -v python3 >/dev/null || apt_install python3
+  if ! python3 -m venv "$venv" >/dev/null 2>&1; then
+    apt_install python3-venv
+    python3 -m venv "$venv"
+  fi
+  echo "bootstrap: installing SecantusDB==$SECANTUS_VERSION into $venv" >&2
+  "$venv/bin/python" -m pip install -q "SecantusDB==$SECANTUS_VERSION"
+fi

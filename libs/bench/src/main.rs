@@ -138,7 +138,7 @@ async fn main() -> anyhow::Result<()> {
                     let id = ids[next.fetch_add(1, Ordering::Relaxed) % ids.len()];
                     let now = DateTime::now();
                     let key = ObjectId::new().to_hex();
-                    coll.update_one(guard_filter(id, Area::Vn, now, 1_000_000), grant_update("bench", &key, now, "x"))
+                    coll.update_one(guard_filter(id, Area::Vn, now, 1_000_000, false), grant_update("bench", &key, now, "x"))
                         .await?;
                     Ok(())
                 }
@@ -157,7 +157,7 @@ async fn main() -> anyhow::Result<()> {
                         .map(|_| {
                             let id = ids[next.fetch_add(1, Ordering::Relaxed) % ids.len()];
                             let key = ObjectId::new().to_hex();
-                            doc! { "q": guard_filter(id, Area::Vn, now, 1_000_000), "u": grant_update("bench", &key, now, "x") }
+                            doc! { "q": guard_filter(id, Area::Vn, now, 1_000_000, false), "u": grant_update("bench", &key, now, "x") }
                         })
                         .collect();
                     db.run_command(doc! { "update": "bench_scratch", "updates": updates, "ordered": false }).await?;

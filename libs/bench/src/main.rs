@@ -121,11 +121,9 @@ async fn main() -> anyhow::Result<()> {
         // Bare database operations on a scratch collection of the same size and shape, in the same store.
         let scratch = app.store.db().collection::<Document>("bench_scratch");
         scratch.drop().await?;
-        let docs: Vec<Document> = (0..size)
-            .map(|i| bson::to_document(&app.new_proxy(Area::Vn, i)))
-            .collect::<Result<_, _>>()?;
-        let ids: Arc<Vec<ObjectId>> =
-            Arc::new(docs.iter().filter_map(|d| d.get_object_id("_id").ok()).collect());
+        let docs: Vec<Document> =
+            (0..size).map(|i| bson::to_document(&app.new_proxy(Area::Vn, i))).collect::<Result<_, _>>()?;
+        let ids: Arc<Vec<ObjectId>> = Arc::new(docs.iter().filter_map(|d| d.get_object_id("_id").ok()).collect());
         for chunk in docs.chunks(5_000) {
             scratch.insert_many(chunk).await?;
         }
@@ -138,13 +136,45 @@ async fn main() -> anyhow::Result<()> {
                     let id = ids[next.fetch_add(1, Ordering::Relaxed) % ids.len()];
                     let now = DateTime::now();
                     let key = ObjectId::new().to_hex();
-                    coll.update_one(guard_filter(id, Area::Vn, now, 1_000_000, false), grant_update("bench", &key, now, "x"))
-                        .await?;
+                    coll.update_one(
+                        guard_filter(id, Area::Vn, now, 1_000_000, false),
+                        grant_update("bench", &key, now, "x"),
+                    )
+                    .await?;
                     Ok(())
                 }
             })
             .await;
             push("baseline: guarded update_one by _id", label.clone(), c, s, "update");
+        }
+        // The read a lease makes after its write.
+        for &c in &args.concurrency {
+            let (coll, ids, next) = (scratch.clone(), ids.clone(), next.clone());
+            let s = measure(c, dur, move |_| {
+                let (coll, ids, next) = (coll.clone(), ids.clone(), next.clone());
+                async move {
+                    let id = ids[next.fetch_add(1, Ordering::Relaxed) % ids.len()];
+                    coll.find_one(doc! { "_id": id }).await?;
+                    Ok(())
+                }
+            })
+            .await;
+            push("baseline: find_one by _id", label.clone(), c, s, "read");
+        }
+        // findAndModify by `_id` alone, which this store plans as a scan (why a lease writes, then reads).
+        {
+            let (coll, ids, next) = (scratch.clone(), ids.clone(), next.clone());
+            let s = measure(1, dur, move |_| {
+                let (coll, ids, next) = (coll.clone(), ids.clone(), next.clone());
+                async move {
+                    let id = ids[next.fetch_add(1, Ordering::Relaxed) % ids.len()];
+                    coll.find_one_and_update(doc! { "_id": id }, doc! { "$set": { "updatedAt": DateTime::now() } })
+                        .await?;
+                    Ok(())
+                }
+            })
+            .await;
+            push("baseline: find_one_and_update by _id", label.clone(), 1, s, "update");
         }
         // The same updates, 64 per bulk write (one `update` command with 64 statements).
         for &c in &args.concurrency {
@@ -175,9 +205,12 @@ async fn main() -> anyhow::Result<()> {
                 async move {
                     let now = DateTime::now();
                     let key = ObjectId::new().to_hex();
-                    coll.find_one_and_update(lease_filter(Area::Vn, now, 1_000_000), grant_update("bench", &key, now, "x"))
-                        .sort(lease_sort())
-                        .await?;
+                    coll.find_one_and_update(
+                        lease_filter(Area::Vn, now, 1_000_000),
+                        grant_update("bench", &key, now, "x"),
+                    )
+                    .sort(lease_sort())
+                    .await?;
                     Ok(())
                 }
             })
@@ -243,7 +276,8 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn bare_axum() -> anyhow::Result<String> {
-    let app = axum::Router::new().route("/", axum::routing::get(|| async { axum::Json(serde_json::json!({"ok": true})) }));
+    let app =
+        axum::Router::new().route("/", axum::routing::get(|| async { axum::Json(serde_json::json!({"ok": true})) }));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {

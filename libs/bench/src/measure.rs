@@ -91,13 +91,7 @@ where
     });
     let results = futures::future::join_all(workers).await;
     let elapsed = start.elapsed();
-    let mut total = Stats {
-        ok: 0,
-        errors: 0,
-        elapsed,
-        hist: new_hist(),
-        scale: 1,
-    };
+    let mut total = Stats { ok: 0, errors: 0, elapsed, hist: new_hist(), scale: 1 };
     for (ok, errors, hist, first_error) in results.into_iter().flatten() {
         total.ok += ok;
         total.errors += errors;

@@ -299,7 +299,19 @@ impl TestApp {
             }
         });
         self.gateway = Some((trigger, handle));
-        Ok(())
+        // The NATS client connects in the background; wait until the gateway says it is ready, as a load balancer
+        // would.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let ready = self.http.get(self.url("/readyz")).send().await.map(|r| r.status().is_success());
+            if matches!(ready, Ok(true)) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("the gateway did not become ready within 20 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// `http://127.0.0.1:<port><path>`.

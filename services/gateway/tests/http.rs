@@ -76,7 +76,7 @@ async fn nats_and_http_give_the_same_answers() -> R {
     let app = TestApp::builder().proxy_use_max(2).seed(Area::Vn, 1).spawn().await?;
     // Success: same shape and fields.
     let http: Value = app.http_get_proxy("vn").await?.json().await?;
-    let h: LeaseGrant = serde_json::from_value(http.clone())?;
+    let h: LeaseGrant = serde_json::from_value(http.clone()).map_err(|e| anyhow::anyhow!("{e}: {http}"))?;
     app.http_return(&h.id, &h.key).await?;
     let nats = app.nats_acquire("vn", "127.0.0.1").await?.into_result()?;
     let n = serde_json::to_value(&nats)?;

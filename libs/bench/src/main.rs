@@ -23,7 +23,7 @@ use bson::{doc, DateTime, Document};
 use futures::StreamExt;
 use proxypool_contracts::lease::{LeaseGrant, ReleaseOutcome};
 use proxypool_contracts::{Area, Reply};
-use proxypool_lease::service::{grant_update, guard_filter, lease_filter, lease_sort};
+use proxypool_lease::service::{grant_update, guard_filter, lease_candidates_index, lease_filter, lease_sort};
 use proxypool_test_support::app::API_KEY;
 use proxypool_test_support::TestApp;
 
@@ -127,6 +127,8 @@ async fn main() -> anyhow::Result<()> {
         for chunk in docs.chunks(5_000) {
             scratch.insert_many(chunk).await?;
         }
+        // The same secondary index as `proxies`, so that a baseline write pays the same index maintenance.
+        scratch.create_index(lease_candidates_index()).await?;
         let next = Arc::new(AtomicUsize::new(0));
         for &c in &args.concurrency {
             let (coll, ids, next) = (scratch.clone(), ids.clone(), next.clone());

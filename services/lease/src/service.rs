@@ -53,6 +53,14 @@ pub fn lease_filter(area: Area, now: DateTime, max: u32) -> Document {
     }
 }
 
+/// The `lease_candidates` index of `proxies` (see [`LeaseService::ensure_indexes`]).
+pub fn lease_candidates_index() -> mongodb::IndexModel {
+    mongodb::IndexModel::builder()
+        .keys(doc! { "area": 1, "is_active": 1, "is_rotating": 1 })
+        .options(mongodb::options::IndexOptions::builder().name("lease_candidates".to_owned()).build())
+        .build()
+}
+
 /// SPEC.md's order of candidates (the original ran this as a sorted `findOneAndUpdate`).
 pub fn lease_sort() -> Document {
     doc! { "used_count": 1, "last_used_at": 1 }
@@ -259,16 +267,15 @@ impl LeaseService {
         self.inner.loaded.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// Creates the shared indexes and `lease_candidates`, shaped after SPEC.md's lease query (equality on area,
-    /// is_active, is_rotating, then its sort keys), for a production MongoDB answering that query or an operator
-    /// inspecting the pool. Idempotent.
+    /// Creates the shared indexes and `lease_candidates`, which serves SPEC.md's lease query (and the index load
+    /// per area) by its equality prefix: area, is_active, is_rotating. Idempotent.
+    ///
+    /// The sort keys (`used_count`, `last_used_at`) are left out on purpose: they change on every grant and return,
+    /// so indexing them would add index maintenance to every lease write, while no hot path runs that query (the
+    /// lease service picks from memory).
     pub async fn ensure_indexes(&self) -> Result<(), StoreError> {
         self.inner.store.ensure_indexes().await?;
-        let model = mongodb::IndexModel::builder()
-            .keys(doc! { "area": 1, "is_active": 1, "is_rotating": 1, "used_count": 1, "last_used_at": 1 })
-            .options(mongodb::options::IndexOptions::builder().name("lease_candidates".to_owned()).build())
-            .build();
-        self.inner.store.proxies().create_index(model).await?;
+        self.inner.store.proxies().create_index(lease_candidates_index()).await?;
         Ok(())
     }
 

@@ -81,7 +81,7 @@ impl ReleaseRequest {
 }
 
 /// A granted lease: SPEC.md's `{ ip, port, username, password, auth_token, webhook_url, … }` plus the lease key.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LeaseGrant {
     /// The proxy's id (`_id`).
     pub id: String,
@@ -115,7 +115,7 @@ pub struct LeaseGrant {
 }
 
 /// Reply data of a successful release.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReleaseOutcome {
     /// The proxy's id.
     pub proxy_id: String,

@@ -9,7 +9,9 @@
 //! - [`reply`]: the reply envelope and the typed error shared by NATS replies and HTTP bodies.
 //! - [`lease`]: lease acquire/release requests and replies.
 //! - [`events`]: broadcast events (`proxy.changed`).
+//! - [`auth`]: users and logins (gateway → auth service).
 
+pub mod auth;
 pub mod domain;
 pub mod events;
 pub mod lease;

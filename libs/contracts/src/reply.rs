@@ -39,7 +39,7 @@ impl<T> From<Result<T, ApiError>> for Reply<T> {
 }
 
 /// Stable error codes. Adding a code is a contract change: document it in the README's table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// A field is missing or malformed (`field` names it). HTTP 400.
@@ -81,7 +81,7 @@ impl ErrorCode {
 }
 
 /// A typed error: what failed, why, and which input field (when one is to blame).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error, utoipa::ToSchema)]
 pub struct ApiError {
     /// Machine-readable code.
     pub code: ErrorCode,

@@ -21,3 +21,23 @@ pub const PROXY_CHANGED: &str = "proxypool.v1.proxy.changed";
 
 /// Queue group shared by all lease-service replicas, so each request is handled once.
 pub const LEASE_QUEUE_GROUP: &str = "proxypool-lease";
+
+/// Register a user (bootstrap or admin). Request-reply, gateway → auth.
+pub const AUTH_REGISTER: &str = "proxypool.v1.auth.register";
+/// Log in, get a JWT.
+pub const AUTH_LOGIN: &str = "proxypool.v1.auth.login";
+/// The calling user.
+pub const AUTH_ME: &str = "proxypool.v1.auth.me";
+/// List users.
+pub const AUTH_USERS_LIST: &str = "proxypool.v1.auth.users.list";
+/// Create a user (admin).
+pub const AUTH_USERS_CREATE: &str = "proxypool.v1.auth.users.create";
+/// Update a user (admin).
+pub const AUTH_USERS_UPDATE: &str = "proxypool.v1.auth.users.update";
+/// Delete a user (admin).
+pub const AUTH_USERS_DELETE: &str = "proxypool.v1.auth.users.delete";
+/// Every auth subject, for subscription and permissions.
+pub const AUTH_ALL: [&str; 7] =
+    [AUTH_REGISTER, AUTH_LOGIN, AUTH_ME, AUTH_USERS_LIST, AUTH_USERS_CREATE, AUTH_USERS_UPDATE, AUTH_USERS_DELETE];
+/// Queue group of the auth replicas.
+pub const AUTH_QUEUE_GROUP: &str = "proxypool-auth";

@@ -23,6 +23,8 @@ use crate::servers::{MongoServer, NatsServer};
 
 /// The static key every test app uses.
 pub const API_KEY: &str = "test-allowed-api-key-0123456789";
+/// The JWT secret every test app uses.
+pub const JWT_SECRET: &str = "test-jwt-secret-0123456789abcdef";
 
 /// Options for [`TestApp`].
 #[derive(Debug, Clone)]
@@ -32,6 +34,8 @@ pub struct TestAppBuilder {
     ip_allowed: Vec<String>,
     trusted_proxies: Vec<String>,
     seed: Vec<(Area, usize)>,
+    allow_registration: bool,
+    bcrypt_cost: u32,
 }
 
 impl Default for TestAppBuilder {
@@ -42,6 +46,9 @@ impl Default for TestAppBuilder {
             ip_allowed: vec!["127.0.0.1".into()],
             trusted_proxies: Vec::new(),
             seed: Vec::new(),
+            allow_registration: false,
+            // The minimum, to keep tests fast; production defaults to 12.
+            bcrypt_cost: 4,
         }
     }
 }
@@ -68,6 +75,12 @@ impl TestAppBuilder {
     /// `TRUSTED_PROXIES`.
     pub fn trusted_proxies(mut self, nets: &[&str]) -> Self {
         self.trusted_proxies = nets.iter().map(|s| (*s).to_owned()).collect();
+        self
+    }
+
+    /// `ALLOW_REGISTRATION`.
+    pub fn allow_registration(mut self, yes: bool) -> Self {
+        self.allow_registration = yes;
         self
     }
 
@@ -102,6 +115,7 @@ impl TestAppBuilder {
             proxy_use_max: self.proxy_use_max,
             leases: Vec::new(),
             gateway: None,
+            auth: None,
             next_instance: 0,
         };
         app.package_id = app.insert_package().await?;
@@ -111,9 +125,11 @@ impl TestAppBuilder {
         for _ in 0..self.lease_instances {
             app.start_lease().await?;
         }
+        app.start_auth(self.allow_registration, self.bcrypt_cost).await?;
         let gateway_config = GatewayConfig {
             port: 0,
             allowed_api_key: Secret::new(API_KEY.to_owned()),
+            jwt_secret: Secret::new(JWT_SECRET.to_owned()),
             ip_allowed: self.ip_allowed.iter().filter_map(|s| parse_net(s)).collect(),
             trusted_proxies: self.trusted_proxies.iter().filter_map(|s| parse_net(s)).collect(),
             nats: app.nats_config.clone(),
@@ -161,6 +177,7 @@ pub struct TestApp {
     proxy_use_max: u32,
     leases: Vec<LeaseReplica>,
     gateway: Option<(ShutdownTrigger, JoinHandle<()>)>,
+    auth: Option<(ShutdownTrigger, JoinHandle<()>)>,
     next_instance: usize,
 }
 
@@ -271,6 +288,34 @@ impl TestApp {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.leases.push(LeaseReplica { service, trigger, handle });
+        Ok(())
+    }
+
+    async fn start_auth(&mut self, allow_registration: bool, cost: u32) -> anyhow::Result<()> {
+        let client = self.nats_config.connect("test-auth").await?;
+        let store = Store::connect(&self.store_config, "test-auth").await?;
+        let service = proxypool_auth::AuthService::new(
+            store,
+            Secret::new(JWT_SECRET.to_owned()),
+            cost,
+            allow_registration,
+            proxypool_authn::DEFAULT_TTL,
+        )?;
+        let (trigger, shutdown) = Shutdown::new();
+        let handle = tokio::spawn(async move {
+            if let Err(e) = proxypool_auth::serve(service, client, shutdown).await {
+                tracing::error!(error = %e, "auth service failed");
+            }
+        });
+        self.auth = Some((trigger, handle));
+        // Ready once it answers (any answer: an empty login is refused, which proves the subscription).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while self.client.request(subjects::AUTH_LOGIN, "{}".into()).await.is_err() {
+            if tokio::time::Instant::now() > deadline {
+                bail!("the auth service did not answer within 20 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         Ok(())
     }
 
@@ -401,6 +446,10 @@ impl TestApp {
 
     /// Stops every service gracefully.
     pub async fn shutdown(mut self) {
+        if let Some((t, h)) = self.auth.take() {
+            t.fire();
+            let _ = h.await;
+        }
         if let Some((t, h)) = self.gateway.take() {
             t.fire();
             let _ = h.await;

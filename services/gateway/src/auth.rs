@@ -70,12 +70,67 @@ pub fn check_consumer(
     Ok(ip)
 }
 
-/// Admin auth for this stage: the static key.
-pub fn check_admin(headers: &HeaderMap, key: &str) -> Result<(), HttpError> {
-    if has_static_key(headers, key) {
-        Ok(())
-    } else {
-        Err(HttpError::unauthorized("admin routes need a valid Authorization header"))
+/// An authenticated admin: a user with a valid JWT, or a machine client with the static key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Admin {
+    /// The user id from the JWT; `None` for the static key.
+    pub user_id: Option<bson::oid::ObjectId>,
+}
+
+impl Admin {
+    /// As the auth service's [`Caller`](proxypool_contracts::auth::Caller).
+    pub fn caller(&self) -> proxypool_contracts::auth::Caller {
+        proxypool_contracts::auth::Caller { user_id: self.user_id.map(|id| id.to_hex()), admin: true }
+    }
+}
+
+/// Authenticates an admin from `Authorization`: `Bearer <jwt>` (HS256, signed with `API_KEY`, expiry enforced) or
+/// the raw static key. `Ok(None)` when the header is absent.
+pub fn admin_from_headers(headers: &HeaderMap, static_key: &str, jwt_secret: &str) -> Result<Option<Admin>, HttpError> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else { return Ok(None) };
+    let raw = value.to_str().map_err(|_| HttpError::unauthorized("the Authorization header is not valid text"))?.trim();
+    if let Some(token) = raw.strip_prefix("Bearer ").map(str::trim) {
+        let claims = proxypool_authn::verify(jwt_secret, token).map_err(|e| match e {
+            proxypool_authn::TokenError::Expired => HttpError::unauthorized("the token has expired; log in again"),
+            _ => HttpError::unauthorized("the token is invalid"),
+        })?;
+        let user_id = bson::oid::ObjectId::parse_str(&claims.sub)
+            .map_err(|_| HttpError::unauthorized("the token's subject is not a user id"))?;
+        return Ok(Some(Admin { user_id: Some(user_id) }));
+    }
+    if has_static_key(headers, static_key) {
+        return Ok(Some(Admin { user_id: None }));
+    }
+    Err(HttpError::unauthorized("the Authorization header holds neither a valid token nor the API key"))
+}
+
+impl axum::extract::FromRequestParts<crate::state::AppState> for Admin {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &crate::state::AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let c = &state.config;
+        admin_from_headers(&parts.headers, c.allowed_api_key.expose(), c.jwt_secret.expose())?
+            .ok_or_else(|| HttpError::unauthorized("admin routes need Authorization: Bearer <token> or the API key"))
+    }
+}
+
+/// Like [`Admin`], but a request without `Authorization` is let through as `None` (a present but bad header is
+/// still refused).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MaybeAdmin(pub Option<Admin>);
+
+impl axum::extract::FromRequestParts<crate::state::AppState> for MaybeAdmin {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &crate::state::AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let c = &state.config;
+        admin_from_headers(&parts.headers, c.allowed_api_key.expose(), c.jwt_secret.expose()).map(MaybeAdmin)
     }
 }
 

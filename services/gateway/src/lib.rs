@@ -1,7 +1,8 @@
 //! The HTTP gateway: consumer routes (lease, return), admin routes, health.
 //!
-//! The gateway holds no lease state. Lease requests go to the lease service over NATS; admin routes read and write
-//! MongoDB directly (never the lease fields) and announce proxy changes on `proxy.changed`.
+//! The gateway holds no lease state. Lease requests go to the lease service and user/login requests to the auth
+//! service over NATS; admin routes for providers, packages and proxies read and write MongoDB directly (never the
+//! lease fields) and announce proxy changes on `proxy.changed`. Admins authenticate with a JWT or the static key.
 //!
 //! # Layout
 //! - [`config`]: `GatewayConfig` from the environment.
@@ -9,10 +10,12 @@
 //! - [`error`]: the one HTTP error type.
 //! - [`state`]: handler state and the NATS request helper.
 //! - [`routes`]: handlers.
+//! - [`openapi`]: the OpenAPI document and Swagger UI.
 
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod openapi;
 pub mod routes;
 pub mod state;
 
@@ -20,7 +23,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::Router;
 use proxypool_settings::shutdown::Shutdown;
 use proxypool_store::Store;
@@ -34,20 +37,49 @@ pub use state::AppState;
 /// Upper bound on any request, behind the NATS and MongoDB timeouts, so that nothing hangs.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// The router with every route.
+/// The router with every route, and the OpenAPI document built from the same handler annotations.
+pub fn router_and_doc() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    use routes::{consumer, health, packages, providers, proxies, users};
+    use utoipa::OpenApi;
+    use utoipa_axum::router::OpenApiRouter;
+    use utoipa_axum::routes;
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(health::healthz))
+        .routes(routes!(health::readyz))
+        .routes(routes!(consumer::get_proxy))
+        .routes(routes!(consumer::return_proxy))
+        .routes(routes!(users::register))
+        .routes(routes!(users::login))
+        .routes(routes!(users::me))
+        .routes(routes!(users::list_users, users::create_user))
+        .routes(routes!(users::update_user, users::delete_user))
+        .routes(routes!(providers::list_providers, providers::create_provider))
+        .routes(routes!(providers::update_provider, providers::delete_provider))
+        .routes(routes!(providers::bulk_delete_providers))
+        .routes(routes!(packages::list_packages, packages::create_package))
+        .routes(routes!(packages::update_package, packages::delete_package))
+        .routes(routes!(packages::bulk_delete_packages))
+        .routes(routes!(proxies::list_proxies, proxies::create_proxy))
+        .routes(routes!(proxies::update_proxy, proxies::delete_proxy))
+        .routes(routes!(proxies::bulk_delete_proxies))
+        .routes(routes!(proxies::drop_proxies))
+        .split_for_parts()
+}
+
+/// The router with every route, `/openapi.json` and the Swagger UI at `/swagger`.
 pub fn router(state: AppState) -> Router {
-    use routes::{admin, consumer, health};
-    Router::new()
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/api/get-proxy", get(consumer::get_proxy))
-        .route("/webhook/return-proxy/{id}", post(consumer::return_proxy))
-        .route("/api/proxies", get(admin::list_proxies).post(admin::create_proxy))
-        .route("/api/proxy_providers", get(admin::list_providers).post(admin::create_provider))
-        .route("/api/proxy_packages", get(admin::list_packages).post(admin::create_package))
+    let (api, doc) = router_and_doc();
+    let doc = Arc::new(doc);
+    let swagger = swagger_ui_dist::generate_routes(swagger_ui_dist::ApiDefinition {
+        uri_prefix: "/swagger",
+        api_definition: swagger_ui_dist::OpenApiSource::Uri("/openapi.json"),
+        title: Some("proxypool API"),
+    });
+    api.route("/openapi.json", get(move || async move { axum::Json(doc.as_ref().clone()) }))
         .layer(TimeoutLayer::with_status_code(axum::http::StatusCode::SERVICE_UNAVAILABLE, REQUEST_TIMEOUT))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+        .merge(swagger)
 }
 
 /// Serves on `listener` until `shutdown` fires, then finishes in-flight requests.

@@ -16,13 +16,19 @@ use crate::error::HttpResult;
 use crate::state::AppState;
 
 /// Query of `GET /api/get-proxy`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct GetProxyQuery {
     /// `vn` or `global`.
     pub area: Option<String>,
 }
 
-/// `GET /api/get-proxy?area=`: lease a proxy for the calling IP.
+/// Lease a proxy for the calling IP (static key + IP allow list).
+#[utoipa::path(get, path = "/api/get-proxy", tag = "consumer", params(GetProxyQuery), security(("api_key" = [])),
+    responses((status = 200, body = LeaseGrant), (status = 400, body = crate::openapi::ErrorBody),
+        (status = 401, body = crate::openapi::ErrorBody), (status = 403, body = crate::openapi::ErrorBody),
+        (status = 503, description = "no_proxy_available or service_unavailable; see Retry-After",
+            body = crate::openapi::ErrorBody)))]
 #[tracing::instrument(skip_all, fields(area = q.area.as_deref().unwrap_or("")))]
 pub async fn get_proxy(
     State(state): State<AppState>,
@@ -38,13 +44,19 @@ pub async fn get_proxy(
 }
 
 /// Query of the return webhook.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ReturnQuery {
     /// The lease key.
     pub key: Option<String>,
 }
 
-/// `POST /webhook/return-proxy/{id}?key=`: return a lease.
+/// Return a lease (static key + IP allow list).
+#[utoipa::path(post, path = "/webhook/return-proxy/{id}", tag = "consumer",
+    params(("id" = String, Path, description = "Proxy id"), ReturnQuery), security(("api_key" = [])),
+    responses((status = 200, body = ReleaseOutcome), (status = 400, body = crate::openapi::ErrorBody),
+        (status = 401, body = crate::openapi::ErrorBody), (status = 403, body = crate::openapi::ErrorBody),
+        (status = 404, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)))]
 #[tracing::instrument(skip_all)]
 pub async fn return_proxy(
     State(state): State<AppState>,

@@ -9,12 +9,15 @@ use serde_json::{json, Value};
 
 use crate::state::AppState;
 
-/// `GET /healthz`: the process is up.
+/// Liveness: the process is up.
+#[utoipa::path(get, path = "/healthz", tag = "health", security(()), responses((status = 200, description = "alive")))]
 pub async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// `GET /readyz`: NATS connected and MongoDB answering a ping within 2 s.
+/// Readiness: NATS connected and MongoDB answering a ping within 2 s.
+#[utoipa::path(get, path = "/readyz", tag = "health", security(()),
+    responses((status = 200, description = "ready"), (status = 503, description = "a dependency is down")))]
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     let nats_ok = state.nats.connection_state() == async_nats::connection::State::Connected;
     let mongo_ok = matches!(tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await, Ok(Ok(())));

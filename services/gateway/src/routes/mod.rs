@@ -1,6 +1,10 @@
-//! HTTP routes, one module per audience.
+//! HTTP routes, one module per resource.
 
-pub mod admin;
 pub mod body;
+pub mod common;
 pub mod consumer;
 pub mod health;
+pub mod packages;
+pub mod providers;
+pub mod proxies;
+pub mod users;

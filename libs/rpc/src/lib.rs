@@ -1,0 +1,115 @@
+//! Request-reply serving over NATS with the [`Reply`] envelope.
+//!
+//! A service lists its subjects and one async handler; [`serve`] subscribes them in the service's queue group (so
+//! replicas share the load), runs each request in its own task under a concurrency limit, always answers (with the
+//! error envelope when the request is malformed or the handler fails or overruns its deadline), and on shutdown
+//! stops taking requests and waits, bounded, for those in flight.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::{Client, Message};
+use bytes::Bytes;
+use futures::stream::{select_all, StreamExt};
+use proxypool_contracts::{ApiError, Reply};
+use proxypool_settings::shutdown::Shutdown;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::Semaphore;
+
+/// How long shutdown waits for in-flight requests.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A subscription failed.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot subscribe to {subject}: {source}")]
+pub struct SubscribeError {
+    /// The subject.
+    pub subject: String,
+    /// Why.
+    #[source]
+    pub source: async_nats::SubscribeError,
+}
+
+/// Parses a request body, naming `body` in the error.
+pub fn parse<T: DeserializeOwned>(payload: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(payload).map_err(|e| ApiError::invalid("body", format!("is not a valid request: {e}")))
+}
+
+/// Encodes a result as a reply envelope.
+pub fn encode<T: Serialize>(result: Result<T, ApiError>) -> Bytes {
+    let reply: Reply<T> = result.into();
+    serde_json::to_vec(&reply).map(Bytes::from).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "cannot encode a reply");
+        Bytes::from_static(br#"{"error":{"code":"internal","message":"cannot encode the reply"}}"#)
+    })
+}
+
+/// Options of [`serve`].
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Queue group shared by the replicas.
+    pub queue_group: &'static str,
+    /// Requests handled at once by this replica.
+    pub max_in_flight: usize,
+    /// Longest a request may run before it is answered `service_unavailable`.
+    pub deadline: Duration,
+}
+
+/// Serves `subjects` until `shutdown` fires. `handler(subject, payload)` returns the encoded reply (see [`encode`]).
+pub async fn serve<F, Fut>(
+    client: Client,
+    subjects: &[&'static str],
+    options: ServeOptions,
+    mut shutdown: Shutdown,
+    handler: F,
+) -> Result<(), SubscribeError>
+where
+    F: Fn(&'static str, Message) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Bytes> + Send + 'static,
+{
+    let mut subs = Vec::with_capacity(subjects.len());
+    for &subject in subjects {
+        let sub = client
+            .queue_subscribe(subject, options.queue_group.to_owned())
+            .await
+            .map_err(|source| SubscribeError { subject: subject.to_owned(), source })?;
+        subs.push(sub.map(move |m| (subject, m)));
+    }
+    let _ = client.flush().await;
+    let mut incoming = select_all(subs);
+    let permits = Arc::new(Semaphore::new(options.max_in_flight));
+    loop {
+        let (subject, msg) = tokio::select! {
+            () = shutdown.wait() => break,
+            next = incoming.next() => match next { Some(m) => m, None => break },
+        };
+        let Ok(permit) = permits.clone().acquire_owned().await else { break };
+        let (client, handler, deadline) = (client.clone(), handler.clone(), options.deadline);
+        tokio::spawn(async move {
+            let reply_to = msg.reply.clone();
+            let body = match tokio::time::timeout(deadline, handler(subject, msg)).await {
+                Ok(body) => body,
+                Err(_) => encode::<()>(Err(ApiError::unavailable("the request did not finish in time; retry shortly"))),
+            };
+            match reply_to {
+                Some(to) => {
+                    if let Err(e) = client.publish(to, body).await {
+                        tracing::warn!(error = %e, subject, "cannot publish a reply");
+                    }
+                }
+                None => tracing::debug!(subject, "request without a reply subject"),
+            }
+            drop(permit);
+        });
+    }
+    // Dropping the subscriptions unsubscribes: no new requests reach this replica.
+    drop(incoming);
+    let all = u32::try_from(options.max_in_flight).unwrap_or(u32::MAX);
+    if tokio::time::timeout(DRAIN_TIMEOUT, permits.acquire_many(all)).await.is_err() {
+        tracing::warn!("in-flight requests did not finish within {DRAIN_TIMEOUT:?}");
+    }
+    let _ = client.flush().await;
+    Ok(())
+}

@@ -1,0 +1,472 @@
+//! `/api/proxies`: list (filters, `get_full`), create, update, delete, bulk-delete, drop.
+//!
+//! Admin writes never touch lease state: the DTOs refuse unknown fields, so `in_use`, `used_count` and `proxy_used`
+//! cannot be sent, and updates `$set` only the fields named here. Every write publishes `proxy.changed`, and
+//! because the lease service's guarded write re-checks `is_active` in the database, disabling a proxy stops new
+//! leases at once.
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use bson::oid::ObjectId;
+use bson::{doc, DateTime, Document};
+use futures::TryStreamExt;
+use proxypool_contracts::events::{ChangeReason, ProxyChanged};
+use proxypool_contracts::{subjects, ApiError, Area};
+use proxypool_store::model::{NewProxy, ProxyDoc, DEFAULT_ROTATE_TIME_SECS};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::auth::Admin;
+use crate::error::{HttpError, HttpResult};
+use crate::routes::body;
+use crate::routes::common::{
+    db_error, filter_id, http_url, iso, list, non_empty, oid, BulkDelete, DeleteResult, Page, Paged,
+};
+use crate::state::AppState;
+
+/// Body of `POST /api/proxies`. Lease fields are not accepted (unknown fields are refused).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateProxy {
+    /// IP or hostname.
+    pub ip: String,
+    /// Port, 1–65535.
+    pub port: u16,
+    /// Username.
+    #[serde(default)]
+    pub username: String,
+    /// Password.
+    #[serde(default)]
+    pub password: String,
+    /// `vn` or `global`.
+    pub area: Area,
+    /// Rotate URL (absolute http(s)).
+    pub rotate_url: String,
+    /// Seconds between rotations, default 60.
+    #[serde(default)]
+    pub rotate_time: Option<i64>,
+    /// Bearer token for the rotate URL.
+    #[serde(default)]
+    pub auth_token: Option<String>,
+    /// Enabled, default true.
+    #[serde(default)]
+    pub is_active: Option<bool>,
+    /// Skip the rotate call, default false.
+    #[serde(default)]
+    pub disable_auto_rotate: Option<bool>,
+    /// Subscription expiry (RFC 3339).
+    #[serde(default)]
+    pub expired_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Parent package; must exist.
+    pub proxy_package_id: String,
+}
+
+/// Body of `PUT /api/proxies/{id}`: any subset. Lease fields are refused.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateProxy {
+    /// IP or hostname.
+    pub ip: Option<String>,
+    /// Port.
+    pub port: Option<u16>,
+    /// Username.
+    pub username: Option<String>,
+    /// Password.
+    pub password: Option<String>,
+    /// Area.
+    pub area: Option<Area>,
+    /// Rotate URL.
+    pub rotate_url: Option<String>,
+    /// Seconds between rotations.
+    pub rotate_time: Option<i64>,
+    /// Bearer token for the rotate URL; empty string clears it.
+    pub auth_token: Option<String>,
+    /// Enabled. `false` stops new leases at once.
+    pub is_active: Option<bool>,
+    /// Skip the rotate call.
+    pub disable_auto_rotate: Option<bool>,
+    /// Subscription expiry.
+    pub expired_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Parent package; must exist (its name is copied).
+    pub proxy_package_id: Option<String>,
+}
+
+/// A proxy as the API shows it. `password` and `auth_token` only with `get_full=true`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ProxyView {
+    /// `_id`.
+    pub id: String,
+    /// IP or host.
+    pub ip: String,
+    /// Port.
+    pub port: i32,
+    /// Username.
+    pub username: String,
+    /// Password (full view only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// Bearer token of the rotate URL (full view only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_token: Option<String>,
+    /// Area.
+    pub area: Area,
+    /// Rotate URL.
+    pub rotate_url: String,
+    /// Rotation interval, seconds.
+    pub rotate_time: i64,
+    /// Public IP at the last check.
+    pub ip_public: Option<String>,
+    /// Enabled.
+    pub is_active: bool,
+    /// The last rotation or check failed.
+    pub is_error: bool,
+    /// A rotation holds the proxy.
+    pub is_rotating: bool,
+    /// Rotate call skipped.
+    pub disable_auto_rotate: bool,
+    /// Next rotation.
+    pub next_rotate: Option<chrono::DateTime<chrono::Utc>>,
+    /// Last lease.
+    pub last_used_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Expiry.
+    pub expired_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Active leases (read-only).
+    pub in_use: i32,
+    /// Leases granted this rotation cycle (read-only).
+    pub used_count: i32,
+    /// Rotation status: 0 pending, 1 processing, 2 completed.
+    pub status: i32,
+    /// HTTP status of the last rotate call.
+    pub status_code: Option<i32>,
+    /// Body of the last rotate call, or the last error.
+    pub response: Option<String>,
+    /// Region.
+    pub region: String,
+    /// Package name.
+    pub package_name: String,
+    /// Package.
+    pub proxy_package_id: String,
+    /// Creator.
+    pub created_by: Option<String>,
+    /// Last updater.
+    pub updated_by: Option<String>,
+    /// Created.
+    #[serde(rename = "createdAt")]
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    /// Updated.
+    #[serde(rename = "updatedAt")]
+    pub updated_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl ProxyView {
+    /// The view of a document; secrets only when `full`.
+    pub fn of(d: ProxyDoc, full: bool) -> Self {
+        Self {
+            id: d.id.to_hex(),
+            ip: d.ip,
+            port: d.port,
+            username: d.username,
+            password: full.then_some(d.password),
+            auth_token: if full { d.auth_token } else { None },
+            area: d.area,
+            rotate_url: d.rotate_url,
+            rotate_time: d.rotate_time,
+            ip_public: d.ip_public,
+            is_active: d.is_active,
+            is_error: d.is_error,
+            is_rotating: d.is_rotating,
+            disable_auto_rotate: d.disable_auto_rotate,
+            next_rotate: d.next_rotate.map(iso),
+            last_used_at: d.last_used_at.map(iso),
+            expired_at: d.expired_at.map(iso),
+            in_use: d.in_use,
+            used_count: d.used_count,
+            status: d.status.into(),
+            status_code: d.status_code,
+            response: d.response,
+            region: d.region,
+            package_name: d.package_name,
+            proxy_package_id: d.proxy_package_id.to_hex(),
+            created_by: d.created_by.map(|i| i.to_hex()),
+            updated_by: d.updated_by.map(|i| i.to_hex()),
+            created_at: iso(d.created_at),
+            updated_at: iso(d.updated_at),
+        }
+    }
+}
+
+fn rotate_time(v: i64) -> Result<i64, HttpError> {
+    if (1..=31_536_000).contains(&v) {
+        Ok(v)
+    } else {
+        Err(ApiError::invalid("rotate_time", "must be between 1 and 31536000 seconds").into())
+    }
+}
+
+fn port(v: u16) -> Result<u16, HttpError> {
+    if v == 0 {
+        Err(ApiError::invalid("port", "must be between 1 and 65535").into())
+    } else {
+        Ok(v)
+    }
+}
+
+async fn package_name(state: &AppState, id: ObjectId) -> HttpResult<String> {
+    let p = state.store.packages().find_one(doc! { "_id": id }).await.map_err(|e| db_error(e, "package"))?;
+    p.map(|p| p.name).ok_or_else(|| ApiError::invalid("proxy_package_id", "does not name an existing package").into())
+}
+
+async fn announce(state: &AppState, ids: &[ObjectId], reason: ChangeReason) {
+    for id in ids {
+        let event = ProxyChanged { proxy_id: id.to_hex(), reason, origin: None, snapshot: None };
+        state.publish(subjects::PROXY_CHANGED, &event).await;
+    }
+}
+
+/// Filters of the proxy list.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ProxyQuery {
+    /// Include passwords and auth tokens.
+    pub get_full: Option<bool>,
+    /// `vn` or `global`.
+    pub area: Option<String>,
+    /// Package id.
+    pub package: Option<String>,
+    /// Provider id (proxies of its packages).
+    pub provider: Option<String>,
+    /// Enabled (true) or disabled (false).
+    pub active: Option<bool>,
+    /// In error (true) or healthy (false).
+    pub error: Option<bool>,
+    /// Page.
+    pub page: Option<u64>,
+    /// Page size.
+    pub limit: Option<i64>,
+}
+
+/// List proxies.
+#[utoipa::path(get, path = "/api/proxies", tag = "proxies", params(ProxyQuery),
+    security(("bearer" = []), ("api_key" = [])),
+    responses((status = 200, body = Paged<ProxyView>), (status = 400, body = crate::openapi::ErrorBody),
+        (status = 401, body = crate::openapi::ErrorBody)))]
+pub async fn list_proxies(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Query(q): Query<ProxyQuery>,
+) -> HttpResult<Json<Paged<ProxyView>>> {
+    let mut filter = doc! {};
+    if let Some(area) = q.area.as_deref() {
+        filter.insert("area", Area::parse_field("area", Some(area))?.as_str());
+    }
+    if let Some(p) = filter_id("package", q.package.as_deref())? {
+        filter.insert("proxy_package_id", p);
+    }
+    if let Some(provider) = filter_id("provider", q.provider.as_deref())? {
+        let packages: Vec<ObjectId> = state
+            .store
+            .packages()
+            .clone_with_type::<Document>()
+            .find(doc! { "proxy_provider_id": provider })
+            .projection(doc! { "_id": 1 })
+            .await
+            .map_err(|e| db_error(e, "package"))?
+            .try_collect::<Vec<Document>>()
+            .await
+            .map_err(|e| db_error(e, "package"))?
+            .iter()
+            .filter_map(|d| d.get_object_id("_id").ok())
+            .collect();
+        filter.insert("proxy_package_id", doc! { "$in": packages });
+    }
+    if let Some(a) = q.active {
+        filter.insert("is_active", a);
+    }
+    if let Some(e) = q.error {
+        filter.insert("is_error", e);
+    }
+    let full = q.get_full.unwrap_or(false);
+    let page = Page { page: q.page, limit: q.limit };
+    Ok(Json(list(&state.store.proxies(), filter, &page, |d| ProxyView::of(d, full)).await?))
+}
+
+/// Create a proxy.
+#[utoipa::path(post, path = "/api/proxies", tag = "proxies", request_body = CreateProxy,
+    security(("bearer" = []), ("api_key" = [])),
+    responses((status = 201, body = ProxyView), (status = 400, body = crate::openapi::ErrorBody),
+        (status = 401, body = crate::openapi::ErrorBody), (status = 409, body = crate::openapi::ErrorBody)))]
+pub async fn create_proxy(
+    State(state): State<AppState>,
+    admin: Admin,
+    bytes: Bytes,
+) -> HttpResult<(StatusCode, Json<ProxyView>)> {
+    let b: CreateProxy = body::parse(&bytes)?;
+    let new = NewProxy {
+        ip: non_empty("ip", &b.ip, 255)?,
+        port: port(b.port)?,
+        username: b.username,
+        password: b.password,
+        area: b.area,
+        rotate_url: http_url("rotate_url", &b.rotate_url)?,
+        rotate_time: rotate_time(b.rotate_time.unwrap_or(DEFAULT_ROTATE_TIME_SECS))?,
+        auth_token: b.auth_token.filter(|t| !t.is_empty()),
+        is_active: b.is_active.unwrap_or(true),
+        disable_auto_rotate: b.disable_auto_rotate.unwrap_or(false),
+        expired_at: b.expired_at.map(|t| DateTime::from_millis(t.timestamp_millis())),
+        proxy_package_id: oid("proxy_package_id", &b.proxy_package_id)?,
+        package_name: String::new(),
+        created_by: admin.user_id,
+    };
+    let name = package_name(&state, new.proxy_package_id).await?;
+    let d = ProxyDoc::new(NewProxy { package_name: name, ..new });
+    state.store.proxies().insert_one(&d).await.map_err(|e| db_error(e, "this proxy"))?;
+    announce(&state, &[d.id], ChangeReason::Created).await;
+    Ok((StatusCode::CREATED, Json(ProxyView::of(d, true))))
+}
+
+/// Update a proxy (never its lease state).
+#[utoipa::path(put, path = "/api/proxies/{id}", tag = "proxies", request_body = UpdateProxy,
+    params(("id" = String, Path, description = "Proxy id")), security(("bearer" = []), ("api_key" = [])),
+    responses((status = 200, body = ProxyView), (status = 400, body = crate::openapi::ErrorBody),
+        (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody)))]
+pub async fn update_proxy(
+    State(state): State<AppState>,
+    admin: Admin,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> HttpResult<Json<ProxyView>> {
+    let id = oid("id", &id)?;
+    let b: UpdateProxy = body::parse(&bytes)?;
+    let mut set = doc! { "updatedAt": DateTime::now(), "updated_by": admin.user_id };
+    if let Some(v) = &b.ip {
+        set.insert("ip", non_empty("ip", v, 255)?);
+    }
+    if let Some(v) = b.port {
+        set.insert("port", i32::from(port(v)?));
+    }
+    if let Some(v) = b.username {
+        set.insert("username", v);
+    }
+    if let Some(v) = b.password {
+        set.insert("password", v);
+    }
+    if let Some(v) = b.area {
+        set.insert("area", v.as_str());
+    }
+    if let Some(v) = &b.rotate_url {
+        set.insert("rotate_url", http_url("rotate_url", v)?);
+    }
+    if let Some(v) = b.rotate_time {
+        set.insert("rotate_time", rotate_time(v)?);
+    }
+    if let Some(v) = b.auth_token {
+        set.insert("auth_token", if v.is_empty() { None } else { Some(v) });
+    }
+    if let Some(v) = b.is_active {
+        set.insert("is_active", v);
+    }
+    if let Some(v) = b.disable_auto_rotate {
+        set.insert("disable_auto_rotate", v);
+    }
+    if let Some(v) = b.expired_at {
+        set.insert("expired_at", DateTime::from_millis(v.timestamp_millis()));
+    }
+    if let Some(v) = &b.proxy_package_id {
+        let package = oid("proxy_package_id", v)?;
+        set.insert("package_name", package_name(&state, package).await?);
+        set.insert("proxy_package_id", package);
+    }
+    let coll = state.store.proxies();
+    let res = coll.update_one(doc! { "_id": id }, doc! { "$set": set }).await.map_err(|e| db_error(e, "proxy"))?;
+    if res.matched_count == 0 {
+        return Err(ApiError::not_found(format!("proxy {id} not found")).into());
+    }
+    announce(&state, &[id], ChangeReason::Updated).await;
+    let d = coll.find_one(doc! { "_id": id }).await.map_err(|e| db_error(e, "proxy"))?;
+    d.map(|d| Json(ProxyView::of(d, true))).ok_or_else(|| ApiError::not_found(format!("proxy {id} not found")).into())
+}
+
+async fn delete_ids(state: &AppState, ids: &[ObjectId]) -> HttpResult<DeleteResult> {
+    let coll = state.store.proxies();
+    let found = coll.count_documents(doc! { "_id": { "$in": ids } }).await.map_err(|e| db_error(e, "proxy"))?;
+    if found != ids.len() as u64 {
+        return Err(ApiError::not_found(format!("{} of the proxy ids do not exist", ids.len() as u64 - found)).into());
+    }
+    let res = coll.delete_many(doc! { "_id": { "$in": ids } }).await.map_err(|e| db_error(e, "proxy"))?;
+    announce(state, ids, ChangeReason::Deleted).await;
+    Ok(DeleteResult { deleted: res.deleted_count })
+}
+
+/// Delete a proxy.
+#[utoipa::path(delete, path = "/api/proxies/{id}", tag = "proxies",
+    params(("id" = String, Path, description = "Proxy id")), security(("bearer" = []), ("api_key" = [])),
+    responses((status = 200, body = DeleteResult), (status = 400, body = crate::openapi::ErrorBody),
+        (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody)))]
+pub async fn delete_proxy(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<String>,
+) -> HttpResult<Json<DeleteResult>> {
+    let id = oid("id", &id)?;
+    Ok(Json(delete_ids(&state, &[id]).await?))
+}
+
+/// Delete several proxies: all or nothing.
+#[utoipa::path(post, path = "/api/proxies/bulk-delete", tag = "proxies", request_body = BulkDelete,
+    security(("bearer" = []), ("api_key" = [])),
+    responses((status = 200, body = DeleteResult), (status = 400, body = crate::openapi::ErrorBody),
+        (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody)))]
+pub async fn bulk_delete_proxies(
+    State(state): State<AppState>,
+    _admin: Admin,
+    bytes: Bytes,
+) -> HttpResult<Json<DeleteResult>> {
+    let ids = body::parse::<BulkDelete>(&bytes)?.ids()?;
+    Ok(Json(delete_ids(&state, &ids).await?))
+}
+
+/// The confirmation `POST /api/proxies/drop` requires, spelled out so that it cannot be sent by accident.
+pub const DROP_CONFIRMATION: &str = "DELETE ALL PROXIES";
+
+/// Body of `POST /api/proxies/drop`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DropProxies {
+    /// Must be exactly `DELETE ALL PROXIES`.
+    pub confirm: String,
+}
+
+/// Delete every proxy.
+#[utoipa::path(post, path = "/api/proxies/drop", tag = "proxies", request_body = DropProxies,
+    security(("bearer" = []), ("api_key" = [])),
+    responses((status = 200, body = DeleteResult), (status = 400, body = crate::openapi::ErrorBody),
+        (status = 401, body = crate::openapi::ErrorBody)))]
+pub async fn drop_proxies(
+    State(state): State<AppState>,
+    _admin: Admin,
+    bytes: Bytes,
+) -> HttpResult<Json<DeleteResult>> {
+    let b: DropProxies = body::parse(&bytes)?;
+    if b.confirm != DROP_CONFIRMATION {
+        return Err(ApiError::invalid("confirm", format!("must be exactly {DROP_CONFIRMATION:?}")).into());
+    }
+    let coll = state.store.proxies();
+    let ids: Vec<ObjectId> = coll
+        .clone_with_type::<Document>()
+        .find(doc! {})
+        .projection(doc! { "_id": 1 })
+        .await
+        .map_err(|e| db_error(e, "proxy"))?
+        .try_collect::<Vec<Document>>()
+        .await
+        .map_err(|e| db_error(e, "proxy"))?
+        .iter()
+        .filter_map(|d| d.get_object_id("_id").ok())
+        .collect();
+    let res = coll.delete_many(doc! { "_id": { "$in": &ids } }).await.map_err(|e| db_error(e, "proxy"))?;
+    tracing::warn!(deleted = res.deleted_count, "all proxies dropped by an admin");
+    announce(&state, &ids, ChangeReason::Deleted).await;
+    Ok(Json(DeleteResult { deleted: res.deleted_count }))
+}

@@ -1,0 +1,115 @@
+//! Auth routes, forwarded to the auth service over NATS: register, login, me, users CRUD.
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use proxypool_contracts::auth::{
+    Deleted, ListUsersRequest, LoginReply, LoginRequest, NewUser, RegisterRequest, UpdateUserRequest, UserIdRequest,
+    UserPage, UserPatch, UserView,
+};
+use proxypool_contracts::{subjects, ApiError, ErrorCode};
+
+use crate::auth::{Admin, MaybeAdmin};
+use crate::error::HttpResult;
+use crate::routes::body;
+use crate::routes::common::{oid, Page};
+use crate::state::AppState;
+
+/// Register a user. The first user registers freely; after that an admin token (or `ALLOW_REGISTRATION=true`) is
+/// required.
+#[utoipa::path(post, path = "/api/register", tag = "auth", request_body = NewUser,
+    security((), ("bearer" = []), ("api_key" = [])),
+    responses((status = 201, body = UserView), (status = 400, body = crate::openapi::ErrorBody),
+        (status = 401, body = crate::openapi::ErrorBody), (status = 409, body = crate::openapi::ErrorBody)))]
+pub async fn register(
+    State(state): State<AppState>,
+    MaybeAdmin(admin): MaybeAdmin,
+    bytes: Bytes,
+) -> HttpResult<(StatusCode, Json<UserView>)> {
+    let user: NewUser = body::parse(&bytes)?;
+    let caller = admin.map(|a| a.caller()).unwrap_or_default();
+    let view = state.request(subjects::AUTH_REGISTER, &RegisterRequest { user, caller }).await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+/// Log in with email and password; returns a JWT valid for 14 days.
+#[utoipa::path(post, path = "/api/login", tag = "auth", request_body = LoginRequest, security(()),
+    responses((status = 200, body = LoginReply), (status = 400, body = crate::openapi::ErrorBody),
+        (status = 401, body = crate::openapi::ErrorBody)))]
+pub async fn login(State(state): State<AppState>, bytes: Bytes) -> HttpResult<Json<LoginReply>> {
+    let req: LoginRequest = body::parse(&bytes)?;
+    Ok(Json(state.request(subjects::AUTH_LOGIN, &req).await?))
+}
+
+/// The user of the bearer token.
+#[utoipa::path(get, path = "/api/me", tag = "auth", security(("bearer" = [])),
+    responses((status = 200, body = UserView), (status = 401, body = crate::openapi::ErrorBody),
+        (status = 404, body = crate::openapi::ErrorBody)))]
+pub async fn me(State(state): State<AppState>, admin: Admin) -> HttpResult<Json<UserView>> {
+    let Some(id) = admin.user_id else {
+        return Err(ApiError::new(ErrorCode::Unauthorized, "/api/me needs a user's bearer token, not the API key").into());
+    };
+    Ok(Json(state.request(subjects::AUTH_ME, &UserIdRequest { id: id.to_hex() }).await?))
+}
+
+/// List users.
+#[utoipa::path(get, path = "/api/users/users", tag = "users", params(Page),
+    security(("bearer" = []), ("api_key" = [])),
+    responses((status = 200, body = UserPage), (status = 400, body = crate::openapi::ErrorBody),
+        (status = 401, body = crate::openapi::ErrorBody)))]
+pub async fn list_users(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Query(page): Query<Page>,
+) -> HttpResult<Json<UserPage>> {
+    page.resolve()?;
+    let req = ListUsersRequest { page: page.page, limit: page.limit };
+    Ok(Json(state.request(subjects::AUTH_USERS_LIST, &req).await?))
+}
+
+/// Create a user.
+#[utoipa::path(post, path = "/api/users/users", tag = "users", request_body = NewUser,
+    security(("bearer" = []), ("api_key" = [])),
+    responses((status = 201, body = UserView), (status = 400, body = crate::openapi::ErrorBody),
+        (status = 401, body = crate::openapi::ErrorBody), (status = 409, body = crate::openapi::ErrorBody)))]
+pub async fn create_user(
+    State(state): State<AppState>,
+    admin: Admin,
+    bytes: Bytes,
+) -> HttpResult<(StatusCode, Json<UserView>)> {
+    let user: NewUser = body::parse(&bytes)?;
+    let req = RegisterRequest { user, caller: admin.caller() };
+    Ok((StatusCode::CREATED, Json(state.request(subjects::AUTH_USERS_CREATE, &req).await?)))
+}
+
+/// Update a user's email, username or password.
+#[utoipa::path(put, path = "/api/users/users/{id}", tag = "users", request_body = UserPatch,
+    params(("id" = String, Path, description = "User id")), security(("bearer" = []), ("api_key" = [])),
+    responses((status = 200, body = UserView), (status = 400, body = crate::openapi::ErrorBody),
+        (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody),
+        (status = 409, body = crate::openapi::ErrorBody)))]
+pub async fn update_user(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> HttpResult<Json<UserView>> {
+    let id = oid("id", &id)?;
+    let patch: UserPatch = body::parse(&bytes)?;
+    Ok(Json(state.request(subjects::AUTH_USERS_UPDATE, &UpdateUserRequest { id: id.to_hex(), patch }).await?))
+}
+
+/// Delete a user.
+#[utoipa::path(delete, path = "/api/users/users/{id}", tag = "users",
+    params(("id" = String, Path, description = "User id")), security(("bearer" = []), ("api_key" = [])),
+    responses((status = 200, body = Deleted), (status = 400, body = crate::openapi::ErrorBody),
+        (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody)))]
+pub async fn delete_user(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<String>,
+) -> HttpResult<Json<Deleted>> {
+    let id = oid("id", &id)?;
+    Ok(Json(state.request(subjects::AUTH_USERS_DELETE, &UserIdRequest { id: id.to_hex() }).await?))
+}

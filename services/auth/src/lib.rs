@@ -24,7 +24,11 @@ pub use config::AuthConfig;
 pub use service::AuthService;
 
 /// Serves the auth subjects until `shutdown` fires.
-pub async fn serve(service: AuthService, client: Client, shutdown: Shutdown) -> Result<(), proxypool_rpc::SubscribeError> {
+pub async fn serve(
+    service: AuthService,
+    client: Client,
+    shutdown: Shutdown,
+) -> Result<(), proxypool_rpc::SubscribeError> {
     let options = ServeOptions {
         queue_group: subjects::AUTH_QUEUE_GROUP,
         max_in_flight: 64,

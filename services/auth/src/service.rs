@@ -119,7 +119,12 @@ impl AuthService {
             .map_err(|e| ApiError::internal(format!("cannot hash the password: {e}")))
     }
 
-    async fn check_unique(&self, email: Option<&str>, username: Option<&str>, except: Option<ObjectId>) -> Result<(), ApiError> {
+    async fn check_unique(
+        &self,
+        email: Option<&str>,
+        username: Option<&str>,
+        except: Option<ObjectId>,
+    ) -> Result<(), ApiError> {
         let users = self.store.users().clone_with_type::<Document>();
         for (field, value) in [("email", email), ("username", username)] {
             let Some(value) = value else { continue };
@@ -175,7 +180,8 @@ impl AuthService {
         };
         let (token, claims) = proxypool_authn::issue(self.secret.expose(), &user.id.to_hex(), self.ttl)
             .map_err(|e| ApiError::internal(e.to_string()))?;
-        let expires_at = Utc.timestamp_opt(i64::try_from(claims.exp).unwrap_or(i64::MAX), 0).single().unwrap_or_default();
+        let expires_at =
+            Utc.timestamp_opt(i64::try_from(claims.exp).unwrap_or(i64::MAX), 0).single().unwrap_or_default();
         Ok(LoginReply { token, token_type: "Bearer".to_owned(), expires_at, user: view(&user) })
     }
 
@@ -199,8 +205,16 @@ impl AuthService {
         let users = self.store.users();
         let total = users.count_documents(doc! {}).await.map_err(db)?;
         let skip = (page - 1).saturating_mul(u64::try_from(limit).unwrap_or(20));
-        let docs: Vec<UserDoc> =
-            users.find(doc! {}).sort(doc! { "_id": 1 }).skip(skip).limit(limit).await.map_err(db)?.try_collect().await.map_err(db)?;
+        let docs: Vec<UserDoc> = users
+            .find(doc! {})
+            .sort(doc! { "_id": 1 })
+            .skip(skip)
+            .limit(limit)
+            .await
+            .map_err(db)?
+            .try_collect()
+            .await
+            .map_err(db)?;
         Ok(UserPage { data: docs.iter().map(view).collect(), total, page, limit })
     }
 

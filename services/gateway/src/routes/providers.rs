@@ -14,7 +14,9 @@ use utoipa::{IntoParams, ToSchema};
 use crate::auth::Admin;
 use crate::error::HttpResult;
 use crate::routes::body;
-use crate::routes::common::{db_error, delete_checked, iso, list, non_empty, oid, BulkDelete, DeleteResult, Page, Paged};
+use crate::routes::common::{
+    db_error, delete_checked, iso, list, non_empty, oid, BulkDelete, DeleteResult, Page, Paged,
+};
 use crate::state::AppState;
 
 const DUPLICATE: &str = "a provider with this name, account or domain";

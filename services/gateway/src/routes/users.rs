@@ -48,7 +48,9 @@ pub async fn login(State(state): State<AppState>, bytes: Bytes) -> HttpResult<Js
         (status = 404, body = crate::openapi::ErrorBody)))]
 pub async fn me(State(state): State<AppState>, admin: Admin) -> HttpResult<Json<UserView>> {
     let Some(id) = admin.user_id else {
-        return Err(ApiError::new(ErrorCode::Unauthorized, "/api/me needs a user's bearer token, not the API key").into());
+        return Err(
+            ApiError::new(ErrorCode::Unauthorized, "/api/me needs a user's bearer token, not the API key").into()
+        );
     };
     Ok(Json(state.request(subjects::AUTH_ME, &UserIdRequest { id: id.to_hex() }).await?))
 }

@@ -57,28 +57,55 @@ pub struct ServeOptions {
     pub deadline: Duration,
 }
 
-/// Serves `subjects` until `shutdown` fires. `handler(subject, payload)` returns the encoded reply (see [`encode`]).
+/// Subscriptions to request subjects in a queue group, made before serving so that a caller can do more set-up
+/// (load state, report readiness) knowing that requests are already being queued for it.
+pub struct Subscriptions {
+    incoming: futures::stream::SelectAll<futures::stream::BoxStream<'static, (&'static str, Message)>>,
+}
+
+/// Subscribes `subjects` in `queue_group` and flushes, so that the server knows of them when this returns.
+pub async fn subscribe(
+    client: &Client,
+    subjects: &[&'static str],
+    queue_group: &'static str,
+) -> Result<Subscriptions, SubscribeError> {
+    let mut subs = Vec::with_capacity(subjects.len());
+    for &subject in subjects {
+        let sub = client
+            .queue_subscribe(subject, queue_group.to_owned())
+            .await
+            .map_err(|source| SubscribeError { subject: subject.to_owned(), source })?;
+        subs.push(sub.map(move |m| (subject, m)).boxed());
+    }
+    let _ = client.flush().await;
+    Ok(Subscriptions { incoming: select_all(subs) })
+}
+
+/// Subscribes and serves `subjects` until `shutdown` fires (see [`subscribe`] and [`run`]).
 pub async fn serve<F, Fut>(
     client: Client,
     subjects: &[&'static str],
     options: ServeOptions,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
     handler: F,
 ) -> Result<(), SubscribeError>
 where
     F: Fn(&'static str, Message) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Bytes> + Send + 'static,
 {
-    let mut subs = Vec::with_capacity(subjects.len());
-    for &subject in subjects {
-        let sub = client
-            .queue_subscribe(subject, options.queue_group.to_owned())
-            .await
-            .map_err(|source| SubscribeError { subject: subject.to_owned(), source })?;
-        subs.push(sub.map(move |m| (subject, m)));
-    }
-    let _ = client.flush().await;
-    let mut incoming = select_all(subs);
+    let subs = subscribe(&client, subjects, options.queue_group).await?;
+    run(client, subs, options, shutdown, handler).await;
+    Ok(())
+}
+
+/// Serves requests from `subs` until `shutdown` fires. `handler(subject, message)` returns the encoded reply (see
+/// [`encode`]).
+pub async fn run<F, Fut>(client: Client, subs: Subscriptions, options: ServeOptions, mut shutdown: Shutdown, handler: F)
+where
+    F: Fn(&'static str, Message) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Bytes> + Send + 'static,
+{
+    let mut incoming = subs.incoming;
     let permits = Arc::new(Semaphore::new(options.max_in_flight));
     loop {
         let (subject, msg) = tokio::select! {
@@ -111,5 +138,4 @@ where
         tracing::warn!("in-flight requests did not finish within {DRAIN_TIMEOUT:?}");
     }
     let _ = client.flush().await;
-    Ok(())
 }

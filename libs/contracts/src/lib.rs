@@ -10,12 +10,14 @@
 //! - [`lease`]: lease acquire/release requests and replies.
 //! - [`events`]: broadcast events (`proxy.changed`).
 //! - [`auth`]: users and logins (gateway → auth service).
+//! - [`rotation`]: rotation jobs, the lease reset after a rotation, rotate-now.
 
 pub mod auth;
 pub mod domain;
 pub mod events;
 pub mod lease;
 pub mod reply;
+pub mod rotation;
 pub mod subjects;
 
 pub use domain::{Area, ObjectIdHex};

@@ -41,3 +41,17 @@ pub const AUTH_ALL: [&str; 7] =
     [AUTH_REGISTER, AUTH_LOGIN, AUTH_ME, AUTH_USERS_LIST, AUTH_USERS_CREATE, AUTH_USERS_UPDATE, AUTH_USERS_DELETE];
 /// Queue group of the auth replicas.
 pub const AUTH_QUEUE_GROUP: &str = "proxypool-auth";
+
+/// JetStream subject of rotation jobs (WorkQueue stream [`ROTATION_STREAM`]).
+pub const ROTATION_JOBS: &str = "proxypool.v1.rotation.jobs";
+/// The WorkQueue stream holding rotation jobs.
+pub const ROTATION_STREAM: &str = "PROXYPOOL_ROTATIONS";
+/// The durable pull consumer shared by rotator workers.
+pub const ROTATION_CONSUMER: &str = "rotator-workers";
+/// Admin request to rotate one proxy now (request-reply, gateway → rotator).
+pub const ROTATOR_ROTATE_NOW: &str = "proxypool.v1.rotator.rotate";
+/// Queue group of the rotator replicas.
+pub const ROTATOR_QUEUE_GROUP: &str = "proxypool-rotator";
+/// Rotator → lease service after a stored successful rotation: reset the lease state and make the proxy leasable.
+/// Not under `lease.*`, so that a consumer identity allowed `lease.*` cannot reset leases.
+pub const LEASECTL_ROTATED: &str = "proxypool.v1.leasectl.rotated";

@@ -145,6 +145,13 @@ pub struct ProxyDoc {
     /// keep the newest state instead of whichever arrived last.
     #[serde(default)]
     pub lease_rev: i64,
+    /// When the current rotation claimed the proxy (`is_rotating`); a lock older than the rotator's lock TTL is
+    /// taken over, so a crashed rotation never locks a proxy forever. Our addition.
+    #[serde(default)]
+    pub rotating_since: Option<DateTime>,
+    /// Id of the rotation job that holds (or last held) the lock. Our addition.
+    #[serde(default)]
+    pub rotation_job: Option<String>,
     /// Return URL of the latest lease.
     #[serde(default)]
     pub webhook_url: Option<String>,
@@ -242,6 +249,8 @@ impl ProxyDoc {
             used_count: 0,
             proxy_used: Vec::new(),
             lease_rev: 0,
+            rotating_since: None,
+            rotation_job: None,
             webhook_url: None,
             call_webhook_count: 0,
             status: ProxyStatus::Pending,
@@ -304,6 +313,10 @@ pub struct ProviderDoc {
     pub account: String,
     /// Unique website domain.
     pub domain: String,
+    /// How to read a rotate response of this provider when it is neither KiotProxy nor ZingProxy: JSON paths of
+    /// the new address. Absent: the provider only answers 200 and the proxy keeps its address. Our addition.
+    #[serde(default)]
+    pub rotate_fields: Option<RotateFields>,
     /// Active.
     #[serde(default = "default_true")]
     pub is_active: bool,
@@ -319,6 +332,21 @@ pub struct ProviderDoc {
     /// Last update time.
     #[serde(rename = "updatedAt")]
     pub updated_at: DateTime,
+}
+
+/// Dotted JSON paths (e.g. `data.host`) of the fields of a rotate response.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RotateFields {
+    /// Path of the new IP or host.
+    pub ip: String,
+    /// Path of the new port.
+    pub port: String,
+    /// Path of the new username, when the provider sends one.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Path of the new password, when the provider sends one.
+    #[serde(default)]
+    pub password: Option<String>,
 }
 
 /// A document of `users`.

@@ -194,6 +194,7 @@ impl TestApp {
             name: "TestProvider".into(),
             account: "test".into(),
             domain: "https://provider.test".into(),
+            rotate_fields: None,
             is_active: true,
             created_by: None,
             updated_by: None,

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use proxypool_contracts::events::ProxyChanged;
 use proxypool_contracts::lease::{AcquireRequest, ReleaseRequest};
+use proxypool_contracts::rotation::RotatedRequest;
 use proxypool_contracts::{subjects, ApiError};
 use proxypool_rpc::{encode, parse, ServeOptions};
 use proxypool_settings::shutdown::Shutdown;
@@ -56,9 +57,15 @@ async fn handle(service: LeaseService, client: Client, subject: &'static str, ms
             Err(e) => Err(e),
         };
         finish(&client, result).await
-    } else {
+    } else if subject == subjects::LEASE_RELEASE {
         let result = match parse::<ReleaseRequest>(&msg.payload).and_then(|r| r.validate()) {
             Ok(req) => service.release(&req).await,
+            Err(e) => Err(e),
+        };
+        finish(&client, result).await
+    } else {
+        let result = match parse::<RotatedRequest>(&msg.payload) {
+            Ok(req) => service.reset_after_rotation(&req).await,
             Err(e) => Err(e),
         };
         finish(&client, result).await

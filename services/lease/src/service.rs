@@ -13,6 +13,7 @@ use chrono::{TimeZone, Utc};
 use futures::TryStreamExt;
 use proxypool_contracts::events::{ChangeReason, LeaseSnapshot, ProxyChanged};
 use proxypool_contracts::lease::{Acquire, LeaseGrant, Release, ReleaseOutcome};
+use proxypool_contracts::rotation::{RotatedReply, RotatedRequest};
 use proxypool_contracts::{ApiError, Area, ErrorCode};
 use proxypool_store::model::ProxyDoc;
 use proxypool_store::{Store, StoreError};
@@ -476,6 +477,41 @@ impl LeaseService {
                 })
             }
         }
+    }
+
+    /// After a stored, successful rotation: clears the lease state and releases the rotation lock, making the proxy
+    /// leasable again. Applies only while the proxy is still locked by `job_id`; repeating it changes nothing.
+    pub async fn reset_after_rotation(&self, req: &RotatedRequest) -> Result<Outcome<RotatedReply>, ApiError> {
+        let id = ObjectId::parse_str(&req.proxy_id)
+            .map_err(|_| ApiError::invalid("proxy_id", "must be a 24-character hexadecimal ObjectId"))?;
+        let proxies = self.inner.store.proxies();
+        let before = proxies.find_one(doc! { "_id": id }).await.map_err(store_error)?;
+        let Some(before) = before else { return Err(ApiError::not_found(format!("proxy {id} not found"))) };
+        let dropped = count(before.in_use);
+        let filter = doc! { "_id": id, "is_rotating": true, "rotation_job": &req.job_id };
+        let update = doc! {
+            "$set": {
+                "in_use": 0, "used_count": 0, "proxy_used": [], "is_rotating": false, "rotating_since": null,
+                "updatedAt": DateTime::now(),
+            },
+            "$inc": { "lease_rev": 1 },
+        };
+        let res = proxies.update_one(filter, update).await.map_err(store_error)?;
+        let doc = proxies.find_one(doc! { "_id": id }).await.map_err(store_error)?;
+        let Some(doc) = doc else { return Err(ApiError::not_found(format!("proxy {id} not found"))) };
+        if res.matched_count == 0 && (doc.is_rotating || doc.rotation_job.as_deref() != Some(req.job_id.as_str())) {
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!("proxy {id} is not locked by rotation job {}", req.job_id),
+            ));
+        }
+        let entry = Entry::from(&doc);
+        self.index().apply(id, entry.clone());
+        let dropped_leases = if res.matched_count == 1 { dropped } else { 0 };
+        if dropped_leases > 0 {
+            tracing::warn!(proxy = %id, dropped_leases, "rotated with leases still held (drain timed out)");
+        }
+        Ok(Outcome { value: RotatedReply { dropped_leases }, event: self.event(id, ChangeReason::Rotated, &entry) })
     }
 
     fn event(&self, id: ObjectId, reason: ChangeReason, entry: &Entry) -> ProxyChanged {

@@ -7,7 +7,7 @@ use axum::Json;
 use bson::oid::ObjectId;
 use bson::{doc, DateTime};
 use proxypool_contracts::ApiError;
-use proxypool_store::model::ProviderDoc;
+use proxypool_store::model::{ProviderDoc, RotateFields};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -34,6 +34,43 @@ pub struct CreateProvider {
     /// Active, default true.
     #[serde(default)]
     pub is_active: Option<bool>,
+    /// For providers other than KiotProxy and ZingProxy: where the rotate response holds the new address.
+    #[serde(default)]
+    pub rotate_fields: Option<RotateFieldsDto>,
+}
+
+/// Dotted JSON paths of a rotate response's fields, e.g. `{"ip": "data.host", "port": "data.port"}`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RotateFieldsDto {
+    /// Path of the new IP or host.
+    pub ip: String,
+    /// Path of the new port.
+    pub port: String,
+    /// Path of the new username.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Path of the new password.
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+impl RotateFieldsDto {
+    fn validate(self) -> Result<RotateFields, crate::error::HttpError> {
+        let path = |field: &str, v: &str| non_empty(&format!("rotate_fields.{field}"), v, 200);
+        Ok(RotateFields {
+            ip: path("ip", &self.ip)?,
+            port: path("port", &self.port)?,
+            username: self.username.as_deref().map(|v| path("username", v)).transpose()?,
+            password: self.password.as_deref().map(|v| path("password", v)).transpose()?,
+        })
+    }
+}
+
+impl From<RotateFields> for RotateFieldsDto {
+    fn from(f: RotateFields) -> Self {
+        Self { ip: f.ip, port: f.port, username: f.username, password: f.password }
+    }
 }
 
 /// Body of `PUT /api/proxy_providers/{id}`: any subset.
@@ -48,6 +85,8 @@ pub struct UpdateProvider {
     pub domain: Option<String>,
     /// Active.
     pub is_active: Option<bool>,
+    /// Rotate response fields.
+    pub rotate_fields: Option<RotateFieldsDto>,
 }
 
 /// A provider as the API shows it.
@@ -63,6 +102,8 @@ pub struct ProviderView {
     pub domain: String,
     /// Active.
     pub is_active: bool,
+    /// Rotate response fields (generic providers).
+    pub rotate_fields: Option<RotateFieldsDto>,
     /// Creator.
     pub created_by: Option<String>,
     /// Last updater.
@@ -83,6 +124,7 @@ impl From<ProviderDoc> for ProviderView {
             account: d.account,
             domain: d.domain,
             is_active: d.is_active,
+            rotate_fields: d.rotate_fields.map(RotateFieldsDto::from),
             created_by: d.created_by.map(|i| i.to_hex()),
             updated_by: d.updated_by.map(|i| i.to_hex()),
             created_at: iso(d.created_at),
@@ -139,6 +181,7 @@ pub async fn create_provider(
         account: non_empty("account", &b.account, 200)?,
         domain: non_empty("domain", &b.domain, 300)?,
         is_active: b.is_active.unwrap_or(true),
+        rotate_fields: b.rotate_fields.map(RotateFieldsDto::validate).transpose()?,
         created_by: admin.user_id,
         updated_by: admin.user_id,
         created_at: now,
@@ -174,6 +217,10 @@ pub async fn update_provider(
     }
     if let Some(v) = b.is_active {
         set.insert("is_active", v);
+    }
+    if let Some(v) = b.rotate_fields {
+        let fields = v.validate()?;
+        set.insert("rotate_fields", bson::to_bson(&fields).map_err(|e| ApiError::internal(e.to_string()))?);
     }
     let coll = state.store.providers();
     let res = coll.update_one(doc! { "_id": id }, doc! { "$set": set }).await.map_err(|e| db_error(e, DUPLICATE))?;

@@ -144,6 +144,28 @@ fn parse_net(s: &str) -> Option<ipnet::IpNet> {
     s.parse().ok().or_else(|| s.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
 }
 
+/// A running rotator.
+#[derive(Debug)]
+pub struct RotatorHandle {
+    trigger: ShutdownTrigger,
+    kill: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl RotatorHandle {
+    /// Graceful stop: no new jobs, those in hand finished.
+    pub async fn stop(self) {
+        self.trigger.fire();
+        let _ = tokio::task::spawn_blocking(move || self.thread.join()).await;
+    }
+
+    /// Kills it mid-work, as a crash would: nothing in hand is acknowledged.
+    pub async fn kill(self) {
+        let _ = self.kill.send(());
+        let _ = tokio::task::spawn_blocking(move || self.thread.join()).await;
+    }
+}
+
 /// A running lease replica.
 #[derive(Debug)]
 pub struct LeaseReplica {
@@ -320,6 +342,101 @@ impl TestApp {
         Ok(())
     }
 
+    /// A rotator configuration for tests: fast scans, short waits, the IP check and region lookup on `world`.
+    pub fn rotator_config(&self, world: &crate::fakes::FakeWorld) -> proxypool_rotator::RotatorConfig {
+        proxypool_rotator::RotatorConfig {
+            role: proxypool_rotator::Role::All,
+            scan_interval: Duration::from_millis(200),
+            scan_batch: 500,
+            drain_max: Duration::from_secs(30),
+            lock_ttl: Duration::from_secs(60),
+            http_timeout: Duration::from_secs(3),
+            ip_check_urls: vec![world.ip_url()],
+            ip_check_tries: 2,
+            ip_check_delay: Duration::from_millis(100),
+            ip_region_url: Some(world.region_url()),
+            error_backoff: Duration::from_secs(60),
+            workers: 8,
+            ack_wait: Duration::from_secs(2),
+            max_deliver: 10,
+            nats: self.nats_config.clone(),
+            store: self.store_config.clone(),
+        }
+    }
+
+    /// Starts a rotator "process": its own Tokio runtime on its own thread, so that [`RotatorHandle::kill`] can end
+    /// it the way a crash would, with every task and the NATS connection gone and nothing acknowledged.
+    pub async fn start_rotator(&self, config: proxypool_rotator::RotatorConfig) -> anyhow::Result<RotatorHandle> {
+        let store_config = self.store_config.clone();
+        let role = config.role;
+        let (trigger, shutdown) = Shutdown::new();
+        let (kill_tx, kill_rx) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
+        let thread = std::thread::spawn(move || {
+            let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.into()));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let setup = async {
+                    let client = config.nats.connect("test-rotator").await?;
+                    let store = Store::connect(&store_config, "test-rotator").await?;
+                    let rotator = proxypool_rotator::Rotator::new(config, store, client.clone());
+                    rotator.ensure_queue().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+                    anyhow::Ok((rotator, client))
+                };
+                let (rotator, client) = match setup.await {
+                    Ok(v) => v,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                tokio::select! {
+                    res = proxypool_rotator::run(rotator, client, shutdown) => {
+                        if let Err(e) = res {
+                            tracing::error!(error = %e, "rotator failed");
+                        }
+                    }
+                    _ = kill_rx => {}
+                }
+            });
+            // A kill drops every task where it stands.
+            rt.shutdown_background();
+        });
+        ready_rx.await??;
+        if matches!(role, proxypool_rotator::Role::All | proxypool_rotator::Role::Scheduler) {
+            // Ready once the rotate-now handler answers (an empty request is refused, which proves the subscription).
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            while self.client.request(subjects::ROTATOR_ROTATE_NOW, "{}".into()).await.is_err() {
+                if tokio::time::Instant::now() > deadline {
+                    bail!("the rotator did not answer within 20 s");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        Ok(RotatorHandle { trigger, kill: kill_tx, thread })
+    }
+
+    /// Inserts one proxy shaped by `f` and announces it.
+    pub async fn insert_proxy_with(&self, area: Area, f: impl FnOnce(&mut ProxyDoc)) -> anyhow::Result<ObjectId> {
+        let mut d = self.new_proxy(area, 0);
+        f(&mut d);
+        self.store.proxies().insert_one(&d).await?;
+        self.announce(d.id).await?;
+        Ok(d.id)
+    }
+
+    /// Renames the seeded provider (choosing its rotate adapter: `KiotProxy`, `ZingProxy`, other).
+    pub async fn set_provider_name(&self, name: &str) -> anyhow::Result<()> {
+        self.store.providers().update_many(doc! {}, doc! { "$set": { "name": name } }).await?;
+        Ok(())
+    }
+
     /// Stops lease replica `i` gracefully and waits for it.
     pub async fn stop_lease(&mut self, i: usize) -> anyhow::Result<()> {
         let r = self.leases.remove(i);
@@ -401,6 +518,21 @@ impl TestApp {
     pub async fn nats_acquire(&self, area: &str, consumer: &str) -> anyhow::Result<Reply<LeaseGrant>> {
         let req = AcquireRequest { area: Some(area.into()), consumer: Some(consumer.into()) };
         self.nats_request(subjects::LEASE_ACQUIRE, &req).await
+    }
+
+    /// `lease.acquire` over NATS, retried while the pool has nothing (e.g. until a just-inserted proxy reaches the
+    /// lease index through `proxy.changed`).
+    pub async fn nats_acquire_eventually(&self, area: &str, consumer: &str) -> anyhow::Result<LeaseGrant> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.nats_acquire(area, consumer).await? {
+                Reply::Ok(g) => return Ok(g),
+                Reply::Err(e) if e.code.is_retryable() && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Reply::Err(e) => bail!("no lease: {e}"),
+            }
+        }
     }
 
     /// `lease.release` over NATS.

@@ -7,6 +7,7 @@
 //! Logs are shown only with `TEST_LOG=1`.
 
 pub mod app;
+pub mod fakes;
 pub mod servers;
 
 pub use app::{TestApp, TestAppBuilder};

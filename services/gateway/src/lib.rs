@@ -63,6 +63,7 @@ pub fn router_and_doc() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(proxies::update_proxy, proxies::delete_proxy))
         .routes(routes!(proxies::bulk_delete_proxies))
         .routes(routes!(proxies::drop_proxies))
+        .routes(routes!(proxies::rotate_proxy))
         .split_for_parts()
 }
 

@@ -26,6 +26,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ("delete", "/api/proxies/{id}"),
     ("post", "/api/proxies/bulk-delete"),
     ("post", "/api/proxies/drop"),
+    ("post", "/api/proxies/{id}/rotate"),
     ("get", "/api/proxy_packages"),
     ("post", "/api/proxy_packages"),
     ("put", "/api/proxy_packages/{id}"),

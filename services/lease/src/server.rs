@@ -135,7 +135,7 @@ pub async fn serve(
     let events = client.subscribe(subjects::PROXY_CHANGED).await.map_err(ServeError::Events)?;
     let requests = proxypool_rpc::subscribe(
         &client,
-        &[subjects::LEASE_ACQUIRE, subjects::LEASE_RELEASE],
+        &[subjects::LEASE_ACQUIRE, subjects::LEASE_RELEASE, subjects::LEASECTL_ROTATED],
         subjects::LEASE_QUEUE_GROUP,
     )
     .await?;

@@ -26,7 +26,8 @@ pub async fn public_ip(
     delay: Duration,
     timeout: Duration,
 ) -> Result<IpAddr, String> {
-    let mut proxy = reqwest::Proxy::all(format!("http://{}:{}", addr.ip, addr.port)).map_err(|e| format!("bad proxy address: {e}"))?;
+    let mut proxy = reqwest::Proxy::all(format!("http://{}:{}", addr.ip, addr.port))
+        .map_err(|e| format!("bad proxy address: {e}"))?;
     if !addr.username.is_empty() {
         proxy = proxy.basic_auth(&addr.username, &addr.password);
     }

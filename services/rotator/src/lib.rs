@@ -60,7 +60,11 @@ pub async fn run_scheduler(rotator: Rotator, mut shutdown: Shutdown) {
 }
 
 /// Serves admin "rotate now" requests until shutdown.
-pub async fn serve_rotate_now(rotator: Rotator, client: async_nats::Client, shutdown: Shutdown) -> Result<(), RunError> {
+pub async fn serve_rotate_now(
+    rotator: Rotator,
+    client: async_nats::Client,
+    shutdown: Shutdown,
+) -> Result<(), RunError> {
     let options = ServeOptions {
         queue_group: subjects::ROTATOR_QUEUE_GROUP,
         max_in_flight: 64,

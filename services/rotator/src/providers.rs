@@ -52,14 +52,18 @@ impl Adapter {
                     return Err(format!("KiotProxy refused the rotation: {msg}"));
                 }
                 let data = v.get("data").ok_or("KiotProxy answer has no data")?;
-                let (ip, port) = match (data.get("host").and_then(Value::as_str), data.get("httpPort").and_then(port_of)) {
-                    (Some(h), Some(p)) => (h.to_owned(), p),
-                    _ => {
-                        let http = data.get("http").and_then(Value::as_str).ok_or("KiotProxy data has no host/httpPort or http")?;
-                        let (h, p) = http.rsplit_once(':').ok_or("KiotProxy data.http is not host:port")?;
-                        (h.to_owned(), p.parse().map_err(|_| "KiotProxy data.http has a bad port".to_owned())?)
-                    }
-                };
+                let (ip, port) =
+                    match (data.get("host").and_then(Value::as_str), data.get("httpPort").and_then(port_of)) {
+                        (Some(h), Some(p)) => (h.to_owned(), p),
+                        _ => {
+                            let http = data
+                                .get("http")
+                                .and_then(Value::as_str)
+                                .ok_or("KiotProxy data has no host/httpPort or http")?;
+                            let (h, p) = http.rsplit_once(':').ok_or("KiotProxy data.http is not host:port")?;
+                            (h.to_owned(), p.parse().map_err(|_| "KiotProxy data.http has a bad port".to_owned())?)
+                        }
+                    };
                 Ok(Address { ip, port, username: String::new(), password: String::new() })
             }
             Adapter::Generic(Some(f)) => {
@@ -69,7 +73,10 @@ impl Adapter {
                 let text = |path: &Option<String>, old: &str| -> Result<String, String> {
                     match path {
                         None => Ok(old.to_owned()),
-                        Some(p) => at(&v, p).and_then(Value::as_str).map(str::to_owned).ok_or_else(|| format!("no string at {p}")),
+                        Some(p) => at(&v, p)
+                            .and_then(Value::as_str)
+                            .map(str::to_owned)
+                            .ok_or_else(|| format!("no string at {p}")),
                     }
                 };
                 Ok(Address {
@@ -111,9 +118,15 @@ mod tests {
             "host":"1.2.3.4","httpPort":12345,"realIpAddress":"5.6.7.8","ttc":59,"nextRequestAt":1700000000000,
             "expirationAt":1700000000000}}"#;
         let a = Adapter::for_provider("KiotProxy", None).parse(200, ok, &current());
-        assert_eq!(a, Ok(Address { ip: "1.2.3.4".into(), port: 12345, username: String::new(), password: String::new() }));
+        assert_eq!(
+            a,
+            Ok(Address { ip: "1.2.3.4".into(), port: 12345, username: String::new(), password: String::new() })
+        );
         let only_http = r#"{"success":true,"data":{"http":"9.9.9.9:8080"}}"#;
-        assert_eq!(Adapter::Kiot.parse(200, only_http, &current()).map(|a| (a.ip, a.port)), Ok(("9.9.9.9".into(), 8080)));
+        assert_eq!(
+            Adapter::Kiot.parse(200, only_http, &current()).map(|a| (a.ip, a.port)),
+            Ok(("9.9.9.9".into(), 8080))
+        );
         let refused = r#"{"success":false,"code":429,"message":"wait 59s"}"#;
         assert!(Adapter::Kiot.parse(200, refused, &current()).err().unwrap_or_default().contains("wait 59s"));
         assert!(Adapter::Kiot.parse(200, "<html>", &current()).is_err());
@@ -138,7 +151,10 @@ mod tests {
         };
         let body = r#"{"proxy":{"host":"7.7.7.7","port":"3128","auth":["new-user"]}}"#;
         let a = Adapter::for_provider("Other", Some(f.clone())).parse(200, body, &current());
-        assert_eq!(a, Ok(Address { ip: "7.7.7.7".into(), port: 3128, username: "new-user".into(), password: "p".into() }));
+        assert_eq!(
+            a,
+            Ok(Address { ip: "7.7.7.7".into(), port: 3128, username: "new-user".into(), password: "p".into() })
+        );
         assert!(Adapter::Generic(Some(f)).parse(200, r#"{"proxy":{"host":"x"}}"#, &current()).is_err());
     }
 }

@@ -231,7 +231,8 @@ impl Rotator {
         match self.claim(id, doc! { "is_rotating": false, "is_active": true }).await.map_err(unavailable)? {
             Some(job_id) => Ok(RotateNowReply { job_id }),
             None => {
-                let doc = self.inner.store.proxies().find_one(doc! { "_id": id }).await.map_err(|e| unavailable(e.into()))?;
+                let doc =
+                    self.inner.store.proxies().find_one(doc! { "_id": id }).await.map_err(|e| unavailable(e.into()))?;
                 Err(match doc {
                     None => ApiError::not_found(format!("proxy {id} not found")),
                     Some(d) if !d.is_active => ApiError::new(ErrorCode::Conflict, "the proxy is disabled"),
@@ -342,7 +343,8 @@ impl Rotator {
             let status = res.status().as_u16();
             let body = res.text().await.unwrap_or_default();
             adapter.parse(status, &body, &current).map_err(|reason| {
-                let detail = if (200..300).contains(&status) { String::new() } else { format!(": {}", truncate(&body)) };
+                let detail =
+                    if (200..300).contains(&status) { String::new() } else { format!(": {}", truncate(&body)) };
                 (i32::from(status.max(500)), format!("{reason}{detail}"))
             })?
         };
@@ -394,7 +396,13 @@ impl Rotator {
 
     /// Stores a failed rotation and releases the lock: the proxy keeps its address and leases, is marked in error,
     /// and is due again after `ROTATE_ERROR_BACKOFF`.
-    async fn store_failure(&self, doc: &ProxyDoc, job: &RotationJob, status_code: i32, reason: &str) -> Result<(), JobError> {
+    async fn store_failure(
+        &self,
+        doc: &ProxyDoc,
+        job: &RotationJob,
+        status_code: i32,
+        reason: &str,
+    ) -> Result<(), JobError> {
         tracing::warn!(proxy = %doc.id, status_code, reason, "rotation failed");
         let set = doc! {
             "is_error": true, "status_code": status_code, "response": truncate(reason),

@@ -470,3 +470,20 @@ pub async fn drop_proxies(
     announce(&state, &ids, ChangeReason::Deleted).await;
     Ok(Json(DeleteResult { deleted: res.deleted_count }))
 }
+
+/// Queue an immediate rotation of a proxy (drains its leases first).
+#[utoipa::path(post, path = "/api/proxies/{id}/rotate", tag = "proxies",
+    params(("id" = String, Path, description = "Proxy id")), security(("bearer" = []), ("api_key" = [])),
+    responses((status = 202, body = proxypool_contracts::rotation::RotateNowReply),
+        (status = 400, body = crate::openapi::ErrorBody), (status = 401, body = crate::openapi::ErrorBody),
+        (status = 404, body = crate::openapi::ErrorBody), (status = 409, body = crate::openapi::ErrorBody),
+        (status = 503, body = crate::openapi::ErrorBody)))]
+pub async fn rotate_proxy(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<String>,
+) -> HttpResult<(StatusCode, Json<proxypool_contracts::rotation::RotateNowReply>)> {
+    let id = oid("id", &id)?;
+    let req = proxypool_contracts::rotation::RotateNowRequest { proxy_id: id.to_hex() };
+    Ok((StatusCode::ACCEPTED, Json(state.request(subjects::ROTATOR_ROTATE_NOW, &req).await?)))
+}

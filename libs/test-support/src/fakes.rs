@@ -1,0 +1,244 @@
+//! Local fakes of the outside world for rotator tests: a provider API, an IP-echo service, a geo-IP service, and a
+//! real HTTP forward proxy with basic auth. Nothing here reaches the internet.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+
+async fn serve(app: Router) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(addr)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// What the fake provider answers on `GET /rotate/{key}`.
+#[derive(Debug, Clone)]
+pub struct ProviderAnswer {
+    /// HTTP status.
+    pub status: u16,
+    /// Body.
+    pub body: String,
+    /// Delay before answering.
+    pub delay: Duration,
+}
+
+#[derive(Debug, Default)]
+struct FakeState {
+    answers: Mutex<HashMap<String, ProviderAnswer>>,
+    default_answer: Mutex<Option<ProviderAnswer>>,
+    calls: Mutex<HashMap<String, usize>>,
+    in_flight: Mutex<HashMap<String, usize>>,
+    max_in_flight: Mutex<HashMap<String, usize>>,
+    auth_seen: Mutex<Vec<Option<String>>>,
+    public_ip: Mutex<String>,
+    callbacks: Mutex<Vec<serde_json::Value>>,
+    callback_failures_left: AtomicUsize,
+}
+
+/// A fake provider + IP echo + geo-IP + callback receiver, on one local port.
+#[derive(Debug, Clone)]
+pub struct FakeWorld {
+    /// Base URL, `http://127.0.0.1:<port>`.
+    pub base: String,
+    state: Arc<FakeState>,
+}
+
+async fn rotate(State(s): State<Arc<FakeState>>, Path(key): Path<String>, headers: HeaderMap) -> Response {
+    let answer = {
+        let by_key = lock(&s.answers).get(&key).cloned();
+        by_key.or_else(|| lock(&s.default_answer).clone())
+    };
+    lock(&s.auth_seen).push(headers.get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned));
+    *lock(&s.calls).entry(key.clone()).or_default() += 1;
+    {
+        let mut inf = lock(&s.in_flight);
+        let n = inf.entry(key.clone()).or_default();
+        *n += 1;
+        let mut max = lock(&s.max_in_flight);
+        let m = max.entry(key.clone()).or_default();
+        *m = (*m).max(*n);
+    }
+    let answer = answer.unwrap_or(ProviderAnswer { status: 200, body: "{}".into(), delay: Duration::ZERO });
+    tokio::time::sleep(answer.delay).await;
+    *lock(&s.in_flight).entry(key).or_default() -= 1;
+    (StatusCode::from_u16(answer.status).unwrap_or(StatusCode::OK), answer.body).into_response()
+}
+
+async fn ip(State(s): State<Arc<FakeState>>) -> String {
+    lock(&s.public_ip).clone()
+}
+
+async fn region(Path(ip): Path<String>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "ip": ip, "region": "HCM", "country": "VN" }))
+}
+
+async fn callback(State(s): State<Arc<FakeState>>, Json(v): Json<serde_json::Value>) -> StatusCode {
+    let left = s.callback_failures_left.load(Ordering::SeqCst);
+    if left > 0 {
+        s.callback_failures_left.store(left - 1, Ordering::SeqCst);
+        return StatusCode::INTERNAL_SERVER_ERROR;
+    }
+    lock(&s.callbacks).push(v);
+    StatusCode::OK
+}
+
+impl FakeWorld {
+    /// Starts it. The echo answers `public_ip` (default `203.0.113.1`).
+    pub async fn start() -> anyhow::Result<Self> {
+        let state = Arc::new(FakeState::default());
+        *lock(&state.public_ip) = "203.0.113.1".into();
+        let app = Router::new()
+            .route("/rotate/{key}", get(rotate))
+            .route("/ip", get(ip))
+            .route("/region/{ip}", get(region))
+            .route("/callback", post(callback))
+            .with_state(state.clone());
+        let addr = serve(app).await?;
+        Ok(Self { base: format!("http://{addr}"), state })
+    }
+
+    /// Sets the answer for one rotate key.
+    pub fn answer(&self, key: &str, status: u16, body: impl Into<String>) {
+        lock(&self.state.answers)
+            .insert(key.to_owned(), ProviderAnswer { status, body: body.into(), delay: Duration::ZERO });
+    }
+
+    /// Sets the answer for keys without their own.
+    pub fn default_answer(&self, answer: ProviderAnswer) {
+        *lock(&self.state.default_answer) = Some(answer);
+    }
+
+    /// Sets what the IP echo answers.
+    pub fn set_public_ip(&self, ip: &str) {
+        *lock(&self.state.public_ip) = ip.to_owned();
+    }
+
+    /// Rotate calls seen for a key.
+    pub fn calls(&self, key: &str) -> usize {
+        lock(&self.state.calls).get(key).copied().unwrap_or(0)
+    }
+
+    /// Rotate calls seen in all.
+    pub fn total_calls(&self) -> usize {
+        lock(&self.state.calls).values().sum()
+    }
+
+    /// The most concurrent rotate calls ever seen for any one key.
+    pub fn max_concurrent_per_key(&self) -> usize {
+        lock(&self.state.max_in_flight).values().copied().max().unwrap_or(0)
+    }
+
+    /// `Authorization` headers seen on rotate calls.
+    pub fn auth_seen(&self) -> Vec<Option<String>> {
+        lock(&self.state.auth_seen).clone()
+    }
+
+    /// Callbacks received (after the configured failures).
+    pub fn callbacks(&self) -> Vec<serde_json::Value> {
+        lock(&self.state.callbacks).clone()
+    }
+
+    /// The next `n` callbacks fail with 500.
+    pub fn fail_callbacks(&self, n: usize) {
+        self.state.callback_failures_left.store(n, Ordering::SeqCst);
+    }
+
+    /// `{base}/rotate/{key}`.
+    pub fn rotate_url(&self, key: &str) -> String {
+        format!("{}/rotate/{key}", self.base)
+    }
+
+    /// `{base}/ip`.
+    pub fn ip_url(&self) -> String {
+        format!("{}/ip", self.base)
+    }
+
+    /// `{base}/region/{ip}` template.
+    pub fn region_url(&self) -> String {
+        format!("{}/region/{{ip}}", self.base)
+    }
+
+    /// `{base}/callback`.
+    pub fn callback_url(&self) -> String {
+        format!("{}/callback", self.base)
+    }
+}
+
+/// A real HTTP forward proxy: takes absolute-form requests (`GET http://host/path`), checks `Proxy-Authorization:
+/// Basic`, forwards them and relays the answer. Answers 407 on wrong credentials.
+#[derive(Debug, Clone)]
+pub struct ForwardProxy {
+    /// Listening address.
+    pub addr: SocketAddr,
+    forwarded: Arc<AtomicUsize>,
+}
+
+#[derive(Clone)]
+struct ProxyState {
+    expected: String,
+    client: reqwest::Client,
+    forwarded: Arc<AtomicUsize>,
+}
+
+async fn forward(State(s): State<ProxyState>, req: Request) -> Response {
+    let given = req.headers().get("proxy-authorization").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    if !s.expected.is_empty() && given != s.expected {
+        return (StatusCode::PROXY_AUTHENTICATION_REQUIRED, [("proxy-authenticate", "Basic realm=\"test\"")], "")
+            .into_response();
+    }
+    let uri = req.uri().to_string();
+    if !uri.starts_with("http://") {
+        return (StatusCode::BAD_REQUEST, "absolute-form http:// requests only").into_response();
+    }
+    s.forwarded.fetch_add(1, Ordering::SeqCst);
+    match s.client.request(req.method().clone(), &uri).send().await {
+        Ok(res) => {
+            let status = res.status();
+            let body = res.bytes().await.unwrap_or_default();
+            (status, Body::from(body)).into_response()
+        }
+        Err(_) => StatusCode::BAD_GATEWAY.into_response(),
+    }
+}
+
+impl ForwardProxy {
+    /// Starts a proxy that accepts `user:password` (an empty user: no authentication).
+    pub async fn start(user: &str, password: &str) -> anyhow::Result<Self> {
+        use base64::Engine as _;
+        let expected = if user.is_empty() {
+            String::new()
+        } else {
+            format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")))
+        };
+        let forwarded = Arc::new(AtomicUsize::new(0));
+        let state = ProxyState {
+            expected,
+            client: reqwest::Client::builder().no_proxy().build()?,
+            forwarded: forwarded.clone(),
+        };
+        let app = Router::new().fallback(forward).with_state(state);
+        let addr = serve(app).await?;
+        Ok(Self { addr, forwarded })
+    }
+
+    /// Requests forwarded so far.
+    pub fn forwarded(&self) -> usize {
+        self.forwarded.load(Ordering::SeqCst)
+    }
+}

@@ -140,7 +140,7 @@ async fn main() -> anyhow::Result<()> {
                     let key = ObjectId::new().to_hex();
                     coll.update_one(
                         guard_filter(id, Area::Vn, now, 1_000_000, false),
-                        grant_update("bench", &key, now, "x"),
+                        grant_update("bench", &key, now, "x", None),
                     )
                     .await?;
                     Ok(())
@@ -189,7 +189,7 @@ async fn main() -> anyhow::Result<()> {
                         .map(|_| {
                             let id = ids[next.fetch_add(1, Ordering::Relaxed) % ids.len()];
                             let key = ObjectId::new().to_hex();
-                            doc! { "q": guard_filter(id, Area::Vn, now, 1_000_000, false), "u": grant_update("bench", &key, now, "x") }
+                            doc! { "q": guard_filter(id, Area::Vn, now, 1_000_000, false), "u": grant_update("bench", &key, now, "x", None) }
                         })
                         .collect();
                     db.run_command(doc! { "update": "bench_scratch", "updates": updates, "ordered": false }).await?;
@@ -209,7 +209,7 @@ async fn main() -> anyhow::Result<()> {
                     let key = ObjectId::new().to_hex();
                     coll.find_one_and_update(
                         lease_filter(Area::Vn, now, 1_000_000),
-                        grant_update("bench", &key, now, "x"),
+                        grant_update("bench", &key, now, "x", None),
                     )
                     .sort(lease_sort())
                     .await?;

@@ -18,6 +18,10 @@ pub struct AcquireRequest {
     /// Who holds the lease: a service id or the client IP (recorded as `proxy_used[].ip`).
     #[serde(default)]
     pub consumer: Option<String>,
+    /// Optional URL POSTed a [`crate::callback::CallbackNotice`] if the lease is taken (rotation after the drain
+    /// timeout, proxy disabled or deleted).
+    #[serde(default)]
+    pub callback_url: Option<String>,
 }
 
 /// A validated acquire request.
@@ -27,14 +31,16 @@ pub struct Acquire {
     pub area: Area,
     /// Who holds the lease.
     pub consumer: String,
+    /// Where to notify the consumer if the lease is taken, already checked against the SSRF rules.
+    pub callback_url: Option<String>,
 }
 
 /// Longest accepted consumer identifier; it is stored in every lease record.
 pub const CONSUMER_MAX_LEN: usize = 128;
 
 impl AcquireRequest {
-    /// Validates the request.
-    pub fn validate(&self) -> Result<Acquire, ApiError> {
+    /// Validates the request; `allow_private_callbacks` relaxes the SSRF rule for `callback_url`.
+    pub fn validate(&self, allow_private_callbacks: bool) -> Result<Acquire, ApiError> {
         let area = Area::parse_field("area", self.area.as_deref())?;
         let consumer = self.consumer.as_deref().map(str::trim).unwrap_or_default();
         if consumer.is_empty() {
@@ -46,7 +52,11 @@ impl AcquireRequest {
                 format!("must be at most {CONSUMER_MAX_LEN} printable characters"),
             ));
         }
-        Ok(Acquire { area, consumer: consumer.to_owned() })
+        let callback_url = match self.callback_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
+            Some(u) => Some(crate::callback::validate_callback_url(u, allow_private_callbacks)?),
+            None => None,
+        };
+        Ok(Acquire { area, consumer: consumer.to_owned(), callback_url })
     }
 }
 
@@ -131,12 +141,19 @@ mod tests {
 
     #[test]
     fn acquire_validation_names_fields() {
-        let ok = AcquireRequest { area: Some("vn".into()), consumer: Some("10.0.0.1".into()) };
-        assert!(ok.validate().is_ok());
-        let no_area = AcquireRequest { area: None, consumer: Some("c".into()) };
-        assert_eq!(no_area.validate().err().and_then(|e| e.field).as_deref(), Some("area"));
-        let no_consumer = AcquireRequest { area: Some("global".into()), consumer: Some(" ".into()) };
-        assert_eq!(no_consumer.validate().err().and_then(|e| e.field).as_deref(), Some("consumer"));
+        let ok = AcquireRequest { area: Some("vn".into()), consumer: Some("10.0.0.1".into()), callback_url: None };
+        assert!(ok.validate(false).is_ok());
+        let no_area = AcquireRequest { area: None, consumer: Some("c".into()), callback_url: None };
+        assert_eq!(no_area.validate(false).err().and_then(|e| e.field).as_deref(), Some("area"));
+        let no_consumer =
+            AcquireRequest { area: Some("global".into()), consumer: Some(" ".into()), callback_url: None };
+        assert_eq!(no_consumer.validate(false).err().and_then(|e| e.field).as_deref(), Some("consumer"));
+        let ssrf = AcquireRequest {
+            area: Some("vn".into()),
+            consumer: Some("c".into()),
+            callback_url: Some("http://169.254.169.254/".into()),
+        };
+        assert_eq!(ssrf.validate(false).err().and_then(|e| e.field).as_deref(), Some("callback_url"));
     }
 
     #[test]

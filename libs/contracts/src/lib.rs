@@ -10,9 +10,11 @@
 //! - [`lease`]: lease acquire/release requests and replies.
 //! - [`events`]: broadcast events (`proxy.changed`).
 //! - [`auth`]: users and logins (gateway → auth service).
+//! - [`callback`]: notices to consumers whose lease was taken, and the SSRF rules for their URLs.
 //! - [`rotation`]: rotation jobs, the lease reset after a rotation, rotate-now.
 
 pub mod auth;
+pub mod callback;
 pub mod domain;
 pub mod events;
 pub mod lease;

@@ -55,3 +55,10 @@ pub const ROTATOR_QUEUE_GROUP: &str = "proxypool-rotator";
 /// Rotator → lease service after a stored successful rotation: reset the lease state and make the proxy leasable.
 /// Not under `lease.*`, so that a consumer identity allowed `lease.*` cannot reset leases.
 pub const LEASECTL_ROTATED: &str = "proxypool.v1.leasectl.rotated";
+
+/// JetStream subject of consumer callback notices (WorkQueue stream [`CALLBACK_STREAM`]).
+pub const CALLBACKS: &str = "proxypool.v1.callbacks.deliver";
+/// The WorkQueue stream holding callback notices until delivered.
+pub const CALLBACK_STREAM: &str = "PROXYPOOL_CALLBACKS";
+/// The durable pull consumer of the callback senders.
+pub const CALLBACK_CONSUMER: &str = "callback-senders";

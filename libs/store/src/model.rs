@@ -70,6 +70,9 @@ pub struct ProxyUsed {
     pub key: String,
     /// When the lease was granted.
     pub time: DateTime,
+    /// Where to notify the consumer if the lease is taken (our addition).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_url: Option<String>,
 }
 
 fn default_true() -> bool {

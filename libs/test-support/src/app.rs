@@ -36,6 +36,7 @@ pub struct TestAppBuilder {
     seed: Vec<(Area, usize)>,
     allow_registration: bool,
     bcrypt_cost: u32,
+    callback_allow_private: bool,
 }
 
 impl Default for TestAppBuilder {
@@ -49,6 +50,7 @@ impl Default for TestAppBuilder {
             allow_registration: false,
             // The minimum, to keep tests fast; production defaults to 12.
             bcrypt_cost: 4,
+            callback_allow_private: false,
         }
     }
 }
@@ -75,6 +77,12 @@ impl TestAppBuilder {
     /// `TRUSTED_PROXIES`.
     pub fn trusted_proxies(mut self, nets: &[&str]) -> Self {
         self.trusted_proxies = nets.iter().map(|s| (*s).to_owned()).collect();
+        self
+    }
+
+    /// `CALLBACK_ALLOW_PRIVATE` (the fakes listen on 127.0.0.1).
+    pub fn callback_allow_private(mut self, yes: bool) -> Self {
+        self.callback_allow_private = yes;
         self
     }
 
@@ -113,6 +121,7 @@ impl TestAppBuilder {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             package_id: ObjectId::new(),
             proxy_use_max: self.proxy_use_max,
+            callback_allow_private: self.callback_allow_private,
             leases: Vec::new(),
             gateway: None,
             auth: None,
@@ -197,6 +206,7 @@ pub struct TestApp {
     /// The package seeded proxies belong to.
     pub package_id: ObjectId,
     proxy_use_max: u32,
+    callback_allow_private: bool,
     leases: Vec<LeaseReplica>,
     gateway: Option<(ShutdownTrigger, JoinHandle<()>)>,
     auth: Option<(ShutdownTrigger, JoinHandle<()>)>,
@@ -295,7 +305,8 @@ impl TestApp {
             self.proxy_use_max,
             "http://127.0.0.1:33033/webhook/return-proxy".into(),
             format!("lease-test-{}", self.next_instance),
-        );
+        )
+        .allow_private_callbacks(self.callback_allow_private);
         let (trigger, shutdown) = Shutdown::new();
         let s = service.clone();
         let handle = tokio::spawn(async move {
@@ -359,6 +370,10 @@ impl TestApp {
             workers: 8,
             ack_wait: Duration::from_secs(2),
             max_deliver: 10,
+            callback_timeout: Duration::from_secs(2),
+            callback_max_attempts: 5,
+            callback_retry_base: Duration::from_millis(100),
+            callback_allow_private: true,
             nats: self.nats_config.clone(),
             store: self.store_config.clone(),
         }
@@ -516,7 +531,22 @@ impl TestApp {
 
     /// `lease.acquire` over NATS.
     pub async fn nats_acquire(&self, area: &str, consumer: &str) -> anyhow::Result<Reply<LeaseGrant>> {
-        let req = AcquireRequest { area: Some(area.into()), consumer: Some(consumer.into()) };
+        let req = AcquireRequest { area: Some(area.into()), consumer: Some(consumer.into()), callback_url: None };
+        self.nats_request(subjects::LEASE_ACQUIRE, &req).await
+    }
+
+    /// `lease.acquire` over NATS with a callback URL.
+    pub async fn nats_acquire_with_callback(
+        &self,
+        area: &str,
+        consumer: &str,
+        callback_url: &str,
+    ) -> anyhow::Result<Reply<LeaseGrant>> {
+        let req = AcquireRequest {
+            area: Some(area.into()),
+            consumer: Some(consumer.into()),
+            callback_url: Some(callback_url.into()),
+        };
         self.nats_request(subjects::LEASE_ACQUIRE, &req).await
     }
 

@@ -17,6 +17,10 @@ pub struct LeaseConfig {
     pub index_refresh: Duration,
     /// `LEASE_MAX_IN_FLIGHT` (default 512): requests handled concurrently by one replica.
     pub max_in_flight: usize,
+    /// `CALLBACK_ALLOW_PRIVATE` (default false): accept consumer callback URLs on private, loopback or link-local
+    /// addresses. Leave off unless every consumer is trusted: otherwise the pool can be used to reach internal
+    /// services (SSRF).
+    pub callback_allow_private: bool,
     /// Identifies this replica in `proxy.changed` events (`HOSTNAME` in Kubernetes, else random).
     pub instance_id: String,
     /// NATS.
@@ -46,6 +50,7 @@ impl LeaseConfig {
             webhook_return_proxy: webhook_return_proxy.trim_end_matches('/').to_owned(),
             index_refresh: env.seconds_or("LEASE_INDEX_REFRESH", Duration::from_secs(60))?,
             max_in_flight,
+            callback_allow_private: env.bool_or("CALLBACK_ALLOW_PRIVATE", false)?,
             instance_id: env.get("HOSTNAME").unwrap_or_else(|| format!("lease-{}", bson::oid::ObjectId::new())),
             nats: NatsConfig::from_env(env)?,
             store: StoreConfig::from_env(env)?,

@@ -34,6 +34,8 @@ pub enum ServeError {
 async fn finish<T: Serialize>(client: &Client, result: Result<Outcome<T>, ApiError>) -> Bytes {
     match result {
         Ok(outcome) => {
+            // Notices for leases the write took are queued before the reply, so that none is lost.
+            proxypool_rpc::notices::queue(client, &outcome.notices).await;
             match serde_json::to_vec(&outcome.event) {
                 Ok(body) => {
                     if let Err(e) = client.publish(subjects::PROXY_CHANGED, Bytes::from(body)).await {
@@ -52,7 +54,8 @@ async fn finish<T: Serialize>(client: &Client, result: Result<Outcome<T>, ApiErr
 async fn handle(service: LeaseService, client: Client, subject: &'static str, msg: Message) -> Bytes {
     tracing::Span::current().record("subject", subject);
     if subject == subjects::LEASE_ACQUIRE {
-        let result = match parse::<AcquireRequest>(&msg.payload).and_then(|r| r.validate()) {
+        let allow_private = service.private_callbacks_allowed();
+        let result = match parse::<AcquireRequest>(&msg.payload).and_then(|r| r.validate(allow_private)) {
             Ok(req) => service.acquire(&req).await,
             Err(e) => Err(e),
         };

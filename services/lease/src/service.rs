@@ -11,6 +11,7 @@ use bson::oid::ObjectId;
 use bson::{doc, DateTime, Document};
 use chrono::{TimeZone, Utc};
 use futures::TryStreamExt;
+use proxypool_contracts::callback::{CallbackNotice, TakenReason};
 use proxypool_contracts::events::{ChangeReason, LeaseSnapshot, ProxyChanged};
 use proxypool_contracts::lease::{Acquire, LeaseGrant, Release, ReleaseOutcome};
 use proxypool_contracts::rotation::{RotatedReply, RotatedRequest};
@@ -38,6 +39,7 @@ struct Inner {
     instance_id: String,
     index: Mutex<PoolIndex>,
     loaded: std::sync::atomic::AtomicBool,
+    allow_private_callbacks: bool,
 }
 
 /// SPEC.md's lease query: the conditions a proxy must meet to take one more lease at `now`.
@@ -95,10 +97,20 @@ pub fn guard_filter(id: ObjectId, area: Area, now: DateTime, max: u32, unused_th
 }
 
 /// The grant itself: counters, lease record, timestamps, return URL, revision — all in one update.
-pub fn grant_update(consumer: &str, key: &str, now: DateTime, webhook_url: &str) -> Document {
+pub fn grant_update(
+    consumer: &str,
+    key: &str,
+    now: DateTime,
+    webhook_url: &str,
+    callback_url: Option<&str>,
+) -> Document {
+    let mut record = doc! { "ip": consumer, "key": key, "time": now };
+    if let Some(url) = callback_url {
+        record.insert("callback_url", url);
+    }
     doc! {
         "$inc": { "in_use": 1, "used_count": 1, "lease_rev": 1 },
-        "$push": { "proxy_used": { "ip": consumer, "key": key, "time": now } },
+        "$push": { "proxy_used": record },
         "$set": { "last_used_at": now, "webhook_url": webhook_url, "updatedAt": now },
     }
 }
@@ -125,6 +137,8 @@ pub struct Outcome<T> {
     pub value: T,
     /// Event to publish on `proxy.changed`.
     pub event: ProxyChanged,
+    /// Callback notices to queue for consumers whose leases the write took.
+    pub notices: Vec<CallbackNotice>,
 }
 
 /// The projection used to load the index.
@@ -243,6 +257,7 @@ impl LeaseService {
                 instance_id,
                 index: Mutex::new(PoolIndex::new(max)),
                 loaded: std::sync::atomic::AtomicBool::new(false),
+                allow_private_callbacks: false,
             }),
         }
     }
@@ -251,6 +266,20 @@ impl LeaseService {
         // A panic while holding the lock cannot leave the index inconsistent in a way the guarded writes would not
         // catch, so a poisoned lock is recovered rather than propagated.
         self.inner.index.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Allows callback URLs that point at private, loopback or link-local addresses (`CALLBACK_ALLOW_PRIVATE`).
+    /// Call before the service is shared.
+    pub fn allow_private_callbacks(mut self, yes: bool) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.allow_private_callbacks = yes;
+        }
+        self
+    }
+
+    /// Whether private callback URLs are allowed.
+    pub fn private_callbacks_allowed(&self) -> bool {
+        self.inner.allow_private_callbacks
     }
 
     /// The store.
@@ -367,7 +396,7 @@ impl LeaseService {
                 .proxies()
                 .update_one(
                     guard_filter(id, req.area, now, self.inner.max, unused_this_cycle),
-                    grant_update(&req.consumer, &key, now, &webhook_url),
+                    grant_update(&req.consumer, &key, now, &webhook_url, req.callback_url.as_deref()),
                 )
                 .await;
             // The grant is the guarded write alone. The reply is then read by `_id`: on some servers
@@ -402,7 +431,7 @@ impl LeaseService {
                         leased_at: chrono_of(now),
                     };
                     let event = self.event(id, ChangeReason::Leased, &entry);
-                    return Ok(Outcome { value: grant, event });
+                    return Ok(Outcome { value: grant, event, notices: Vec::new() });
                 }
                 Ok(None) => {
                     pending.before = None;
@@ -455,7 +484,7 @@ impl LeaseService {
                 let entry = Entry::from(&doc);
                 self.index().apply(id, entry.clone());
                 let value = ReleaseOutcome { proxy_id: id.to_hex(), key: key.to_owned(), in_use: count(doc.in_use) };
-                Ok(Outcome { value, event: self.event(id, ChangeReason::Released, &entry) })
+                Ok(Outcome { value, event: self.event(id, ChangeReason::Released, &entry), notices: Vec::new() })
             }
             None => {
                 let exists = self
@@ -508,10 +537,30 @@ impl LeaseService {
         let entry = Entry::from(&doc);
         self.index().apply(id, entry.clone());
         let dropped_leases = if res.matched_count == 1 { dropped } else { 0 };
+        let notices = if res.matched_count == 1 {
+            let at = Utc::now();
+            let notices: Vec<CallbackNotice> = before
+                .proxy_used
+                .iter()
+                .filter_map(|u| {
+                    Some(CallbackNotice {
+                        callback_url: u.callback_url.clone()?,
+                        proxy_id: id.to_hex(),
+                        key: u.key.clone(),
+                        reason: TakenReason::Rotated,
+                        at,
+                    })
+                })
+                .collect();
+            notices
+        } else {
+            Vec::new()
+        };
         if dropped_leases > 0 {
             tracing::warn!(proxy = %id, dropped_leases, "rotated with leases still held (drain timed out)");
         }
-        Ok(Outcome { value: RotatedReply { dropped_leases }, event: self.event(id, ChangeReason::Rotated, &entry) })
+        let event = self.event(id, ChangeReason::Rotated, &entry);
+        Ok(Outcome { value: RotatedReply { dropped_leases }, event, notices })
     }
 
     fn event(&self, id: ObjectId, reason: ChangeReason, entry: &Entry) -> ProxyChanged {

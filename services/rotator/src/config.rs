@@ -48,6 +48,14 @@ pub struct RotatorConfig {
     pub ack_wait: Duration,
     /// `ROTATE_MAX_DELIVER` (default 5): deliveries of one job before JetStream gives up on it.
     pub max_deliver: i64,
+    /// `CALLBACK_TIMEOUT` (seconds, default 5): timeout of one callback POST.
+    pub callback_timeout: Duration,
+    /// `CALLBACK_MAX_ATTEMPTS` (default 5): deliveries of one notice before it is given up.
+    pub callback_max_attempts: i64,
+    /// `CALLBACK_RETRY_BASE` (seconds, default 2): first retry delay; each later one is 4× longer (max 10 min).
+    pub callback_retry_base: Duration,
+    /// `CALLBACK_ALLOW_PRIVATE` (default false): deliver to loopback, private and link-local addresses.
+    pub callback_allow_private: bool,
     /// NATS.
     pub nats: NatsConfig,
     /// MongoDB.
@@ -103,6 +111,10 @@ impl RotatorConfig {
             workers,
             ack_wait: env.seconds_or("ROTATE_ACK_WAIT", Duration::from_secs(30))?,
             max_deliver,
+            callback_timeout: env.seconds_or("CALLBACK_TIMEOUT", Duration::from_secs(5))?,
+            callback_max_attempts: env.parse_or("CALLBACK_MAX_ATTEMPTS", 5)?,
+            callback_retry_base: env.seconds_or("CALLBACK_RETRY_BASE", Duration::from_secs(2))?,
+            callback_allow_private: env.bool_or("CALLBACK_ALLOW_PRIVATE", false)?,
             nats: NatsConfig::from_env(env)?,
             store: StoreConfig::from_env(env)?,
         })

@@ -12,7 +12,9 @@
 //! - [`providers`]: KiotProxy, ZingProxy and generic rotate-response adapters.
 //! - [`check`]: public-IP check through the proxy, region lookup.
 //! - [`rotation`]: claiming, queuing and running jobs.
+//! - [`callbacks`]: delivering notices to consumers whose lease was taken.
 
+pub mod callbacks;
 pub mod check;
 pub mod config;
 pub mod providers;
@@ -151,6 +153,12 @@ pub async fn run(rotator: Rotator, client: async_nats::Client, shutdown: Shutdow
         }));
     }
     if matches!(role, Role::All | Role::Worker) {
+        let (c, st, n, s) = (rotator.config().clone(), rotator.store().clone(), client.clone(), shutdown.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = callbacks::run_senders(c, st, n, s).await {
+                tracing::error!(error = %e, "callback senders stopped");
+            }
+        }));
         let (r, s) = (rotator.clone(), shutdown.clone());
         tasks.push(tokio::spawn(async move {
             if let Err(e) = run_workers(r, s).await {

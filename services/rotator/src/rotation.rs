@@ -91,6 +91,11 @@ impl Rotator {
         Self { inner: Arc::new(Inner { config, store, nats, js }) }
     }
 
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
     /// The configuration.
     pub fn config(&self) -> &RotatorConfig {
         &self.inner.config

@@ -249,3 +249,112 @@ async fn admin_rotate_now_queues_an_immediate_rotation() -> R {
     w.app.shutdown().await;
     Ok(())
 }
+
+async fn wait_callbacks(fake: &FakeWorld, n: usize) -> R<Vec<serde_json::Value>> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = fake.callbacks();
+        if got.len() >= n {
+            return Ok(got);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "only {} of {n} callbacks arrived", got.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_lease_is_called_back_with_retries_and_failures_are_counted() -> R {
+    // The fakes listen on 127.0.0.1, so this app allows private callback targets.
+    let app = TestApp::builder().callback_allow_private(true).spawn().await?;
+    let fake = FakeWorld::start().await?;
+    let proxy = ForwardProxy::start("puser", "ppass").await?;
+    let w = World { app, fake, proxy };
+    w.fake.answer("cb", 200, "{}");
+    w.fake.fail_callbacks(2);
+    let id = w.proxy("cb", |_| {}).await?;
+    let mut g = None;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while g.is_none() {
+        match w.app.nats_acquire_with_callback("vn", "c", &w.fake.callback_url()).await? {
+            Reply::Ok(grant) => g = Some(grant),
+            Reply::Err(e) => {
+                anyhow::ensure!(Instant::now() < deadline && e.code.is_retryable(), "{e:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    let g = g.ok_or_else(|| anyhow::anyhow!("no lease"))?;
+    let stored = w.app.proxy(&id.to_hex()).await?;
+    assert_eq!(stored.proxy_used[0].callback_url.as_deref(), Some(w.fake.callback_url().as_str()));
+
+    let mut config = w.app.rotator_config(&w.fake);
+    config.drain_max = Duration::from_secs(1);
+    let rotator = w.app.start_rotator(config).await?;
+    let got = wait_callbacks(&w.fake, 1).await?;
+    assert_eq!(got[0]["key"], g.key.as_str());
+    assert_eq!(got[0]["proxy_id"], id.to_hex().as_str());
+    assert_eq!(got[0]["reason"], "rotated");
+    assert!(got[0].get("callback_url").is_none(), "the URL is not echoed in the body");
+    let d = w.wait_for(id, "failure count", 10, |d| d.call_webhook_count == 2).await?;
+    assert_eq!(d.call_webhook_count, 2, "two failed attempts before the delivery");
+
+    // Disabling a proxy calls back its holders too.
+    let g2 = w.app.nats_acquire_with_callback("vn", "c2", &w.fake.callback_url()).await?.into_result()?;
+    let res = w
+        .app
+        .http
+        .put(w.app.url(&format!("/api/proxies/{}", g2.id)))
+        .header("Authorization", proxypool_test_support::app::API_KEY)
+        .json(&serde_json::json!({"is_active": false}))
+        .send()
+        .await?;
+    assert_eq!(res.status().as_u16(), 200);
+    let got = wait_callbacks(&w.fake, 2).await?;
+    assert_eq!(got[1]["reason"], "proxy_disabled");
+    assert_eq!(got[1]["key"], g2.key.as_str());
+    rotator.stop().await;
+    w.app.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callback_urls_into_the_network_are_refused() -> R {
+    let w = world().await?;
+    w.app.insert_proxies(Area::Vn, 1).await?;
+    w.app.announce(w.app.all_proxies().await?[0].id).await?;
+    for url in ["http://127.0.0.1:9/cb", "http://169.254.169.254/latest", "http://10.0.0.5/cb", "http://localhost/cb"] {
+        let r = w.app.nats_acquire_with_callback("vn", "c", url).await?;
+        match r {
+            Reply::Err(e) => {
+                assert_eq!(e.code, ErrorCode::InvalidInput, "{url}");
+                assert_eq!(e.field.as_deref(), Some("callback_url"), "{url}");
+            }
+            Reply::Ok(_) => panic!("{url} was accepted"),
+        }
+    }
+    // Over HTTP too.
+    let res = w
+        .app
+        .http
+        .get(w.app.url("/api/get-proxy"))
+        .query(&[("area", "vn"), ("callback_url", "http://192.168.1.1/")])
+        .header("Authorization", proxypool_test_support::app::API_KEY)
+        .send()
+        .await?;
+    assert_eq!(res.status().as_u16(), 400);
+    assert_eq!(w.app.all_proxies().await?[0].in_use, 0, "nothing leased");
+    // At delivery, a host name that resolves inside the network is refused as well.
+    let mut config = w.app.rotator_config(&w.fake);
+    config.callback_allow_private = false;
+    let notice = proxypool_contracts::callback::CallbackNotice {
+        callback_url: format!("http://localhost:{}/callback", w.proxy.addr.port()),
+        proxy_id: ObjectId::new().to_hex(),
+        key: ObjectId::new().to_hex(),
+        reason: proxypool_contracts::callback::TakenReason::Rotated,
+        at: chrono::Utc::now(),
+    };
+    let refused = proxypool_rotator::callbacks::deliver(&notice, &config).await;
+    assert!(refused.err().unwrap_or_default().starts_with("refused"));
+    w.app.shutdown().await;
+    Ok(())
+}

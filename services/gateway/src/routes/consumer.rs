@@ -21,6 +21,9 @@ use crate::state::AppState;
 pub struct GetProxyQuery {
     /// `vn` or `global`.
     pub area: Option<String>,
+    /// Optional URL notified (POST, JSON) if the lease is taken: rotation after the drain timeout, proxy disabled or
+    /// deleted. Loopback, private and link-local targets are refused unless `CALLBACK_ALLOW_PRIVATE=true`.
+    pub callback_url: Option<String>,
 }
 
 /// Lease a proxy for the calling IP (static key + IP allow list).
@@ -39,7 +42,11 @@ pub async fn get_proxy(
     let c = &state.config;
     let ip = auth::check_consumer(peer, &headers, c.allowed_api_key.expose(), &c.ip_allowed, &c.trusted_proxies)?;
     let area = Area::parse_field("area", q.area.as_deref())?;
-    let req = AcquireRequest { area: Some(area.as_str().to_owned()), consumer: Some(ip.to_string()) };
+    let req = AcquireRequest {
+        area: Some(area.as_str().to_owned()),
+        consumer: Some(ip.to_string()),
+        callback_url: q.callback_url.clone(),
+    };
     Ok(Json(state.request(subjects::LEASE_ACQUIRE, &req).await?))
 }
 

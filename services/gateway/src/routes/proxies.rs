@@ -12,6 +12,7 @@ use axum::Json;
 use bson::oid::ObjectId;
 use bson::{doc, DateTime, Document};
 use futures::TryStreamExt;
+use proxypool_contracts::callback::{CallbackNotice, TakenReason};
 use proxypool_contracts::events::{ChangeReason, ProxyChanged};
 use proxypool_contracts::{subjects, ApiError, Area};
 use proxypool_store::model::{NewProxy, ProxyDoc, DEFAULT_ROTATE_TIME_SECS};
@@ -218,6 +219,24 @@ async fn package_name(state: &AppState, id: ObjectId) -> HttpResult<String> {
     p.map(|p| p.name).ok_or_else(|| ApiError::invalid("proxy_package_id", "does not name an existing package").into())
 }
 
+/// Callback notices for every lease held on `docs`, which an admin write is taking.
+fn notices_for(docs: &[ProxyDoc], reason: TakenReason) -> Vec<CallbackNotice> {
+    let at = chrono::Utc::now();
+    docs.iter()
+        .flat_map(|d| {
+            d.proxy_used.iter().filter_map(move |u| {
+                Some(CallbackNotice {
+                    callback_url: u.callback_url.clone()?,
+                    proxy_id: d.id.to_hex(),
+                    key: u.key.clone(),
+                    reason,
+                    at,
+                })
+            })
+        })
+        .collect()
+}
+
 async fn announce(state: &AppState, ids: &[ObjectId], reason: ChangeReason) {
     for id in ids {
         let event = ProxyChanged { proxy_id: id.to_hex(), reason, origin: None, snapshot: None };
@@ -379,11 +398,17 @@ pub async fn update_proxy(
         set.insert("proxy_package_id", package);
     }
     let coll = state.store.proxies();
+    let disabling = b.is_active == Some(false);
+    let before =
+        if disabling { coll.find_one(doc! { "_id": id }).await.map_err(|e| db_error(e, "proxy"))? } else { None };
     let res = coll.update_one(doc! { "_id": id }, doc! { "$set": set }).await.map_err(|e| db_error(e, "proxy"))?;
     if res.matched_count == 0 {
         return Err(ApiError::not_found(format!("proxy {id} not found")).into());
     }
     announce(&state, &[id], ChangeReason::Updated).await;
+    if let Some(before) = before.filter(|d| d.is_active) {
+        proxypool_rpc::notices::queue(&state.nats, &notices_for(&[before], TakenReason::ProxyDisabled)).await;
+    }
     let d = coll.find_one(doc! { "_id": id }).await.map_err(|e| db_error(e, "proxy"))?;
     d.map(|d| Json(ProxyView::of(d, true))).ok_or_else(|| ApiError::not_found(format!("proxy {id} not found")).into())
 }
@@ -394,8 +419,16 @@ async fn delete_ids(state: &AppState, ids: &[ObjectId]) -> HttpResult<DeleteResu
     if found != ids.len() as u64 {
         return Err(ApiError::not_found(format!("{} of the proxy ids do not exist", ids.len() as u64 - found)).into());
     }
+    let held: Vec<ProxyDoc> = coll
+        .find(doc! { "_id": { "$in": ids }, "proxy_used.0": { "$exists": true } })
+        .await
+        .map_err(|e| db_error(e, "proxy"))?
+        .try_collect()
+        .await
+        .map_err(|e| db_error(e, "proxy"))?;
     let res = coll.delete_many(doc! { "_id": { "$in": ids } }).await.map_err(|e| db_error(e, "proxy"))?;
     announce(state, ids, ChangeReason::Deleted).await;
+    proxypool_rpc::notices::queue(&state.nats, &notices_for(&held, TakenReason::ProxyDeleted)).await;
     Ok(DeleteResult { deleted: res.deleted_count })
 }
 

@@ -2,6 +2,9 @@
 //!
 //! `LOG_LEVEL` (`error|warn|info|debug|trace`, or a full `tracing` filter such as `proxypool_lease=debug,info`)
 //! sets verbosity; `LOG_FORMAT=json` switches to one JSON object per line for log shippers.
+//! [`metrics`] holds the Prometheus registry and admin endpoint.
+
+pub mod metrics;
 
 use tracing_subscriber::{fmt, EnvFilter};
 

@@ -374,6 +374,7 @@ impl TestApp {
             callback_max_attempts: 5,
             callback_retry_base: Duration::from_millis(100),
             callback_allow_private: true,
+            admin_addr: std::net::SocketAddr::from(([127, 0, 0, 1], crate::servers::free_port().unwrap_or(0))),
             nats: self.nats_config.clone(),
             store: self.store_config.clone(),
         }

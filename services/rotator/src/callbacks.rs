@@ -18,7 +18,9 @@ use proxypool_store::Store;
 use tokio::sync::Semaphore;
 
 use crate::config::RotatorConfig;
-use crate::rotation::QueueError;
+use prometheus_client::metrics::{counter::Counter, family::Family};
+
+use crate::rotation::{QueueError, ResultLabel};
 
 /// POSTs one notice. `Err` holds the reason.
 pub async fn deliver(notice: &CallbackNotice, config: &RotatorConfig) -> Result<(), String> {
@@ -67,6 +69,7 @@ pub async fn run_senders(
     config: RotatorConfig,
     store: Store,
     nats: async_nats::Client,
+    counter: Family<ResultLabel, Counter>,
     mut shutdown: Shutdown,
 ) -> Result<(), QueueError> {
     let js = jetstream::new(nats);
@@ -102,7 +105,7 @@ pub async fn run_senders(
             }
             None => break,
         };
-        let (config, store) = (config.clone(), store.clone());
+        let (config, store, counter) = (config.clone(), store.clone(), counter.clone());
         tokio::spawn(async move {
             let Ok(notice) = serde_json::from_slice::<CallbackNotice>(&msg.payload) else {
                 let _ = msg.ack_with(AckKind::Term).await;
@@ -111,9 +114,11 @@ pub async fn run_senders(
             let attempt = msg.info().map(|i| i.delivered).unwrap_or(1);
             match deliver(&notice, &config).await {
                 Ok(()) => {
+                    counter.get_or_create(&ResultLabel { result: "succeeded" }).inc();
                     let _ = msg.ack().await;
                 }
                 Err(reason) => {
+                    counter.get_or_create(&ResultLabel { result: "failed" }).inc();
                     tracing::warn!(proxy = %notice.proxy_id, attempt, reason, "callback delivery failed");
                     if let Ok(id) = ObjectId::parse_str(&notice.proxy_id) {
                         let inc = doc! { "$inc": { "call_webhook_count": 1 } };

@@ -56,6 +56,8 @@ pub struct RotatorConfig {
     pub callback_retry_base: Duration,
     /// `CALLBACK_ALLOW_PRIVATE` (default false): deliver to loopback, private and link-local addresses.
     pub callback_allow_private: bool,
+    /// `ROTATOR_ADMIN_ADDR` (default `0.0.0.0:9102`): `/metrics` and `/healthz`.
+    pub admin_addr: std::net::SocketAddr,
     /// NATS.
     pub nats: NatsConfig,
     /// MongoDB.
@@ -115,6 +117,7 @@ impl RotatorConfig {
             callback_max_attempts: env.parse_or("CALLBACK_MAX_ATTEMPTS", 5)?,
             callback_retry_base: env.seconds_or("CALLBACK_RETRY_BASE", Duration::from_secs(2))?,
             callback_allow_private: env.bool_or("CALLBACK_ALLOW_PRIVATE", false)?,
+            admin_addr: env.parse_or("ROTATOR_ADMIN_ADDR", std::net::SocketAddr::from(([0, 0, 0, 0], 9102)))?,
             nats: NatsConfig::from_env(env)?,
             store: StoreConfig::from_env(env)?,
         })

@@ -53,6 +53,7 @@ pub async fn run_scheduler(rotator: Rotator, mut shutdown: Shutdown) {
             _ = tick.tick() => {}
             () = shutdown.wait() => return,
         }
+        rotator.update_queue_depth().await;
         match rotator.scan_once().await {
             Ok(0) => {}
             Ok(n) => tracing::info!(queued = n, "rotation jobs queued"),
@@ -141,6 +142,10 @@ pub async fn run_workers(rotator: Rotator, mut shutdown: Shutdown) -> Result<(),
 /// Runs the configured roles until shutdown.
 pub async fn run(rotator: Rotator, client: async_nats::Client, shutdown: Shutdown) -> Result<(), RunError> {
     rotator.ensure_queue().await?;
+    match rotator.metrics().registry.serve_admin(rotator.config().admin_addr).await {
+        Ok(addr) => tracing::info!(%addr, "rotator admin endpoint (/metrics, /healthz) listening"),
+        Err(e) => tracing::warn!(error = %e, "cannot serve the admin endpoint"),
+    }
     let role = rotator.config().role;
     let mut tasks = Vec::new();
     if matches!(role, Role::All | Role::Scheduler) {
@@ -154,8 +159,9 @@ pub async fn run(rotator: Rotator, client: async_nats::Client, shutdown: Shutdow
     }
     if matches!(role, Role::All | Role::Worker) {
         let (c, st, n, s) = (rotator.config().clone(), rotator.store().clone(), client.clone(), shutdown.clone());
+        let counter = rotator.metrics().callbacks.clone();
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = callbacks::run_senders(c, st, n, s).await {
+            if let Err(e) = callbacks::run_senders(c, st, n, counter, s).await {
                 tracing::error!(error = %e, "callback senders stopped");
             }
         }));

@@ -13,6 +13,7 @@ use async_nats::jetstream::{self, consumer::PullConsumer, context::Publish, AckK
 use bson::oid::ObjectId;
 use bson::{doc, DateTime, Document};
 use futures::TryStreamExt;
+use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram};
 use proxypool_contracts::events::{ChangeReason, ProxyChanged};
 use proxypool_contracts::rotation::{RotateNowReply, RotatedReply, RotatedRequest, RotationJob};
 use proxypool_contracts::{subjects, ApiError, ErrorCode, Reply};
@@ -70,6 +71,44 @@ struct Inner {
     store: Store,
     nats: async_nats::Client,
     js: jetstream::Context,
+    metrics: RotatorMetrics,
+}
+
+/// `result` label of the counters.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct ResultLabel {
+    /// `succeeded` or `failed`.
+    pub result: &'static str,
+}
+
+/// The rotator's metrics, exported on its admin port.
+#[derive(Debug, Clone)]
+pub struct RotatorMetrics {
+    /// The registry (rendered at `/metrics`).
+    pub registry: proxypool_telemetry::metrics::Metrics,
+    /// Rotations by result.
+    pub rotations: Family<ResultLabel, Counter>,
+    /// Duration of the rotation step (rotate call, IP check, region), seconds.
+    pub duration: Histogram,
+    /// Jobs waiting in the queue or in hand, as of the last scan.
+    pub queue_depth: Gauge,
+    /// Callback deliveries by result.
+    pub callbacks: Family<ResultLabel, Counter>,
+}
+
+impl RotatorMetrics {
+    fn new() -> Self {
+        let registry = proxypool_telemetry::metrics::Metrics::new("proxypool_rotator");
+        let rotations = Family::<ResultLabel, Counter>::default();
+        let duration = Histogram::new([0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0].into_iter());
+        let queue_depth = Gauge::default();
+        let callbacks = Family::<ResultLabel, Counter>::default();
+        registry.register("rotations", "Rotations finished, by result", rotations.clone());
+        registry.register("rotation_duration_seconds", "Rotate call + IP check + region lookup", duration.clone());
+        registry.register("queue_depth", "Rotation jobs pending or in hand", queue_depth.clone());
+        registry.register("callbacks", "Callback deliveries, by result", callbacks.clone());
+        Self { registry, rotations, duration, queue_depth, callbacks }
+    }
 }
 
 fn truncate(s: &str) -> String {
@@ -88,7 +127,24 @@ impl Rotator {
     /// A rotator over these connections.
     pub fn new(config: RotatorConfig, store: Store, nats: async_nats::Client) -> Self {
         let js = jetstream::new(nats.clone());
-        Self { inner: Arc::new(Inner { config, store, nats, js }) }
+        Self { inner: Arc::new(Inner { config, store, nats, js, metrics: RotatorMetrics::new() }) }
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &RotatorMetrics {
+        &self.inner.metrics
+    }
+
+    /// Refreshes the queue-depth gauge from the consumer's state.
+    pub async fn update_queue_depth(&self) {
+        let consumer: Result<PullConsumer, _> =
+            self.inner.js.get_consumer_from_stream(subjects::ROTATION_CONSUMER, subjects::ROTATION_STREAM).await;
+        if let Ok(mut c) = consumer {
+            if let Ok(info) = c.info().await {
+                let depth = info.num_pending.saturating_add(u64::try_from(info.num_ack_pending).unwrap_or(0));
+                self.inner.metrics.queue_depth.set(i64::try_from(depth).unwrap_or(i64::MAX));
+            }
+        }
     }
 
     /// The store.
@@ -271,6 +327,10 @@ impl Rotator {
             let started = Instant::now();
             let outcome = self.rotate(&doc).await;
             tracing::info!(proxy = %id, ok = outcome.is_ok(), took = ?started.elapsed(), "rotation finished");
+            let m = &self.inner.metrics;
+            m.duration.observe(started.elapsed().as_secs_f64());
+            let result = if outcome.is_ok() { "succeeded" } else { "failed" };
+            m.rotations.get_or_create(&ResultLabel { result }).inc();
             match outcome {
                 Ok((addr, ip, region)) => {
                     if !self.store_success(&doc, job, &addr, &ip, region).await? {

@@ -79,9 +79,15 @@ async fn a_successful_rotation_stores_the_new_address_and_resets_leases_through_
     }
     assert_eq!(w.app.proxy(&id.to_hex()).await?.used_count, 2);
 
-    let rotator = w.app.start_rotator(w.app.rotator_config(&w.fake)).await?;
+    let config = w.app.rotator_config(&w.fake);
+    let admin = config.admin_addr;
+    let rotator = w.app.start_rotator(config).await?;
     let d = w.wait_for(id, "rotation", 20, rotated).await?;
     assert_eq!(d.ip_public.as_deref(), Some("198.51.100.77"));
+    let metrics = w.app.http.get(format!("http://{admin}/metrics")).send().await?.text().await?;
+    assert!(metrics.contains(r#"proxypool_rotator_rotations_total{result="succeeded"} 1"#), "{metrics}");
+    assert!(metrics.contains("proxypool_rotator_rotation_duration_seconds_count 1"), "{metrics}");
+    assert!(metrics.contains("proxypool_rotator_queue_depth"), "{metrics}");
     assert_eq!((d.ip.as_str(), d.port), ("127.0.0.1", i32::from(proxy_without_auth.addr.port())));
     assert_eq!((d.username.as_str(), d.password.as_str()), ("", ""));
     assert_eq!(d.region, "HCM", "region looked up for the new public IP");
@@ -112,7 +118,9 @@ async fn failing_rotate_url_and_failing_ip_check_mark_the_error() -> R {
     let bad_auth = w.proxy("ok", |d| d.password = "wrong".into()).await?;
     let before = w.app.proxy(&bad_auth.to_hex()).await?;
 
-    let rotator = w.app.start_rotator(w.app.rotator_config(&w.fake)).await?;
+    let config = w.app.rotator_config(&w.fake);
+    let admin = config.admin_addr;
+    let rotator = w.app.start_rotator(config).await?;
     let d = w.wait_for(down, "failure", 20, |d| d.is_error && !d.is_rotating).await?;
     assert_eq!(d.status_code, Some(500));
     assert!(d.response.as_deref().unwrap_or_default().contains("HTTP 500"), "{:?}", d.response);
@@ -135,6 +143,8 @@ async fn failing_rotate_url_and_failing_ip_check_mark_the_error() -> R {
         .await?;
     assert_eq!(list["total"], 2);
     assert!(list["data"][0]["response"].as_str().is_some_and(|r| !r.is_empty()));
+    let metrics = w.app.http.get(format!("http://{admin}/metrics")).send().await?.text().await?;
+    assert!(metrics.contains(r#"proxypool_rotator_rotations_total{result="failed"} 2"#), "{metrics}");
     rotator.stop().await;
     w.app.shutdown().await;
     Ok(())

@@ -5,12 +5,14 @@
 //!
 //! ```text
 //! cargo run --release -p proxypool-bench -- [--secs 3] [--sizes 1000,10000] [--out docs/benchmarks.md]
+//! cargo run --release -p proxypool-bench -- --suite rotation [--sizes 1000,10000]
 //! ```
 //!
 //! The benchmark sets `PROXY_USE_MAX` very high so that a run never spends the per-rotation budget (`used_count`);
 //! the write a lease makes is the same whatever the limit.
 
 mod measure;
+mod rotation;
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -30,6 +32,7 @@ use proxypool_test_support::TestApp;
 use crate::measure::{measure, Stats};
 
 struct Args {
+    suite: String,
     secs: f64,
     sizes: Vec<usize>,
     concurrency: Vec<usize>,
@@ -37,7 +40,7 @@ struct Args {
 }
 
 fn args() -> anyhow::Result<Args> {
-    let mut a = Args { secs: 3.0, sizes: vec![1_000, 10_000], concurrency: vec![1, 16, 64], out: None };
+    let mut a = Args { suite: "lease".into(), secs: 3.0, sizes: vec![1_000, 10_000], concurrency: vec![1, 16, 64], out: None };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
@@ -46,6 +49,7 @@ fn args() -> anyhow::Result<Args> {
             "--sizes" => a.sizes = value()?.split(',').map(str::parse).collect::<Result<_, _>>()?,
             "--concurrency" => a.concurrency = value()?.split(',').map(str::parse).collect::<Result<_, _>>()?,
             "--out" => a.out = Some(value()?),
+            "--suite" => a.suite = value()?,
             other => anyhow::bail!("unknown flag {other}"),
         }
     }
@@ -64,6 +68,15 @@ struct Row {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = args()?;
+    if args.suite == "rotation" {
+        let report = rotation::run(&args.sizes).await?;
+        println!("{report}");
+        if let Some(path) = &args.out {
+            std::fs::write(path, &report).with_context(|| format!("cannot write {path}"))?;
+        }
+        return Ok(());
+    }
+    anyhow::ensure!(args.suite == "lease", "--suite is lease or rotation");
     let dur = Duration::from_secs_f64(args.secs);
     let mut rows: Vec<Row> = Vec::new();
     let mut push = |what: &str, size: String, clients: usize, stats: Stats, per_op: &'static str| {

@@ -40,7 +40,8 @@ struct Args {
 }
 
 fn args() -> anyhow::Result<Args> {
-    let mut a = Args { suite: "lease".into(), secs: 3.0, sizes: vec![1_000, 10_000], concurrency: vec![1, 16, 64], out: None };
+    let mut a =
+        Args { suite: "lease".into(), secs: 3.0, sizes: vec![1_000, 10_000], concurrency: vec![1, 16, 64], out: None };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value"));

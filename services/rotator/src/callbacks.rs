@@ -20,7 +20,7 @@ use tokio::sync::Semaphore;
 use crate::config::RotatorConfig;
 use prometheus_client::metrics::{counter::Counter, family::Family};
 
-use crate::rotation::{QueueError, ResultLabel};
+use crate::rotation::{retry_delay, QueueError, ResultLabel};
 
 /// POSTs one notice. `Err` holds the reason.
 pub async fn deliver(notice: &CallbackNotice, config: &RotatorConfig) -> Result<(), String> {
@@ -56,12 +56,6 @@ pub async fn deliver(notice: &CallbackNotice, config: &RotatorConfig) -> Result<
     } else {
         Err(format!("answered HTTP {}", res.status().as_u16()))
     }
-}
-
-/// The delay before delivery `attempt + 1`.
-fn retry_delay(base: Duration, attempt: i64) -> Duration {
-    let factor = 4u32.saturating_pow(u32::try_from(attempt.saturating_sub(1)).unwrap_or(0).min(10));
-    base.saturating_mul(factor).min(Duration::from_secs(600))
 }
 
 /// Pulls and delivers notices until shutdown.

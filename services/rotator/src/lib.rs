@@ -90,8 +90,15 @@ pub async fn serve_rotate_now(
 /// jobs in hand; a job cut short is redelivered by JetStream after `ROTATE_ACK_WAIT`.
 pub async fn run_workers(rotator: Rotator, mut shutdown: Shutdown) -> Result<(), RunError> {
     let consumer = rotator.ensure_queue().await?;
-    let mut messages = consumer.messages().await.map_err(|e| rotation::QueueError::Setup(e.to_string()))?;
     let workers = rotator.config().workers;
+    // Pull no more than we can run: a job waiting in a local buffer would see its ack wait run out and be
+    // redelivered to another worker while this one still holds it.
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(workers)
+        .messages()
+        .await
+        .map_err(|e| rotation::QueueError::Setup(e.to_string()))?;
     let permits = Arc::new(Semaphore::new(workers));
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else { break };
@@ -118,15 +125,32 @@ pub async fn run_workers(rotator: Rotator, mut shutdown: Shutdown) -> Result<(),
                     return;
                 }
             };
-            match rotator.process(&job, Some(&msg)).await {
+            // Keep the job alive while it runs (rotate calls and IP checks can outlast the ack wait), so JetStream
+            // redelivers it only if this process dies.
+            let keepalive_every = (rotator.config().ack_wait / 3).max(Duration::from_millis(200));
+            let outcome = {
+                let work = rotator.process(&job);
+                tokio::pin!(work);
+                loop {
+                    tokio::select! {
+                        res = &mut work => break res,
+                        () = tokio::time::sleep(keepalive_every) => {
+                            let _ = msg.ack_with(async_nats::jetstream::AckKind::Progress).await;
+                        }
+                    }
+                }
+            };
+            match outcome {
                 Ok(()) => {
                     if let Err(e) = msg.ack().await {
                         tracing::warn!(error = %e, job = %job.job_id, "cannot ack a finished job");
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, job = %job.job_id, "job failed; it will be redelivered");
-                    let _ = msg.ack_with(async_nats::jetstream::AckKind::Nak(Some(Duration::from_secs(2)))).await;
+                    let attempt = msg.info().map(|i| i.delivered).unwrap_or(1);
+                    let delay = rotation::retry_delay(Duration::from_secs(2), attempt).min(Duration::from_secs(60));
+                    tracing::warn!(error = %e, job = %job.job_id, attempt, retry_in = ?delay, "job failed; it will be redelivered");
+                    let _ = msg.ack_with(async_nats::jetstream::AckKind::Nak(Some(delay))).await;
                 }
             }
             drop(permit);

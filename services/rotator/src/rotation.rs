@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, consumer::PullConsumer, context::Publish, AckKind};
+use async_nats::jetstream::{self, consumer::PullConsumer, context::Publish};
 use bson::oid::ObjectId;
 use bson::{doc, DateTime, Document};
 use futures::TryStreamExt;
@@ -28,8 +28,6 @@ use crate::providers::{Adapter, Address};
 const RESPONSE_MAX: usize = 500;
 /// How often a draining job polls the proxy.
 const DRAIN_POLL: Duration = Duration::from_millis(250);
-/// How often a long job tells JetStream it is still alive.
-const KEEPALIVE: Duration = Duration::from_secs(5);
 
 /// Why a job did not finish; it is redelivered.
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +117,13 @@ fn truncate(s: &str) -> String {
     out
 }
 
+/// Delay before redelivering a job (or a notice) that failed on delivery `attempt`: `base`, then 4× longer each
+/// time, at most 10 minutes.
+pub fn retry_delay(base: Duration, attempt: i64) -> Duration {
+    let factor = 4u32.saturating_pow(u32::try_from(attempt.saturating_sub(1)).unwrap_or(0).min(10));
+    base.saturating_mul(factor).min(Duration::from_secs(600))
+}
+
 fn millis_from_now(d: Duration) -> DateTime {
     DateTime::from_millis(DateTime::now().timestamp_millis() + i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2))
 }
@@ -181,6 +186,11 @@ impl Rotator {
                     ack_policy: jetstream::consumer::AckPolicy::Explicit,
                     ack_wait: c.ack_wait,
                     max_deliver: c.max_deliver,
+                    // Redelivery after a missed ack backs off: a job that keeps killing its worker is retried more
+                    // and more slowly. (The server requires fewer steps than deliveries.)
+                    backoff: (0..c.max_deliver.saturating_sub(1).min(3))
+                        .map(|i| c.ack_wait.saturating_mul(1 << i))
+                        .collect(),
                     max_ack_pending: 10_000,
                     ..Default::default()
                 },
@@ -312,7 +322,7 @@ impl Rotator {
     }
 
     /// Runs one job. `Ok` means acknowledge (done, or nothing to do); `Err` means redeliver.
-    pub async fn process(&self, job: &RotationJob, msg: Option<&jetstream::Message>) -> Result<(), JobError> {
+    pub async fn process(&self, job: &RotationJob) -> Result<(), JobError> {
         let Ok(id) = ObjectId::parse_str(&job.proxy_id) else { return Ok(()) };
         let Some(mut doc) = self.load(id).await? else { return Ok(()) };
         if !Self::holds_lock(&doc, job) {
@@ -320,7 +330,7 @@ impl Rotator {
             return Ok(());
         }
         if doc.status != ProxyStatus::Completed {
-            match self.drain(id, job, msg).await? {
+            match self.drain(id, job).await? {
                 Some(d) => doc = d,
                 None => return Ok(()),
             }
@@ -347,14 +357,8 @@ impl Rotator {
     }
 
     /// Waits until no lease is held or `ROTATE_DRAIN_MAX` has passed since the claim. `None` if the lock was lost.
-    async fn drain(
-        &self,
-        id: ObjectId,
-        job: &RotationJob,
-        msg: Option<&jetstream::Message>,
-    ) -> Result<Option<ProxyDoc>, JobError> {
+    async fn drain(&self, id: ObjectId, job: &RotationJob) -> Result<Option<ProxyDoc>, JobError> {
         let max = self.inner.config.drain_max;
-        let mut last_keepalive = Instant::now();
         loop {
             let Some(doc) = self.load(id).await? else { return Ok(None) };
             if !Self::holds_lock(&doc, job) {
@@ -368,12 +372,6 @@ impl Rotator {
             if waited >= max {
                 tracing::warn!(proxy = %id, held = doc.in_use, "drain timed out; rotating with leases still held");
                 return Ok(Some(doc));
-            }
-            if let Some(m) = msg {
-                if last_keepalive.elapsed() >= KEEPALIVE {
-                    let _ = m.ack_with(AckKind::Progress).await;
-                    last_keepalive = Instant::now();
-                }
             }
             tokio::time::sleep(DRAIN_POLL).await;
         }

@@ -419,13 +419,15 @@ async fn delete_ids(state: &AppState, ids: &[ObjectId]) -> HttpResult<DeleteResu
     if found != ids.len() as u64 {
         return Err(ApiError::not_found(format!("{} of the proxy ids do not exist", ids.len() as u64 - found)).into());
     }
-    let held: Vec<ProxyDoc> = coll
-        .find(doc! { "_id": { "$in": ids }, "proxy_used.0": { "$exists": true } })
+    // Read before deleting, to call back the holders of leases on them.
+    let doomed: Vec<ProxyDoc> = coll
+        .find(doc! { "_id": { "$in": ids } })
         .await
         .map_err(|e| db_error(e, "proxy"))?
         .try_collect()
         .await
         .map_err(|e| db_error(e, "proxy"))?;
+    let held: Vec<ProxyDoc> = doomed.into_iter().filter(|d| !d.proxy_used.is_empty()).collect();
     let res = coll.delete_many(doc! { "_id": { "$in": ids } }).await.map_err(|e| db_error(e, "proxy"))?;
     announce(state, ids, ChangeReason::Deleted).await;
     proxypool_rpc::notices::queue(&state.nats, &notices_for(&held, TakenReason::ProxyDeleted)).await;

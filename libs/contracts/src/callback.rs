@@ -56,6 +56,13 @@ pub fn is_public(ip: IpAddr) -> bool {
                 return is_public(IpAddr::V4(v4));
             }
             let seg = v6.segments();
+            // IPv4-compatible (::a.b.c.d) and NAT64 (64:ff9b::/96) addresses reach IPv4 hosts: judge those.
+            if seg[..6] == [0, 0, 0, 0, 0, 0] || seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                let o = v6.octets();
+                return !v6.is_unspecified()
+                    && !v6.is_loopback()
+                    && is_public(IpAddr::from([o[12], o[13], o[14], o[15]]));
+            }
             !(v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
@@ -116,6 +123,8 @@ mod tests {
             "http://[fd00::1]/cb",
             "http://user@127.0.0.1/cb",
             "http://100.64.0.1/",
+            "http://[64:ff9b::a00:1]/",
+            "http://[::127.0.0.1]/",
             "ftp://example.com/",
         ] {
             assert!(validate_callback_url(bad, false).is_err(), "{bad}");

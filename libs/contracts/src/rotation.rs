@@ -41,3 +41,17 @@ pub struct RotateNowReply {
     /// The queued job.
     pub job_id: String,
 }
+
+/// Request on [`crate::subjects::LEASECTL_CLEAR`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClearRequest {
+    /// The proxy whose leases are taken.
+    pub proxy_id: String,
+}
+
+/// Reply of [`crate::subjects::LEASECTL_CLEAR`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClearReply {
+    /// Leases dropped.
+    pub dropped_leases: u32,
+}

@@ -62,3 +62,5 @@ pub const CALLBACKS: &str = "proxypool.v1.callbacks.deliver";
 pub const CALLBACK_STREAM: &str = "PROXYPOOL_CALLBACKS";
 /// The durable pull consumer of the callback senders.
 pub const CALLBACK_CONSUMER: &str = "callback-senders";
+/// Gateway → lease service when an admin disables a proxy: drop its leases (their holders are called back).
+pub const LEASECTL_CLEAR: &str = "proxypool.v1.leasectl.clear";

@@ -118,8 +118,15 @@ where
         let (client, handler, deadline) = (client.clone(), handler.clone(), options.deadline);
         tokio::spawn(async move {
             let reply_to = msg.reply.clone();
-            let body = match tokio::time::timeout(deadline, handler(subject, msg)).await {
-                Ok(body) => body,
+            // The handler runs in its own task: past the deadline the caller gets `service_unavailable`, but a
+            // handler that already wrote still finishes its work (events, notices) instead of being cut off.
+            let work = tokio::spawn(handler(subject, msg));
+            let body = match tokio::time::timeout(deadline, work).await {
+                Ok(Ok(body)) => body,
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, subject, "request handler panicked");
+                    encode::<()>(Err(ApiError::internal("the request failed")))
+                }
                 Err(_) => encode::<()>(Err(ApiError::unavailable("the request did not finish in time; retry shortly"))),
             };
             match reply_to {

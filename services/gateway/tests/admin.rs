@@ -454,10 +454,15 @@ async fn lease_fields_cannot_be_written_and_disabling_stops_leases() -> R {
     assert_eq!(s, StatusCode::OK);
     let res = app.http_get_proxy("vn").await?;
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // Disabling takes the proxy from its holder: the lease service drops the lease (the admin write itself never
+    // touches lease fields) and keeps used_count, so the key no longer returns anything.
     let after = app.proxy(&id).await?;
-    assert_eq!((after.in_use, after.used_count), (1, 1), "the admin write left the lease alone");
-    // The lease that was granted can still be returned.
-    app.nats_release(&grant.id, &grant.key).await?.into_result()?;
+    assert_eq!((after.in_use, after.used_count, after.proxy_used.len()), (0, 1, 0));
+    let back = app.nats_release(&grant.id, &grant.key).await?;
+    assert!(
+        matches!(back, proxypool_contracts::Reply::Err(ref e) if e.code == proxypool_contracts::ErrorCode::NotFound)
+    );
+    app.assert_invariants().await?;
     app.shutdown().await;
     Ok(())
 }

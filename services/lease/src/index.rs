@@ -174,6 +174,10 @@ impl PoolIndex {
         let mut seen = std::collections::HashSet::with_capacity(loaded.len());
         for (id, entry) in loaded {
             seen.insert(id);
+            // An entry updated while the load ran holds newer state than the load read.
+            if self.entries.get(&id).is_some_and(|s| s.generation >= token) {
+                continue;
+            }
             self.apply(id, entry);
         }
         let stale: Vec<ObjectId> = self

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use proxypool_contracts::events::ProxyChanged;
 use proxypool_contracts::lease::{AcquireRequest, ReleaseRequest};
-use proxypool_contracts::rotation::RotatedRequest;
+use proxypool_contracts::rotation::{ClearRequest, RotatedRequest};
 use proxypool_contracts::{subjects, ApiError};
 use proxypool_rpc::{encode, parse, ServeOptions};
 use proxypool_settings::shutdown::Shutdown;
@@ -63,6 +63,12 @@ async fn handle(service: LeaseService, client: Client, subject: &'static str, ms
     } else if subject == subjects::LEASE_RELEASE {
         let result = match parse::<ReleaseRequest>(&msg.payload).and_then(|r| r.validate()) {
             Ok(req) => service.release(&req).await,
+            Err(e) => Err(e),
+        };
+        finish(&client, result).await
+    } else if subject == subjects::LEASECTL_CLEAR {
+        let result = match parse::<ClearRequest>(&msg.payload) {
+            Ok(req) => service.clear_leases(&req).await,
             Err(e) => Err(e),
         };
         finish(&client, result).await
@@ -138,7 +144,7 @@ pub async fn serve(
     let events = client.subscribe(subjects::PROXY_CHANGED).await.map_err(ServeError::Events)?;
     let requests = proxypool_rpc::subscribe(
         &client,
-        &[subjects::LEASE_ACQUIRE, subjects::LEASE_RELEASE, subjects::LEASECTL_ROTATED],
+        &[subjects::LEASE_ACQUIRE, subjects::LEASE_RELEASE, subjects::LEASECTL_ROTATED, subjects::LEASECTL_CLEAR],
         subjects::LEASE_QUEUE_GROUP,
     )
     .await?;

@@ -14,7 +14,7 @@ use futures::TryStreamExt;
 use proxypool_contracts::callback::{CallbackNotice, TakenReason};
 use proxypool_contracts::events::{ChangeReason, LeaseSnapshot, ProxyChanged};
 use proxypool_contracts::lease::{Acquire, LeaseGrant, Release, ReleaseOutcome};
-use proxypool_contracts::rotation::{RotatedReply, RotatedRequest};
+use proxypool_contracts::rotation::{ClearReply, ClearRequest, RotatedReply, RotatedRequest};
 use proxypool_contracts::{ApiError, Area, ErrorCode};
 use proxypool_store::model::ProxyDoc;
 use proxypool_store::{Store, StoreError};
@@ -40,6 +40,13 @@ struct Inner {
     index: Mutex<PoolIndex>,
     loaded: std::sync::atomic::AtomicBool,
     allow_private_callbacks: bool,
+}
+
+/// A lease key: 96 random bits as 24 hex characters, the shape of the ObjectId keys SPEC.md used, but not
+/// guessable (an ObjectId is a timestamp, a per-process value and a counter), since the key alone returns a lease.
+fn lease_key() -> String {
+    let bytes: [u8; 12] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// SPEC.md's lease query: the conditions a proxy must meet to take one more lease at `now`.
@@ -388,7 +395,7 @@ impl LeaseService {
             // is cancelled by its deadline mid-write.
             let unused_this_cycle = before.used_count == 0;
             let mut pending = PendingPick { service: self, id, before: Some(before) };
-            let key = ObjectId::new().to_hex();
+            let key = lease_key();
             let webhook_url = format!("{}/{}?key={}", self.inner.webhook_base, id.to_hex(), key);
             let write = self
                 .inner
@@ -561,6 +568,55 @@ impl LeaseService {
         }
         let event = self.event(id, ChangeReason::Rotated, &entry);
         Ok(Outcome { value: RotatedReply { dropped_leases }, event, notices })
+    }
+
+    /// Drops every lease held on a proxy an admin disabled (`used_count` is kept: the rotation cycle is not over)
+    /// and returns callback notices for their holders. Guarded by `lease_rev`, so a lease granted or returned in
+    /// between makes it retry with the newer state rather than drop the wrong records.
+    pub async fn clear_leases(&self, req: &ClearRequest) -> Result<Outcome<ClearReply>, ApiError> {
+        let id = ObjectId::parse_str(&req.proxy_id)
+            .map_err(|_| ApiError::invalid("proxy_id", "must be a 24-character hexadecimal ObjectId"))?;
+        let proxies = self.inner.store.proxies();
+        for _ in 0..MAX_ATTEMPTS {
+            let Some(before) = proxies.find_one(doc! { "_id": id }).await.map_err(store_error)? else {
+                return Err(ApiError::not_found(format!("proxy {id} not found")));
+            };
+            if before.proxy_used.is_empty() {
+                let entry = Entry::from(&before);
+                self.index().apply(id, entry.clone());
+                let event = self.event(id, ChangeReason::Updated, &entry);
+                return Ok(Outcome { value: ClearReply { dropped_leases: 0 }, event, notices: Vec::new() });
+            }
+            let filter = doc! { "_id": id, "lease_rev": before.lease_rev };
+            let update = doc! {
+                "$set": { "in_use": 0, "proxy_used": [], "updatedAt": DateTime::now() },
+                "$inc": { "lease_rev": 1 },
+            };
+            if proxies.update_one(filter, update).await.map_err(store_error)?.matched_count == 0 {
+                continue;
+            }
+            let at = Utc::now();
+            let notices = before
+                .proxy_used
+                .iter()
+                .filter_map(|u| {
+                    Some(CallbackNotice {
+                        callback_url: u.callback_url.clone()?,
+                        proxy_id: id.to_hex(),
+                        key: u.key.clone(),
+                        reason: TakenReason::ProxyDisabled,
+                        at,
+                    })
+                })
+                .collect();
+            self.refresh_one(id).await.map_err(store_error)?;
+            let entry = self.index().get(&id).cloned();
+            let Some(entry) = entry else { return Err(ApiError::not_found(format!("proxy {id} not found"))) };
+            let dropped_leases = u32::try_from(before.proxy_used.len()).unwrap_or(u32::MAX);
+            let event = self.event(id, ChangeReason::Updated, &entry);
+            return Ok(Outcome { value: ClearReply { dropped_leases }, event, notices });
+        }
+        Err(ApiError::unavailable("the proxy kept changing; retry shortly"))
     }
 
     fn event(&self, id: ObjectId, reason: ChangeReason, entry: &Entry) -> ProxyChanged {

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
 use bson::{doc, oid::ObjectId};
-use futures::StreamExt;
 use proxypool_contracts::callback::{is_public, CallbackNotice};
 use proxypool_contracts::subjects;
 use proxypool_settings::shutdown::Shutdown;
@@ -30,19 +29,19 @@ pub async fn deliver(notice: &CallbackNotice, config: &RotatorConfig) -> Result<
     }
     let host = url.host_str().ok_or("no host")?.to_owned();
     let port = url.port_or_known_default().unwrap_or(80);
+    let mut builder =
+        reqwest::Client::builder().timeout(config.callback_timeout).redirect(reqwest::redirect::Policy::none());
     if !config.callback_allow_private {
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+        let bare = host.trim_start_matches('[').trim_end_matches(']').to_owned();
         let addrs: Vec<_> =
-            tokio::net::lookup_host((host.as_str(), port)).await.map_err(|e| format!("cannot resolve: {e}"))?.collect();
+            tokio::net::lookup_host((bare.as_str(), port)).await.map_err(|e| format!("cannot resolve: {e}"))?.collect();
         if addrs.is_empty() || addrs.iter().any(|a| !is_public(a.ip())) {
             return Err("refused: the host resolves to a loopback, private or link-local address".into());
         }
+        // Connect to the addresses just checked, so that a second DNS answer cannot point elsewhere (rebinding).
+        builder = builder.resolve_to_addrs(&bare, &addrs);
     }
-    let client = reqwest::Client::builder()
-        .timeout(config.callback_timeout)
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .map_err(|e| e.to_string())?;
+    let client = builder.build().map_err(|e| e.to_string())?;
     let body = CallbackNotice { callback_url: String::new(), ..notice.clone() };
     let res = client.post(url).json(&body).send().await.map_err(|e| {
         if e.is_timeout() {
@@ -81,23 +80,13 @@ pub async fn run_senders(
         )
         .await
         .map_err(|e| QueueError::Setup(e.to_string()))?;
-    let mut messages = consumer.messages().await.map_err(|e| QueueError::Setup(e.to_string()))?;
     let config = Arc::new(config);
     let permits = Arc::new(Semaphore::new(16));
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else { break };
-        let next = tokio::select! {
+        let msg = tokio::select! {
             () = shutdown.wait() => break,
-            next = messages.next() => next,
-        };
-        let msg = match next {
-            Some(Ok(m)) => m,
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, "callback stream error");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-            None => break,
+            next = crate::pull_one(&consumer) => match next { Some(m) => m, None => continue },
         };
         let (config, store, counter) = (config.clone(), store.clone(), counter.clone());
         tokio::spawn(async move {

@@ -86,34 +86,43 @@ pub async fn serve_rotate_now(
     Ok(())
 }
 
+/// Pulls one message, waiting up to a few seconds; `None` when none came (or on a transient error).
+///
+/// One message per free worker, never a prefetched batch: a message waiting in a local buffer would see its ack
+/// wait run out and be redelivered to another worker while this process still holds it.
+pub async fn pull_one(
+    consumer: &async_nats::jetstream::consumer::PullConsumer,
+) -> Option<async_nats::jetstream::Message> {
+    let batch = consumer.batch().max_messages(1).expires(Duration::from_secs(5)).messages().await;
+    match batch {
+        Ok(mut b) => match b.next().await {
+            Some(Ok(m)) => Some(m),
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "pull ended without a message");
+                None
+            }
+            None => None,
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot pull from JetStream");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            None
+        }
+    }
+}
+
 /// Pulls and runs jobs until shutdown, `ROTATOR_WORKERS` at a time. On shutdown it stops pulling and waits for the
 /// jobs in hand; a job cut short is redelivered by JetStream after `ROTATE_ACK_WAIT`.
 pub async fn run_workers(rotator: Rotator, mut shutdown: Shutdown) -> Result<(), RunError> {
     let consumer = rotator.ensure_queue().await?;
     let workers = rotator.config().workers;
-    // Pull no more than we can run: a job waiting in a local buffer would see its ack wait run out and be
-    // redelivered to another worker while this one still holds it.
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(workers)
-        .messages()
-        .await
-        .map_err(|e| rotation::QueueError::Setup(e.to_string()))?;
+
     let permits = Arc::new(Semaphore::new(workers));
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else { break };
-        let next = tokio::select! {
+        let msg = tokio::select! {
             () = shutdown.wait() => break,
-            next = messages.next() => next,
-        };
-        let msg = match next {
-            Some(Ok(m)) => m,
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, "job stream error");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-            None => break,
+            next = pull_one(&consumer) => match next { Some(m) => m, None => continue },
         };
         let rotator = rotator.clone();
         tokio::spawn(async move {

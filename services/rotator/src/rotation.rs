@@ -330,6 +330,13 @@ impl Rotator {
             return Ok(());
         }
         if doc.status != ProxyStatus::Completed {
+            // The lock's age (for take-over) and the drain limit count from when a worker starts the job, not from
+            // the claim: a job may wait in the queue behind a backlog.
+            let started = doc! { "_id": id, "is_rotating": true, "rotation_job": &job.job_id };
+            let since = doc! { "$set": { "rotating_since": DateTime::now() } };
+            if self.inner.store.proxies().update_one(started, since).await?.matched_count == 0 {
+                return Ok(());
+            }
             match self.drain(id, job).await? {
                 Some(d) => doc = d,
                 None => return Ok(()),
@@ -452,7 +459,10 @@ impl Rotator {
         if let Some(r) = region {
             set.insert("region", r);
         }
-        let filter = doc! { "_id": doc.id, "is_rotating": true, "rotation_job": &job.job_id };
+        let filter = doc! {
+            "_id": doc.id, "is_rotating": true, "rotation_job": &job.job_id,
+            "status": i32::from(ProxyStatus::Processing),
+        };
         let res = self.inner.store.proxies().update_one(filter, doc! { "$set": set }).await?;
         Ok(res.matched_count == 1)
     }
@@ -473,7 +483,10 @@ impl Rotator {
             "status": i32::from(ProxyStatus::Pending), "is_rotating": false, "rotating_since": null,
             "updatedAt": DateTime::now(),
         };
-        let filter = doc! { "_id": doc.id, "is_rotating": true, "rotation_job": &job.job_id };
+        let filter = doc! {
+            "_id": doc.id, "is_rotating": true, "rotation_job": &job.job_id,
+            "status": i32::from(ProxyStatus::Processing),
+        };
         self.inner.store.proxies().update_one(filter, doc! { "$set": set }).await?;
         self.announce(doc.id).await;
         Ok(())

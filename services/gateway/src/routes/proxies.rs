@@ -406,8 +406,15 @@ pub async fn update_proxy(
         return Err(ApiError::not_found(format!("proxy {id} not found")).into());
     }
     announce(&state, &[id], ChangeReason::Updated).await;
-    if let Some(before) = before.filter(|d| d.is_active) {
-        proxypool_rpc::notices::queue(&state.nats, &notices_for(&[before], TakenReason::ProxyDisabled)).await;
+    if before.is_some_and(|d| d.is_active && !d.proxy_used.is_empty()) {
+        // Disabling takes the proxy from its holders: the lease service (the only writer of lease state) drops
+        // their leases and calls them back.
+        let req = proxypool_contracts::rotation::ClearRequest { proxy_id: id.to_hex() };
+        let cleared: Result<proxypool_contracts::rotation::ClearReply, _> =
+            state.request(subjects::LEASECTL_CLEAR, &req).await;
+        if let Err(e) = cleared {
+            tracing::warn!(error = %e, proxy = %id, "disabled, but its leases could not be dropped yet");
+        }
     }
     let d = coll.find_one(doc! { "_id": id }).await.map_err(|e| db_error(e, "proxy"))?;
     d.map(|d| Json(ProxyView::of(d, true))).ok_or_else(|| ApiError::not_found(format!("proxy {id} not found")).into())
@@ -487,8 +494,9 @@ pub async fn drop_proxies(
     if b.confirm != DROP_CONFIRMATION {
         return Err(ApiError::invalid("confirm", format!("must be exactly {DROP_CONFIRMATION:?}")).into());
     }
-    let coll = state.store.proxies();
-    let ids: Vec<ObjectId> = coll
+    let ids: Vec<ObjectId> = state
+        .store
+        .proxies()
         .clone_with_type::<Document>()
         .find(doc! {})
         .projection(doc! { "_id": 1 })
@@ -500,10 +508,12 @@ pub async fn drop_proxies(
         .iter()
         .filter_map(|d| d.get_object_id("_id").ok())
         .collect();
-    let res = coll.delete_many(doc! { "_id": { "$in": &ids } }).await.map_err(|e| db_error(e, "proxy"))?;
-    tracing::warn!(deleted = res.deleted_count, "all proxies dropped by an admin");
-    announce(&state, &ids, ChangeReason::Deleted).await;
-    Ok(Json(DeleteResult { deleted: res.deleted_count }))
+    if ids.is_empty() {
+        return Ok(Json(DeleteResult { deleted: 0 }));
+    }
+    let res = delete_ids(&state, &ids).await?;
+    tracing::warn!(deleted = res.deleted, "all proxies dropped by an admin");
+    Ok(Json(res))
 }
 
 /// Queue an immediate rotation of a proxy (drains its leases first).

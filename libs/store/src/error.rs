@@ -16,6 +16,25 @@ pub enum StoreError {
     Other(#[source] Error),
 }
 
+impl StoreError {
+    /// The reply a caller gets: unreachable → retryable `service_unavailable`, a unique-index refusal → `conflict`
+    /// ("`what` already exists"), anything else → `internal`, logged with its cause.
+    pub fn into_api(self, what: &str) -> proxypool_contracts::ApiError {
+        use proxypool_contracts::{ApiError, ErrorCode};
+        match self {
+            StoreError::Unavailable(e) => {
+                tracing::warn!(error = %e, "database unavailable");
+                ApiError::unavailable("the database is unreachable; retry shortly")
+            }
+            StoreError::Duplicate(_) => ApiError::new(ErrorCode::Conflict, format!("{what} already exists")),
+            StoreError::Other(e) => {
+                tracing::error!(error = ?e, "database error");
+                ApiError::internal("unexpected database error")
+            }
+        }
+    }
+}
+
 impl From<Error> for StoreError {
     fn from(e: Error) -> Self {
         if is_duplicate(&e) {

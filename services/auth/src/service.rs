@@ -42,14 +42,7 @@ fn view(u: &UserDoc) -> UserView {
 }
 
 fn db(e: impl Into<StoreError>) -> ApiError {
-    match e.into() {
-        StoreError::Unavailable(_) => ApiError::unavailable("the database is unreachable; retry shortly"),
-        StoreError::Duplicate(_) => ApiError::new(ErrorCode::Conflict, "email or username already in use"),
-        StoreError::Other(e) => {
-            tracing::error!(error = ?e, "database error");
-            ApiError::internal("unexpected database error")
-        }
-    }
+    e.into().into_api("a user with this email or username")
 }
 
 /// Trims and lowercases an email and checks its shape (`local@domain.tld`, no spaces, at most 254 characters).

@@ -241,16 +241,7 @@ fn entry_of_snapshot(s: &LeaseSnapshot) -> Entry {
 
 /// Maps a database failure to the reply a consumer gets: unreachable → retryable 503, anything else → 500.
 pub(crate) fn store_error(e: impl Into<StoreError>) -> ApiError {
-    match e.into() {
-        StoreError::Unavailable(e) => {
-            tracing::warn!(error = %e, "database unavailable");
-            ApiError::unavailable("the database is unreachable; retry shortly")
-        }
-        other => {
-            tracing::error!(error = ?other, "database error");
-            ApiError::internal("unexpected database error")
-        }
-    }
+    e.into().into_api("record")
 }
 
 impl LeaseService {

@@ -13,14 +13,7 @@ use crate::error::{HttpError, HttpResult};
 
 /// Maps a database error; `what` names the record for a duplicate.
 pub fn db_error(e: impl Into<StoreError>, what: &str) -> HttpError {
-    match e.into() {
-        StoreError::Unavailable(_) => HttpError(ApiError::unavailable("the database is unreachable; retry shortly")),
-        StoreError::Duplicate(_) => HttpError(ApiError::new(ErrorCode::Conflict, format!("{what} already exists"))),
-        StoreError::Other(e) => {
-            tracing::error!(error = ?e, "database error");
-            HttpError(ApiError::internal("unexpected database error"))
-        }
-    }
+    HttpError(e.into().into_api(what))
 }
 
 /// BSON time → chrono.

@@ -226,6 +226,27 @@ pub struct NewProxy {
 }
 
 impl ProxyDoc {
+    /// Callback notices for every lease held on this proxy whose holder gave a `callback_url`, for when the
+    /// leases are taken for `reason`.
+    pub fn callback_notices(
+        &self,
+        reason: proxypool_contracts::callback::TakenReason,
+    ) -> Vec<proxypool_contracts::callback::CallbackNotice> {
+        let at = chrono::Utc::now();
+        self.proxy_used
+            .iter()
+            .filter_map(|u| {
+                Some(proxypool_contracts::callback::CallbackNotice {
+                    callback_url: u.callback_url.clone()?,
+                    proxy_id: self.id.to_hex(),
+                    key: u.key.clone(),
+                    reason,
+                    at,
+                })
+            })
+            .collect()
+    }
+
     /// A new document with SPEC.md's defaults: no leases, `next_rotate = now + rotate_time`.
     pub fn new(p: NewProxy) -> Self {
         let now = DateTime::now();

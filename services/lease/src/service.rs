@@ -535,28 +535,7 @@ impl LeaseService {
         let entry = Entry::from(&doc);
         self.index().apply(id, entry.clone());
         let dropped_leases = if res.matched_count == 1 { dropped } else { 0 };
-        let notices = if res.matched_count == 1 {
-            let at = Utc::now();
-            let notices: Vec<CallbackNotice> = before
-                .proxy_used
-                .iter()
-                .filter_map(|u| {
-                    Some(CallbackNotice {
-                        callback_url: u.callback_url.clone()?,
-                        proxy_id: id.to_hex(),
-                        key: u.key.clone(),
-                        reason: TakenReason::Rotated,
-                        at,
-                    })
-                })
-                .collect();
-            notices
-        } else {
-            Vec::new()
-        };
-        if dropped_leases > 0 {
-            tracing::warn!(proxy = %id, dropped_leases, "rotated with leases still held (drain timed out)");
-        }
+        let notices = if res.matched_count == 1 { before.callback_notices(TakenReason::Rotated) } else { Vec::new() };
         let event = self.event(id, ChangeReason::Rotated, &entry);
         Ok(Outcome { value: RotatedReply { dropped_leases }, event, notices })
     }
@@ -586,20 +565,7 @@ impl LeaseService {
             if proxies.update_one(filter, update).await.map_err(store_error)?.matched_count == 0 {
                 continue;
             }
-            let at = Utc::now();
-            let notices = before
-                .proxy_used
-                .iter()
-                .filter_map(|u| {
-                    Some(CallbackNotice {
-                        callback_url: u.callback_url.clone()?,
-                        proxy_id: id.to_hex(),
-                        key: u.key.clone(),
-                        reason: TakenReason::ProxyDisabled,
-                        at,
-                    })
-                })
-                .collect();
+            let notices = before.callback_notices(TakenReason::ProxyDisabled);
             self.refresh_one(id).await.map_err(store_error)?;
             let entry = self.index().get(&id).cloned();
             let Some(entry) = entry else { return Err(ApiError::not_found(format!("proxy {id} not found"))) };

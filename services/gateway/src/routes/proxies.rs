@@ -12,7 +12,7 @@ use axum::Json;
 use bson::oid::ObjectId;
 use bson::{doc, DateTime, Document};
 use futures::TryStreamExt;
-use proxypool_contracts::callback::{CallbackNotice, TakenReason};
+use proxypool_contracts::callback::TakenReason;
 use proxypool_contracts::events::{ChangeReason, ProxyChanged};
 use proxypool_contracts::{subjects, ApiError, Area};
 use proxypool_store::model::{NewProxy, ProxyDoc, DEFAULT_ROTATE_TIME_SECS};
@@ -219,24 +219,6 @@ async fn package_name(state: &AppState, id: ObjectId) -> HttpResult<String> {
     p.map(|p| p.name).ok_or_else(|| ApiError::invalid("proxy_package_id", "does not name an existing package").into())
 }
 
-/// Callback notices for every lease held on `docs`, which an admin write is taking.
-fn notices_for(docs: &[ProxyDoc], reason: TakenReason) -> Vec<CallbackNotice> {
-    let at = chrono::Utc::now();
-    docs.iter()
-        .flat_map(|d| {
-            d.proxy_used.iter().filter_map(move |u| {
-                Some(CallbackNotice {
-                    callback_url: u.callback_url.clone()?,
-                    proxy_id: d.id.to_hex(),
-                    key: u.key.clone(),
-                    reason,
-                    at,
-                })
-            })
-        })
-        .collect()
-}
-
 async fn announce(state: &AppState, ids: &[ObjectId], reason: ChangeReason) {
     for id in ids {
         let event = ProxyChanged { proxy_id: id.to_hex(), reason, origin: None, snapshot: None };
@@ -437,7 +419,8 @@ async fn delete_ids(state: &AppState, ids: &[ObjectId]) -> HttpResult<DeleteResu
     let held: Vec<ProxyDoc> = doomed.into_iter().filter(|d| !d.proxy_used.is_empty()).collect();
     let res = coll.delete_many(doc! { "_id": { "$in": ids } }).await.map_err(|e| db_error(e, "proxy"))?;
     announce(state, ids, ChangeReason::Deleted).await;
-    proxypool_rpc::notices::queue(&state.nats, &notices_for(&held, TakenReason::ProxyDeleted)).await;
+    let notices: Vec<_> = held.iter().flat_map(|d| d.callback_notices(TakenReason::ProxyDeleted)).collect();
+    proxypool_rpc::notices::queue(&state.nats, &notices).await;
     Ok(DeleteResult { deleted: res.deleted_count })
 }
 

@@ -17,6 +17,8 @@ pub enum TakenReason {
     ProxyDisabled,
     /// An admin deleted the proxy.
     ProxyDeleted,
+    /// The lease outlived `LEASE_TTL` without being returned.
+    Expired,
 }
 
 /// The JSON POSTed to a consumer's `callback_url`, and the job on [`crate::subjects::CALLBACKS`].

@@ -122,6 +122,9 @@ pub struct LeaseGrant {
     pub next_rotate: Option<DateTime<Utc>>,
     /// When this lease was granted.
     pub leased_at: DateTime<Utc>,
+    /// When the lease service takes the lease back if it has not been returned (`LEASE_TTL`); none when disabled.
+    #[serde(default)]
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 /// Reply data of a successful release.

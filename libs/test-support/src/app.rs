@@ -37,6 +37,7 @@ pub struct TestAppBuilder {
     allow_registration: bool,
     bcrypt_cost: u32,
     callback_allow_private: bool,
+    lease_ttl: Option<Duration>,
 }
 
 impl Default for TestAppBuilder {
@@ -51,6 +52,7 @@ impl Default for TestAppBuilder {
             // The minimum, to keep tests fast; production defaults to 12.
             bcrypt_cost: 4,
             callback_allow_private: false,
+            lease_ttl: None,
         }
     }
 }
@@ -83,6 +85,12 @@ impl TestAppBuilder {
     /// `CALLBACK_ALLOW_PRIVATE` (the fakes listen on 127.0.0.1).
     pub fn callback_allow_private(mut self, yes: bool) -> Self {
         self.callback_allow_private = yes;
+        self
+    }
+
+    /// `LEASE_TTL` (off by default in tests).
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = Some(ttl);
         self
     }
 
@@ -122,6 +130,7 @@ impl TestAppBuilder {
             package_id: ObjectId::new(),
             proxy_use_max: self.proxy_use_max,
             callback_allow_private: self.callback_allow_private,
+            lease_ttl: self.lease_ttl,
             leases: Vec::new(),
             gateway: None,
             auth: None,
@@ -207,6 +216,7 @@ pub struct TestApp {
     pub package_id: ObjectId,
     proxy_use_max: u32,
     callback_allow_private: bool,
+    lease_ttl: Option<Duration>,
     leases: Vec<LeaseReplica>,
     gateway: Option<(ShutdownTrigger, JoinHandle<()>)>,
     auth: Option<(ShutdownTrigger, JoinHandle<()>)>,
@@ -306,7 +316,8 @@ impl TestApp {
             "http://127.0.0.1:33033/webhook/return-proxy".into(),
             format!("lease-test-{}", self.next_instance),
         )
-        .allow_private_callbacks(self.callback_allow_private);
+        .allow_private_callbacks(self.callback_allow_private)
+        .lease_ttl(self.lease_ttl);
         let (trigger, shutdown) = Shutdown::new();
         let s = service.clone();
         let handle = tokio::spawn(async move {

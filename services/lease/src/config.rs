@@ -17,6 +17,10 @@ pub struct LeaseConfig {
     pub index_refresh: Duration,
     /// `LEASE_MAX_IN_FLIGHT` (default 512): requests handled concurrently by one replica.
     pub max_in_flight: usize,
+    /// `LEASE_TTL` (seconds, default 3600; 0 disables): a lease not returned within this time is taken back (its
+    /// holder called back with reason `expired`). SPEC.md's leases never expired, so a consumer that crashed held
+    /// its slot until the next rotation.
+    pub lease_ttl: Option<Duration>,
     /// `CALLBACK_ALLOW_PRIVATE` (default false): accept consumer callback URLs on private, loopback or link-local
     /// addresses. Leave off unless every consumer is trusted: otherwise the pool can be used to reach internal
     /// services (SSRF).
@@ -51,6 +55,11 @@ impl LeaseConfig {
             index_refresh: env.seconds_or("LEASE_INDEX_REFRESH", Duration::from_secs(60))?,
             max_in_flight,
             callback_allow_private: env.bool_or("CALLBACK_ALLOW_PRIVATE", false)?,
+            lease_ttl: match env.parse_or::<f64>("LEASE_TTL", 3600.0)? {
+                t if t == 0.0 => None,
+                t if t > 0.0 && t.is_finite() => Some(Duration::from_secs_f64(t)),
+                _ => return Err(ConfigError::invalid("LEASE_TTL", "must be 0 (off) or a positive number of seconds")),
+            },
             instance_id: env.get("HOSTNAME").unwrap_or_else(|| format!("lease-{}", bson::oid::ObjectId::new())),
             nats: NatsConfig::from_env(env)?,
             store: StoreConfig::from_env(env)?,

@@ -30,6 +30,7 @@ pub async fn run(
     shutdown: Shutdown,
 ) -> Result<(), server::ServeError> {
     let service = LeaseService::new(store, config.proxy_use_max, config.webhook_return_proxy, config.instance_id)
-        .allow_private_callbacks(config.callback_allow_private);
+        .allow_private_callbacks(config.callback_allow_private)
+        .lease_ttl(config.lease_ttl);
     server::serve(service, client, config.index_refresh, config.max_in_flight, shutdown).await
 }

@@ -100,6 +100,26 @@ async fn listen_events(service: LeaseService, mut events: Subscriber) {
     }
 }
 
+/// Takes back expired leases a few times per TTL (at most every 30 s) until shutdown.
+async fn reap(service: LeaseService, client: Client, mut shutdown: Shutdown) {
+    let Some(ttl) = service.ttl() else { return };
+    let every = (ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = shutdown.wait() => return,
+        }
+        match service.reap_expired().await {
+            Ok(outcomes) => {
+                for outcome in outcomes {
+                    finish(&client, Ok::<_, ApiError>(outcome)).await;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot reap expired leases"),
+        }
+    }
+}
+
 /// Creates indexes and loads the lease index (retrying while the database is down), then reloads it every `period`.
 async fn maintain_index(service: LeaseService, period: Duration, mut shutdown: Shutdown) {
     let mut backoff = Duration::from_millis(200);
@@ -150,6 +170,7 @@ pub async fn serve(
     .await?;
     let listener = tokio::spawn(listen_events(service.clone(), events));
     let maintenance = tokio::spawn(maintain_index(service.clone(), index_refresh, shutdown.clone()));
+    let reaper = tokio::spawn(reap(service.clone(), client.clone(), shutdown.clone()));
     tracing::info!(instance = service.instance_id(), "lease service serving");
     let options = ServeOptions { queue_group: subjects::LEASE_QUEUE_GROUP, max_in_flight, deadline: REQUEST_DEADLINE };
     let (s, c) = (service.clone(), client.clone());
@@ -159,6 +180,7 @@ pub async fn serve(
     .await;
     listener.abort();
     maintenance.abort();
+    reaper.abort();
     tracing::info!("lease service stopped");
     Ok(())
 }

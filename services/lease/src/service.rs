@@ -40,6 +40,7 @@ struct Inner {
     index: Mutex<PoolIndex>,
     loaded: std::sync::atomic::AtomicBool,
     allow_private_callbacks: bool,
+    lease_ttl: Option<std::time::Duration>,
 }
 
 /// A lease key: 96 random bits as 24 hex characters, the shape of the ObjectId keys SPEC.md used, but not
@@ -256,6 +257,7 @@ impl LeaseService {
                 index: Mutex::new(PoolIndex::new(max)),
                 loaded: std::sync::atomic::AtomicBool::new(false),
                 allow_private_callbacks: false,
+                lease_ttl: None,
             }),
         }
     }
@@ -273,6 +275,57 @@ impl LeaseService {
             inner.allow_private_callbacks = yes;
         }
         self
+    }
+
+    /// Takes back leases older than `ttl` (`LEASE_TTL`); `None` keeps them until returned or rotated. Call before
+    /// the service is shared.
+    pub fn lease_ttl(mut self, ttl: Option<std::time::Duration>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.lease_ttl = ttl;
+        }
+        self
+    }
+
+    /// The configured lease lifetime.
+    pub fn ttl(&self) -> Option<std::time::Duration> {
+        self.inner.lease_ttl
+    }
+
+    /// Returns every lease older than the TTL, through the same guarded release a consumer uses, and builds
+    /// callback notices (`expired`) for their holders. Several replicas may reap at once: a lease returned twice is
+    /// simply `not_found` the second time.
+    pub async fn reap_expired(&self) -> Result<Vec<Outcome<ReleaseOutcome>>, StoreError> {
+        let Some(ttl) = self.inner.lease_ttl else { return Ok(Vec::new()) };
+        let cutoff = DateTime::from_millis(
+            DateTime::now().timestamp_millis() - i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX),
+        );
+        // Not indexed on purpose: a multikey index on proxy_used.time would be rewritten by every grant and return,
+        // while this runs a few times a minute.
+        let holders: Vec<ProxyDoc> =
+            self.inner.store.proxies().find(doc! { "proxy_used.time": { "$lt": cutoff } }).await?.try_collect().await?;
+        let mut out = Vec::new();
+        for proxy in holders {
+            for used in proxy.proxy_used.iter().filter(|u| u.time < cutoff) {
+                let release = Release {
+                    proxy_id: proxypool_contracts::ObjectIdHex::from_trusted(proxy.id.to_hex()),
+                    key: proxypool_contracts::ObjectIdHex::from_trusted(used.key.clone()),
+                };
+                if let Ok(mut outcome) = self.release(&release).await {
+                    if let Some(url) = used.callback_url.clone() {
+                        outcome.notices.push(CallbackNotice {
+                            callback_url: url,
+                            proxy_id: proxy.id.to_hex(),
+                            key: used.key.clone(),
+                            reason: TakenReason::Expired,
+                            at: Utc::now(),
+                        });
+                    }
+                    tracing::info!(proxy = %proxy.id, consumer = %used.ip, "expired lease taken back");
+                    out.push(outcome);
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Whether private callback URLs are allowed.
@@ -427,6 +480,10 @@ impl LeaseService {
                         expired_at: doc.expired_at.map(chrono_of),
                         next_rotate: doc.next_rotate.map(chrono_of),
                         leased_at: chrono_of(now),
+                        expires_at: self
+                            .inner
+                            .lease_ttl
+                            .and_then(|t| chrono::Duration::from_std(t).ok().map(|d| chrono_of(now) + d)),
                     };
                     let event = self.event(id, ChangeReason::Leased, &entry);
                     return Ok(Outcome { value: grant, event, notices: Vec::new() });

@@ -264,3 +264,29 @@ async fn database_outage_is_a_fast_503_and_recovers() -> R {
     app.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_not_returned_within_the_ttl_are_taken_back() -> R {
+    let app = TestApp::builder().proxy_use_max(2).lease_ttl(Duration::from_secs(1)).seed(Area::Vn, 1).spawn().await?;
+    let forgotten = app.nats_acquire("vn", "crashed-consumer").await?.into_result()?;
+    assert!(forgotten.expires_at.is_some_and(|t| t > forgotten.leased_at), "the grant says when it expires");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let fresh = app.nats_acquire("vn", "live-consumer").await?.into_result()?;
+    // The first lease expires, the second (younger) one is kept.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let p = app.proxy(&forgotten.id).await?;
+        if p.proxy_used.iter().all(|u| u.key != forgotten.key) {
+            assert_eq!(p.in_use, 1);
+            assert!(p.proxy_used.iter().any(|u| u.key == fresh.key), "the younger lease is kept");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the expired lease was never taken back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let late = app.nats_release(&forgotten.id, &forgotten.key).await?;
+    assert!(matches!(late, Reply::Err(ref e) if e.code == ErrorCode::NotFound), "{late:?}");
+    app.assert_invariants().await?;
+    app.shutdown().await;
+    Ok(())
+}

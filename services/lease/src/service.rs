@@ -569,21 +569,34 @@ impl LeaseService {
         let id = ObjectId::parse_str(&req.proxy_id)
             .map_err(|_| ApiError::invalid("proxy_id", "must be a 24-character hexadecimal ObjectId"))?;
         let proxies = self.inner.store.proxies();
-        let before = proxies.find_one(doc! { "_id": id }).await.map_err(store_error)?;
-        let Some(before) = before else { return Err(ApiError::not_found(format!("proxy {id} not found"))) };
-        let dropped = count(before.in_use);
-        let filter = doc! { "_id": id, "is_rotating": true, "rotation_job": &req.job_id };
-        let update = doc! {
-            "$set": {
-                "in_use": 0, "used_count": 0, "proxy_used": [], "is_rotating": false, "rotating_since": null,
-                "updatedAt": DateTime::now(),
-            },
-            "$inc": { "lease_rev": 1 },
-        };
-        let res = proxies.update_one(filter, update).await.map_err(store_error)?;
+        // The reset is guarded by the revision it read, so the leases it reports (and calls back) are exactly the
+        // ones it dropped, even if a holder returns one at the same moment.
+        let mut matched = None;
+        for _ in 0..MAX_ATTEMPTS {
+            let Some(before) = proxies.find_one(doc! { "_id": id }).await.map_err(store_error)? else {
+                return Err(ApiError::not_found(format!("proxy {id} not found")));
+            };
+            let filter = doc! {
+                "_id": id, "is_rotating": true, "rotation_job": &req.job_id, "lease_rev": before.lease_rev,
+            };
+            let update = doc! {
+                "$set": {
+                    "in_use": 0, "used_count": 0, "proxy_used": [], "is_rotating": false, "rotating_since": null,
+                    "updatedAt": DateTime::now(),
+                },
+                "$inc": { "lease_rev": 1 },
+            };
+            if proxies.update_one(filter, update).await.map_err(store_error)?.matched_count == 1 {
+                matched = Some(before);
+                break;
+            }
+            if !(before.is_rotating && before.rotation_job.as_deref() == Some(req.job_id.as_str())) {
+                break;
+            }
+        }
         let doc = proxies.find_one(doc! { "_id": id }).await.map_err(store_error)?;
         let Some(doc) = doc else { return Err(ApiError::not_found(format!("proxy {id} not found"))) };
-        if res.matched_count == 0 && (doc.is_rotating || doc.rotation_job.as_deref() != Some(req.job_id.as_str())) {
+        if matched.is_none() && (doc.is_rotating || doc.rotation_job.as_deref() != Some(req.job_id.as_str())) {
             return Err(ApiError::new(
                 ErrorCode::Conflict,
                 format!("proxy {id} is not locked by rotation job {}", req.job_id),
@@ -591,8 +604,8 @@ impl LeaseService {
         }
         let entry = Entry::from(&doc);
         self.index().apply(id, entry.clone());
-        let dropped_leases = if res.matched_count == 1 { dropped } else { 0 };
-        let notices = if res.matched_count == 1 { before.callback_notices(TakenReason::Rotated) } else { Vec::new() };
+        let dropped_leases = matched.as_ref().map_or(0, |b| count(b.in_use));
+        let notices = matched.as_ref().map_or_else(Vec::new, |b| b.callback_notices(TakenReason::Rotated));
         let event = self.event(id, ChangeReason::Rotated, &entry);
         Ok(Outcome { value: RotatedReply { dropped_leases }, event, notices })
     }

@@ -368,3 +368,20 @@ async fn callback_urls_into_the_network_are_refused() -> R {
     w.app.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disable_auto_rotate_skips_the_rotate_call_and_only_checks_the_ip() -> R {
+    let w = world().await?;
+    // Calling this rotate URL would fail the rotation: it must not be called.
+    w.fake.answer("never", 500, "must not be called");
+    w.fake.set_public_ip("198.51.100.9");
+    let id = w.proxy("never", |d| d.disable_auto_rotate = true).await?;
+    let rotator = w.app.start_rotator(w.app.rotator_config(&w.fake)).await?;
+    let d = w.wait_for(id, "IP-only check", 20, rotated).await?;
+    assert_eq!(w.fake.calls("never"), 0);
+    assert_eq!(d.ip_public.as_deref(), Some("198.51.100.9"));
+    assert!(!d.is_error);
+    rotator.stop().await;
+    w.app.shutdown().await;
+    Ok(())
+}

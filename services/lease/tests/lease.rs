@@ -267,10 +267,10 @@ async fn database_outage_is_a_fast_503_and_recovers() -> R {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_not_returned_within_the_ttl_are_taken_back() -> R {
-    let app = TestApp::builder().proxy_use_max(2).lease_ttl(Duration::from_secs(1)).seed(Area::Vn, 1).spawn().await?;
+    let app = TestApp::builder().proxy_use_max(2).lease_ttl(Duration::from_secs(2)).seed(Area::Vn, 1).spawn().await?;
     let forgotten = app.nats_acquire("vn", "crashed-consumer").await?.into_result()?;
     assert!(forgotten.expires_at.is_some_and(|t| t > forgotten.leased_at), "the grant says when it expires");
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     let fresh = app.nats_acquire("vn", "live-consumer").await?.into_result()?;
     // The first lease expires, the second (younger) one is kept.
     let deadline = Instant::now() + Duration::from_secs(10);

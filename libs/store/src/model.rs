@@ -24,10 +24,11 @@ pub mod collections {
 pub const DEFAULT_ROTATE_TIME_SECS: i64 = 60;
 
 /// `proxies.status`: 0 = PENDING, 1 = PROCESSING, 2 = COMPLETED.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(from = "i32", into = "i32")]
 pub enum ProxyStatus {
     /// Never rotated, or waiting.
+    #[default]
     Pending,
     /// A rotation is running.
     Processing,
@@ -52,12 +53,6 @@ impl From<ProxyStatus> for i32 {
             ProxyStatus::Processing => 1,
             ProxyStatus::Completed => 2,
         }
-    }
-}
-
-impl Default for ProxyStatus {
-    fn default() -> Self {
-        ProxyStatus::Pending
     }
 }
 

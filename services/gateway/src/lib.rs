@@ -9,7 +9,7 @@
 //! - [`auth`]: static key (constant time), client IP and `TRUSTED_PROXIES`.
 //! - [`error`]: the one HTTP error type.
 //! - [`state`]: handler state and the NATS request helper.
-//! - [`routes`]: handlers.
+//! - [`routes`]: the handlers, one module per resource.
 //! - [`openapi`]: the OpenAPI document and Swagger UI.
 
 pub mod auth;

@@ -56,7 +56,7 @@ impl LeaseConfig {
             max_in_flight,
             callback_allow_private: env.bool_or("CALLBACK_ALLOW_PRIVATE", false)?,
             lease_ttl: match env.parse_or::<f64>("LEASE_TTL", 3600.0)? {
-                t if t == 0.0 => None,
+                0.0 => None,
                 t if t > 0.0 && t.is_finite() => Some(Duration::from_secs_f64(t)),
                 _ => return Err(ConfigError::invalid("LEASE_TTL", "must be 0 (off) or a positive number of seconds")),
             },

@@ -98,7 +98,7 @@ impl RotatorMetrics {
     fn new() -> Self {
         let registry = proxypool_telemetry::metrics::Metrics::new("proxypool_rotator");
         let rotations = Family::<ResultLabel, Counter>::default();
-        let duration = Histogram::new([0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0].into_iter());
+        let duration = Histogram::new([0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]);
         let queue_depth = Gauge::default();
         let callbacks = Family::<ResultLabel, Counter>::default();
         registry.register("rotations", "Rotations finished, by result", rotations.clone());

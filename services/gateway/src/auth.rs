@@ -111,8 +111,9 @@ impl axum::extract::FromRequestParts<crate::state::AppState> for Admin {
         parts: &mut axum::http::request::Parts,
         state: &crate::state::AppState,
     ) -> Result<Self, Self::Rejection> {
-        let c = &state.config;
-        admin_from_headers(&parts.headers, c.allowed_api_key.expose(), c.jwt_secret.expose())?
+        MaybeAdmin::from_request_parts(parts, state)
+            .await?
+            .0
             .ok_or_else(|| HttpError::unauthorized("admin routes need Authorization: Bearer <token> or the API key"))
     }
 }

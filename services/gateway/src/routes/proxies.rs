@@ -402,26 +402,36 @@ pub async fn update_proxy(
     d.map(|d| Json(ProxyView::of(d, true))).ok_or_else(|| ApiError::not_found(format!("proxy {id} not found")).into())
 }
 
-async fn delete_ids(state: &AppState, ids: &[ObjectId]) -> HttpResult<DeleteResult> {
-    let coll = state.store.proxies();
-    let found = coll.count_documents(doc! { "_id": { "$in": ids } }).await.map_err(|e| db_error(e, "proxy"))?;
-    if found != ids.len() as u64 {
-        return Err(ApiError::not_found(format!("{} of the proxy ids do not exist", ids.len() as u64 - found)).into());
-    }
-    // Read before deleting, to call back the holders of leases on them.
-    let doomed: Vec<ProxyDoc> = coll
-        .find(doc! { "_id": { "$in": ids } })
+async fn find_proxies(state: &AppState, filter: Document) -> HttpResult<Vec<ProxyDoc>> {
+    state
+        .store
+        .proxies()
+        .find(filter)
         .await
         .map_err(|e| db_error(e, "proxy"))?
         .try_collect()
         .await
-        .map_err(|e| db_error(e, "proxy"))?;
-    let held: Vec<ProxyDoc> = doomed.into_iter().filter(|d| !d.proxy_used.is_empty()).collect();
-    let res = coll.delete_many(doc! { "_id": { "$in": ids } }).await.map_err(|e| db_error(e, "proxy"))?;
-    announce(state, ids, ChangeReason::Deleted).await;
-    let notices: Vec<_> = held.iter().flat_map(|d| d.callback_notices(TakenReason::ProxyDeleted)).collect();
+        .map_err(|e| db_error(e, "proxy"))
+}
+
+/// Deletes the proxies `doomed` (read just before, so that the holders of leases on them can be called back).
+async fn delete_docs(state: &AppState, doomed: &[ProxyDoc]) -> HttpResult<DeleteResult> {
+    let ids: Vec<ObjectId> = doomed.iter().map(|d| d.id).collect();
+    let res =
+        state.store.proxies().delete_many(doc! { "_id": { "$in": &ids } }).await.map_err(|e| db_error(e, "proxy"))?;
+    announce(state, &ids, ChangeReason::Deleted).await;
+    let notices: Vec<_> = doomed.iter().flat_map(|d| d.callback_notices(TakenReason::ProxyDeleted)).collect();
     proxypool_rpc::notices::queue(&state.nats, &notices).await;
     Ok(DeleteResult { deleted: res.deleted_count })
+}
+
+/// Deletes `ids`, all or nothing: an unknown id is a 404 and deletes nothing.
+async fn delete_ids(state: &AppState, ids: &[ObjectId]) -> HttpResult<DeleteResult> {
+    let doomed = find_proxies(state, doc! { "_id": { "$in": ids } }).await?;
+    if doomed.len() != ids.len() {
+        return Err(ApiError::not_found(format!("{} of the proxy ids do not exist", ids.len() - doomed.len())).into());
+    }
+    delete_docs(state, &doomed).await
 }
 
 /// Delete a proxy.
@@ -477,24 +487,11 @@ pub async fn drop_proxies(
     if b.confirm != DROP_CONFIRMATION {
         return Err(ApiError::invalid("confirm", format!("must be exactly {DROP_CONFIRMATION:?}")).into());
     }
-    let ids: Vec<ObjectId> = state
-        .store
-        .proxies()
-        .clone_with_type::<Document>()
-        .find(doc! {})
-        .projection(doc! { "_id": 1 })
-        .await
-        .map_err(|e| db_error(e, "proxy"))?
-        .try_collect::<Vec<Document>>()
-        .await
-        .map_err(|e| db_error(e, "proxy"))?
-        .iter()
-        .filter_map(|d| d.get_object_id("_id").ok())
-        .collect();
-    if ids.is_empty() {
+    let doomed = find_proxies(&state, doc! {}).await?;
+    if doomed.is_empty() {
         return Ok(Json(DeleteResult { deleted: 0 }));
     }
-    let res = delete_ids(&state, &ids).await?;
+    let res = delete_docs(&state, &doomed).await?;
     tracing::warn!(deleted = res.deleted, "all proxies dropped by an admin");
     Ok(Json(res))
 }

@@ -12,11 +12,13 @@
 //! - [`auth`]: users and logins (gateway → auth service).
 //! - [`callback`]: notices to consumers whose lease was taken, and the SSRF rules for their URLs.
 //! - [`rotation`]: rotation jobs, the lease reset after a rotation, rotate-now.
+//! - [`import`]: import requests and jobs (gateway → importer).
 
 pub mod auth;
 pub mod callback;
 pub mod domain;
 pub mod events;
+pub mod import;
 pub mod lease;
 pub mod reply;
 pub mod rotation;

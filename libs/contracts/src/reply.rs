@@ -52,6 +52,8 @@ pub enum ErrorCode {
     NotFound,
     /// The write conflicts with existing data (duplicate, children still attached). HTTP 409.
     Conflict,
+    /// The upload is larger than the configured limit (`IMPORT_MAX_BYTES`). HTTP 413.
+    PayloadTooLarge,
     /// No proxy in the area can take another lease right now; retry later. HTTP 503 with `Retry-After`.
     NoProxyAvailable,
     /// A dependency (NATS, MongoDB, the lease service) is unreachable; retry later. HTTP 503 with `Retry-After`.
@@ -69,6 +71,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => 403,
             ErrorCode::NotFound => 404,
             ErrorCode::Conflict => 409,
+            ErrorCode::PayloadTooLarge => 413,
             ErrorCode::NoProxyAvailable | ErrorCode::ServiceUnavailable => 503,
             ErrorCode::Internal => 500,
         }

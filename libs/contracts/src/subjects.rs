@@ -64,3 +64,23 @@ pub const CALLBACK_STREAM: &str = "PROXYPOOL_CALLBACKS";
 pub const CALLBACK_CONSUMER: &str = "callback-senders";
 /// Gateway → lease service when an admin disables a proxy: drop its leases (their holders are called back).
 pub const LEASECTL_CLEAR: &str = "proxypool.v1.leasectl.clear";
+
+/// Gateway → importer: import an uploaded spreadsheet (request-reply; the file itself is in the
+/// [`IMPORT_UPLOADS_BUCKET`] object store).
+pub const IMPORT_EXCEL: &str = "proxypool.v1.importer.excel";
+/// Gateway → importer: import the KiotProxy keys.
+pub const IMPORT_KIOT: &str = "proxypool.v1.importer.kiot";
+/// Gateway → importer: import the active ZingProxy proxies.
+pub const IMPORT_ZING: &str = "proxypool.v1.importer.zing";
+/// Gateway → importer: the state of an import job.
+pub const IMPORT_STATUS: &str = "proxypool.v1.importer.status";
+/// Every importer request subject.
+pub const IMPORT_ALL: [&str; 4] = [IMPORT_EXCEL, IMPORT_KIOT, IMPORT_ZING, IMPORT_STATUS];
+/// Queue group of the importer replicas.
+pub const IMPORTER_QUEUE_GROUP: &str = "proxypool-importer";
+/// JetStream object store bucket holding uploaded spreadsheets until their import has read them.
+pub const IMPORT_UPLOADS_BUCKET: &str = "proxypool_import_uploads";
+/// JetStream key-value bucket of the importer's locks (one import at a time; the ZingProxy schedule).
+pub const IMPORT_LOCKS_BUCKET: &str = "proxypool_importer_locks";
+/// Importer → lease replicas after a bulk import: reload the whole index (one event instead of one per proxy).
+pub const LEASECTL_RELOAD: &str = "proxypool.v1.leasectl.reload";

@@ -5,6 +5,7 @@
 //! error envelope when the request is malformed or the handler fails or overruns its deadline), and on shutdown
 //! stops taking requests and waits, bounded, for those in flight.
 
+pub mod buckets;
 pub mod notices;
 
 use std::future::Future;

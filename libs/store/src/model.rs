@@ -18,6 +18,8 @@ pub mod collections {
     pub const PROXY_PROVIDERS: &str = "proxy_providers";
     /// `users`.
     pub const USERS: &str = "users";
+    /// `import_jobs` (our addition): one document per import, with its counts and row errors.
+    pub const IMPORT_JOBS: &str = "import_jobs";
 }
 
 /// SPEC.md's default rotation interval in seconds.

@@ -69,7 +69,9 @@ impl Store {
     ///
     /// - the unique indexes of SPEC.md (`proxy_packages.code`; `proxy_providers.name/account/domain`;
     ///   `users.email/username`);
-    /// - `package` on `proxies.proxy_package_id` for reference checks and listings.
+    /// - `package` on `proxies.proxy_package_id` for reference checks and listings;
+    /// - `address` on `proxies.ip, port`: how imports find the proxy a row describes. Not unique: the rotator moves
+    ///   proxies to new addresses, and two providers may briefly hand out the same one.
     pub async fn ensure_indexes(&self) -> Result<(), StoreError> {
         let unique = |keys: bson::Document, name: &str| {
             IndexModel::builder()
@@ -94,7 +96,12 @@ impl Store {
                 unique(doc! { "username": 1 }, "username_unique"),
             ])
             .await?;
-        self.proxies().create_index(plain(doc! { "proxy_package_id": 1 }, "package")).await?;
+        self.proxies()
+            .create_indexes([
+                plain(doc! { "proxy_package_id": 1 }, "package"),
+                plain(doc! { "ip": 1, "port": 1 }, "address"),
+            ])
+            .await?;
         Ok(())
     }
 }

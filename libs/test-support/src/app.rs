@@ -38,6 +38,7 @@ pub struct TestAppBuilder {
     bcrypt_cost: u32,
     callback_allow_private: bool,
     lease_ttl: Option<Duration>,
+    import_max_bytes: usize,
 }
 
 impl Default for TestAppBuilder {
@@ -53,6 +54,7 @@ impl Default for TestAppBuilder {
             bcrypt_cost: 4,
             callback_allow_private: false,
             lease_ttl: None,
+            import_max_bytes: 20 * 1024 * 1024,
         }
     }
 }
@@ -91,6 +93,12 @@ impl TestAppBuilder {
     /// `LEASE_TTL` (off by default in tests).
     pub fn lease_ttl(mut self, ttl: Duration) -> Self {
         self.lease_ttl = Some(ttl);
+        self
+    }
+
+    /// `IMPORT_MAX_BYTES` of the gateway.
+    pub fn import_max_bytes(mut self, n: usize) -> Self {
+        self.import_max_bytes = n;
         self
     }
 
@@ -150,6 +158,7 @@ impl TestAppBuilder {
             jwt_secret: Secret::new(JWT_SECRET.to_owned()),
             ip_allowed: self.ip_allowed.iter().filter_map(|s| parse_net(s)).collect(),
             trusted_proxies: self.trusted_proxies.iter().filter_map(|s| parse_net(s)).collect(),
+            import_max_bytes: self.import_max_bytes,
             nats: app.nats_config.clone(),
             store: app.store_config.clone(),
         };
@@ -181,6 +190,23 @@ impl RotatorHandle {
     pub async fn kill(self) {
         let _ = self.kill.send(());
         let _ = tokio::task::spawn_blocking(move || self.thread.join()).await;
+    }
+}
+
+/// A running importer.
+#[derive(Debug)]
+pub struct ImporterHandle {
+    /// The importer (metrics, config).
+    pub importer: proxypool_importer::Importer,
+    trigger: ShutdownTrigger,
+    handle: JoinHandle<()>,
+}
+
+impl ImporterHandle {
+    /// Graceful stop.
+    pub async fn stop(self) {
+        self.trigger.fire();
+        let _ = self.handle.await;
     }
 }
 
@@ -447,6 +473,44 @@ impl TestApp {
             }
         }
         Ok(RotatorHandle { trigger, kill: kill_tx, thread })
+    }
+
+    /// An importer configuration for tests: no provider integrations (set `kiot`/`zing` to point at fakes), a free
+    /// admin port.
+    pub fn importer_config(&self) -> proxypool_importer::ImporterConfig {
+        proxypool_importer::ImporterConfig {
+            kiot: None,
+            zing: None,
+            http_timeout: Duration::from_secs(3),
+            batch: 1_000,
+            admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            nats: self.nats_config.clone(),
+            store: self.store_config.clone(),
+        }
+    }
+
+    /// Starts an importer and waits until it answers.
+    pub async fn start_importer(&self, config: proxypool_importer::ImporterConfig) -> anyhow::Result<ImporterHandle> {
+        let client = self.nats_config.connect("test-importer").await?;
+        let store = Store::connect(&self.store_config, "test-importer").await?;
+        let importer = proxypool_importer::Importer::new(config, store, client.clone())?;
+        importer.setup().await.map_err(anyhow::Error::msg)?;
+        let (trigger, shutdown) = Shutdown::new();
+        let i = importer.clone();
+        let handle = tokio::spawn(async move {
+            if let Err(e) = proxypool_importer::run(i, client, shutdown).await {
+                tracing::error!(error = %e, "importer failed");
+            }
+        });
+        // Ready once it answers (an unknown job is refused, which proves the subscription).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while self.client.request(subjects::IMPORT_STATUS, "{}".into()).await.is_err() {
+            if tokio::time::Instant::now() > deadline {
+                bail!("the importer did not answer within 20 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(ImporterHandle { importer, trigger, handle })
     }
 
     /// Inserts one proxy shaped by `f` and announces it.

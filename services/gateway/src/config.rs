@@ -22,6 +22,8 @@ pub struct GatewayConfig {
     /// `TRUSTED_PROXIES`: addresses or ranges of reverse proxies whose `X-Forwarded-For` is believed. Empty (the
     /// default) believes nobody, so the header cannot be used to spoof an allowed IP.
     pub trusted_proxies: Vec<IpNet>,
+    /// `IMPORT_MAX_BYTES` (default 20 MiB): largest spreadsheet `POST /api/proxies/import` accepts (413 above).
+    pub import_max_bytes: usize,
     /// NATS.
     pub nats: NatsConfig,
     /// MongoDB.
@@ -65,6 +67,7 @@ impl GatewayConfig {
             jwt_secret: Secret::new(jwt_secret),
             ip_allowed: nets(env, "IP_ALLOWED")?,
             trusted_proxies: nets(env, "TRUSTED_PROXIES")?,
+            import_max_bytes: env.parse_or("IMPORT_MAX_BYTES", 20 * 1024 * 1024)?,
             nats: NatsConfig::from_env(env)?,
             store: StoreConfig::from_env(env)?,
         })

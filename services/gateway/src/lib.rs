@@ -23,6 +23,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::DefaultBodyLimit;
 use axum::routing::get;
 use axum::Router;
 use proxypool_settings::shutdown::Shutdown;
@@ -38,8 +39,10 @@ pub use state::AppState;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The router with every route, and the OpenAPI document built from the same handler annotations.
-pub fn router_and_doc() -> (Router<AppState>, utoipa::openapi::OpenApi) {
-    use routes::{consumer, health, packages, providers, proxies, users};
+///
+/// `upload_limit` bounds the body of the spreadsheet upload route (every other route keeps axum's 2 MB default).
+pub fn router_and_doc(upload_limit: usize) -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    use routes::{consumer, health, imports, packages, providers, proxies, users};
     use utoipa::OpenApi;
     use utoipa_axum::router::OpenApiRouter;
     use utoipa_axum::routes;
@@ -64,12 +67,20 @@ pub fn router_and_doc() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(proxies::bulk_delete_proxies))
         .routes(routes!(proxies::drop_proxies))
         .routes(routes!(proxies::rotate_proxy))
+        .routes({
+            // The multipart framing adds a little to the file; the handler enforces the exact limit with a 413.
+            let (schemas, paths, method) = routes!(imports::import_excel);
+            (schemas, paths, method.layer(DefaultBodyLimit::max(upload_limit.saturating_add(64 * 1024))))
+        })
+        .routes(routes!(imports::import_kiot))
+        .routes(routes!(imports::import_zing))
+        .routes(routes!(imports::get_import))
         .split_for_parts()
 }
 
 /// The router with every route, `/openapi.json` and the Swagger UI at `/swagger`.
 pub fn router(state: AppState) -> Router {
-    let (api, doc) = router_and_doc();
+    let (api, doc) = router_and_doc(state.config.import_max_bytes);
     let doc = Arc::new(doc);
     let swagger = swagger_ui_dist::generate_routes(swagger_ui_dist::ApiDefinition {
         uri_prefix: "/swagger",

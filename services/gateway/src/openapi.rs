@@ -53,6 +53,7 @@ impl Modify for Security {
         (name = "providers", description = "Proxy providers"),
         (name = "packages", description = "Proxy packages"),
         (name = "proxies", description = "Proxies"),
+        (name = "imports", description = "Import proxies from spreadsheets and provider APIs, as tracked jobs"),
         (name = "health", description = "Probes"),
     )
 )]

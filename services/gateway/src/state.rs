@@ -31,11 +31,26 @@ impl AppState {
         subject: &'static str,
         req: &Req,
     ) -> Result<Resp, ApiError> {
+        self.request_within(subject, req, None).await
+    }
+
+    /// [`AppState::request`] with its own timeout instead of `NATS_REQUEST_TIMEOUT` (for requests that wait for
+    /// work, such as small imports).
+    pub async fn request_within<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        subject: &'static str,
+        req: &Req,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<Resp, ApiError> {
         if self.nats.connection_state() != async_nats::connection::State::Connected {
             return Err(ApiError::unavailable("the message bus is unreachable; retry shortly"));
         }
         let body = serde_json::to_vec(req).map_err(|e| ApiError::internal(format!("cannot encode request: {e}")))?;
-        let msg = self.nats.request(subject, Bytes::from(body)).await.map_err(|e| match e.kind() {
+        let mut request = async_nats::Request::new().payload(Bytes::from(body));
+        if timeout.is_some() {
+            request = request.timeout(timeout);
+        }
+        let msg = self.nats.send_request(subject, request).await.map_err(|e| match e.kind() {
             RequestErrorKind::NoResponders => {
                 ApiError::unavailable(format!("no service answers {subject}; retry shortly"))
             }

@@ -1,6 +1,7 @@
 //! The NATS side: request-reply handlers in a queue group (through `proxypool-rpc`), the `proxy.changed` listener and
 //! index maintenance.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::{Client, Message, Subscriber};
@@ -13,6 +14,7 @@ use proxypool_contracts::{subjects, ApiError};
 use proxypool_rpc::{encode, parse, ServeOptions};
 use proxypool_settings::shutdown::Shutdown;
 use serde::Serialize;
+use tokio::sync::Notify;
 
 use crate::service::{LeaseService, Outcome};
 
@@ -27,7 +29,7 @@ pub enum ServeError {
     #[error(transparent)]
     Subscribe(#[from] proxypool_rpc::SubscribeError),
     /// The event subscription could not be made.
-    #[error("cannot subscribe to proxypool.v1.proxy.changed: {0}")]
+    #[error("cannot subscribe to an event subject: {0}")]
     Events(#[source] async_nats::SubscribeError),
 }
 
@@ -120,8 +122,17 @@ async fn reap(service: LeaseService, client: Client, mut shutdown: Shutdown) {
     }
 }
 
-/// Creates indexes and loads the lease index (retrying while the database is down), then reloads it every `period`.
-async fn maintain_index(service: LeaseService, period: Duration, mut shutdown: Shutdown) {
+/// Turns `leasectl.reload` broadcasts (sent after bulk imports) into a wake-up of [`maintain_index`]. Several
+/// broadcasts during one reload collapse into one more reload.
+async fn listen_reloads(mut requests: Subscriber, wake: Arc<Notify>) {
+    while requests.next().await.is_some() {
+        wake.notify_one();
+    }
+}
+
+/// Creates indexes and loads the lease index (retrying while the database is down), then reloads it every `period`
+/// or when woken by `wake`.
+async fn maintain_index(service: LeaseService, period: Duration, wake: Arc<Notify>, mut shutdown: Shutdown) {
     let mut backoff = Duration::from_millis(200);
     let mut indexes_done = false;
     loop {
@@ -146,6 +157,7 @@ async fn maintain_index(service: LeaseService, period: Duration, mut shutdown: S
         };
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
+            () = wake.notified() => tracing::debug!("reloading the lease index on request"),
             () = shutdown.wait() => return,
         }
     }
@@ -162,6 +174,8 @@ pub async fn serve(
     // Subscribe to changes before the first load, so that no change falls between the load and the subscription,
     // and to requests before reporting loaded, so that a loaded replica is a reachable one.
     let events = client.subscribe(subjects::PROXY_CHANGED).await.map_err(ServeError::Events)?;
+    let reloads = client.subscribe(subjects::LEASECTL_RELOAD).await.map_err(ServeError::Events)?;
+    let wake = Arc::new(Notify::new());
     let requests = proxypool_rpc::subscribe(
         &client,
         &[subjects::LEASE_ACQUIRE, subjects::LEASE_RELEASE, subjects::LEASECTL_ROTATED, subjects::LEASECTL_CLEAR],
@@ -169,7 +183,8 @@ pub async fn serve(
     )
     .await?;
     let listener = tokio::spawn(listen_events(service.clone(), events));
-    let maintenance = tokio::spawn(maintain_index(service.clone(), index_refresh, shutdown.clone()));
+    let reload_listener = tokio::spawn(listen_reloads(reloads, wake.clone()));
+    let maintenance = tokio::spawn(maintain_index(service.clone(), index_refresh, wake, shutdown.clone()));
     let reaper = tokio::spawn(reap(service.clone(), client.clone(), shutdown.clone()));
     tracing::info!(instance = service.instance_id(), "lease service serving");
     let options = ServeOptions { queue_group: subjects::LEASE_QUEUE_GROUP, max_in_flight, deadline: REQUEST_DEADLINE };
@@ -179,6 +194,7 @@ pub async fn serve(
     })
     .await;
     listener.abort();
+    reload_listener.abort();
     maintenance.abort();
     reaper.abort();
     tracing::info!("lease service stopped");

@@ -93,6 +93,8 @@ pub fn guard_filter(id: ObjectId, area: Area, now: DateTime, max: u32, unused_th
         "is_active": true,
         "is_rotating": false,
         "in_use": { "$lt": max },
+        // A proxy imported without an address (a KiotProxy key before its first rotation) is not leasable.
+        "ip": { "$ne": "" },
     };
     if unused_this_cycle {
         filter.insert("used_count", 0);
@@ -155,6 +157,8 @@ struct LeaseView {
     #[serde(rename = "_id")]
     id: ObjectId,
     area: Area,
+    #[serde(default)]
+    ip: String,
     #[serde(default = "yes")]
     is_active: bool,
     #[serde(default)]
@@ -183,7 +187,7 @@ impl From<&LeaseView> for Entry {
     fn from(v: &LeaseView) -> Self {
         Entry {
             area: v.area,
-            is_active: v.is_active,
+            is_active: v.is_active && !v.ip.is_empty(),
             is_rotating: v.is_rotating,
             in_use: count(v.in_use),
             used_count: count(v.used_count),
@@ -198,7 +202,7 @@ impl From<&ProxyDoc> for Entry {
     fn from(d: &ProxyDoc) -> Self {
         Entry {
             area: d.area,
-            is_active: d.is_active,
+            is_active: d.is_active && !d.ip.is_empty(),
             is_rotating: d.is_rotating,
             in_use: count(d.in_use),
             used_count: count(d.used_count),
@@ -364,7 +368,7 @@ impl LeaseService {
     pub async fn reload(&self) -> Result<usize, StoreError> {
         let token = self.index().begin_reload();
         let projection = doc! {
-            "_id": 1, "area": 1, "is_active": 1, "is_rotating": 1, "in_use": 1, "used_count": 1,
+            "_id": 1, "area": 1, "ip": 1, "is_active": 1, "is_rotating": 1, "in_use": 1, "used_count": 1,
             "last_used_at": 1, "next_rotate": 1, "lease_rev": 1,
         };
         let mut cursor = self

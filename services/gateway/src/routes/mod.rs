@@ -4,6 +4,7 @@ pub mod body;
 pub mod common;
 pub mod consumer;
 pub mod health;
+pub mod imports;
 pub mod packages;
 pub mod providers;
 pub mod proxies;

@@ -24,7 +24,7 @@ trap cleanup EXIT INT TERM
 wait_port() { for _ in $(seq 1 200); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "run: nothing listens on $1 ($2); see var/log/" >&2; exit 1; }
 
 echo "run: building the services (release)…"
-cargo build --release --locked -p proxypool-lease -p proxypool-auth -p proxypool-rotator -p proxypool-gateway
+cargo build --release --locked -p proxypool-lease -p proxypool-auth -p proxypool-rotator -p proxypool-importer -p proxypool-gateway
 
 nats-server -a 127.0.0.1 -p "$nats_port" -js -sd var/nats >var/log/nats.log 2>&1 & pids+=($!)
 wait_port "$nats_port" nats-server
@@ -35,6 +35,7 @@ export NATS_URL MONGODB_URI PORT
 target/release/proxypool-lease >var/log/lease.log 2>&1 & pids+=($!)
 target/release/proxypool-auth >var/log/auth.log 2>&1 & pids+=($!)
 target/release/proxypool-rotator >var/log/rotator.log 2>&1 & pids+=($!)
+target/release/proxypool-importer >var/log/importer.log 2>&1 & pids+=($!)
 target/release/proxypool-gateway >var/log/gateway.log 2>&1 & pids+=($!)
 wait_port "$PORT" proxypool-gateway
 

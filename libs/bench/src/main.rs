@@ -6,11 +6,13 @@
 //! ```text
 //! cargo run --release -p proxypool-bench -- [--secs 3] [--sizes 1000,10000] [--out docs/benchmarks.md]
 //! cargo run --release -p proxypool-bench -- --suite rotation [--sizes 1000,10000]
+//! cargo run --release -p proxypool-bench -- --suite import --sizes 100000
 //! ```
 //!
 //! The benchmark sets `PROXY_USE_MAX` very high so that a run never spends the per-rotation budget (`used_count`);
 //! the write a lease makes is the same whatever the limit.
 
+mod import;
 mod measure;
 mod rotation;
 
@@ -69,15 +71,16 @@ struct Row {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = args()?;
-    if args.suite == "rotation" {
-        let report = rotation::run(&args.sizes).await?;
+    if args.suite == "rotation" || args.suite == "import" {
+        let report =
+            if args.suite == "rotation" { rotation::run(&args.sizes).await? } else { import::run(&args.sizes).await? };
         println!("{report}");
         if let Some(path) = &args.out {
             std::fs::write(path, &report).with_context(|| format!("cannot write {path}"))?;
         }
         return Ok(());
     }
-    anyhow::ensure!(args.suite == "lease", "--suite is lease or rotation");
+    anyhow::ensure!(args.suite == "lease", "--suite is lease, rotation or import");
     let dur = Duration::from_secs_f64(args.secs);
     let mut rows: Vec<Row> = Vec::new();
     let mut push = |what: &str, size: String, clients: usize, stats: Stats, per_op: &'static str| {

@@ -20,6 +20,7 @@ use proxypool_settings::shutdown::Shutdown;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 /// How long shutdown waits for in-flight requests.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -58,6 +59,52 @@ pub struct ServeOptions {
     pub max_in_flight: usize,
     /// Longest a request may run before it is answered `service_unavailable`.
     pub deadline: Duration,
+    /// Request counts and durations, when the service exports metrics.
+    pub metrics: Option<proxypool_telemetry::metrics::RequestMetrics>,
+}
+
+/// Sends a request carrying the current span's trace context (W3C `traceparent` in the headers), in a client span,
+/// so the handler's work joins the caller's trace. `timeout` overrides the client's request timeout.
+pub async fn request(
+    client: &Client,
+    subject: &'static str,
+    payload: Bytes,
+    timeout: Option<Duration>,
+) -> Result<Message, async_nats::RequestError> {
+    let span = tracing::info_span!("nats.request", subject, otel.kind = "client");
+    async {
+        let mut req =
+            async_nats::Request::new().payload(payload).headers(proxypool_telemetry::propagation::nats_headers());
+        if timeout.is_some() {
+            req = req.timeout(timeout);
+        }
+        let res = client.send_request(subject, req).await;
+        if res.is_err() {
+            proxypool_telemetry::metrics::dependency_error("nats");
+        }
+        res
+    }
+    .instrument(span)
+    .await
+}
+
+/// The outcome label of an encoded reply: `ok`, or the error code.
+fn outcome(body: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Code {
+        code: proxypool_contracts::ErrorCode,
+    }
+    #[derive(serde::Deserialize)]
+    struct Envelope {
+        error: Option<Code>,
+    }
+    match serde_json::from_slice::<Envelope>(body) {
+        Ok(Envelope { error: None }) => "ok".to_owned(),
+        Ok(Envelope { error: Some(c) }) => {
+            serde_json::to_value(c.code).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+        }
+        Err(_) => "unknown".to_owned(),
+    }
 }
 
 /// Subscriptions to request subjects in a queue group, made before serving so that a caller can do more set-up
@@ -117,11 +164,16 @@ where
         };
         let Ok(permit) = permits.clone().acquire_owned().await else { break };
         let (client, handler, deadline) = (client.clone(), handler.clone(), options.deadline);
+        let metrics = options.metrics.clone();
+        // One server span per request, continuing the caller's trace from the message headers.
+        let span = tracing::info_span!("nats.handle", subject, otel.kind = "server");
+        proxypool_telemetry::propagation::continue_from_nats(&span, msg.headers.as_ref());
+        let started = std::time::Instant::now();
         tokio::spawn(async move {
             let reply_to = msg.reply.clone();
             // The handler runs in its own task: past the deadline the caller gets `service_unavailable`, but a
             // handler that already wrote still finishes its work (events, notices) instead of being cut off.
-            let work = tokio::spawn(handler(subject, msg));
+            let work = tokio::spawn(handler(subject, msg).instrument(span));
             let body = match tokio::time::timeout(deadline, work).await {
                 Ok(Ok(body)) => body,
                 Ok(Err(e)) => {
@@ -130,9 +182,16 @@ where
                 }
                 Err(_) => encode::<()>(Err(ApiError::unavailable("the request did not finish in time; retry shortly"))),
             };
+            if let Some(m) = &metrics {
+                let labels = proxypool_telemetry::metrics::RequestLabels { subject, outcome: outcome(&body) };
+                m.requests.get_or_create(&labels).inc();
+                let s = proxypool_telemetry::metrics::SubjectLabel { subject };
+                m.duration.get_or_create(&s).observe(started.elapsed().as_secs_f64());
+            }
             match reply_to {
                 Some(to) => {
                     if let Err(e) = client.publish(to, body).await {
+                        proxypool_telemetry::metrics::dependency_error("nats");
                         tracing::warn!(error = %e, subject, "cannot publish a reply");
                     }
                 }

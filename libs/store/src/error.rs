@@ -23,11 +23,13 @@ impl StoreError {
         use proxypool_contracts::{ApiError, ErrorCode};
         match self {
             StoreError::Unavailable(e) => {
+                proxypool_telemetry::metrics::dependency_error("mongodb");
                 tracing::warn!(error = %e, "database unavailable");
                 ApiError::unavailable("the database is unreachable; retry shortly")
             }
             StoreError::Duplicate(_) => ApiError::new(ErrorCode::Conflict, format!("{what} already exists")),
             StoreError::Other(e) => {
+                proxypool_telemetry::metrics::dependency_error("mongodb");
                 tracing::error!(error = ?e, "database error");
                 ApiError::internal("unexpected database error")
             }

@@ -142,6 +142,7 @@ impl TestAppBuilder {
             leases: Vec::new(),
             gateway: None,
             auth: None,
+            auth_admin: None,
             next_instance: 0,
         };
         app.package_id = app.insert_package().await?;
@@ -174,6 +175,8 @@ fn parse_net(s: &str) -> Option<ipnet::IpNet> {
 /// A running rotator.
 #[derive(Debug)]
 pub struct RotatorHandle {
+    /// Its admin endpoint (`/metrics`, `/healthz`, `/readyz`).
+    pub admin_addr: SocketAddr,
     trigger: ShutdownTrigger,
     kill: tokio::sync::oneshot::Sender<()>,
     thread: std::thread::JoinHandle<()>,
@@ -198,6 +201,8 @@ impl RotatorHandle {
 pub struct ImporterHandle {
     /// The importer (metrics, config).
     pub importer: proxypool_importer::Importer,
+    /// Its admin endpoint (`/metrics`, `/healthz`, `/readyz`).
+    pub admin_addr: SocketAddr,
     trigger: ShutdownTrigger,
     handle: JoinHandle<()>,
 }
@@ -215,6 +220,8 @@ impl ImporterHandle {
 pub struct LeaseReplica {
     /// The service (index inspection).
     pub service: LeaseService,
+    /// Its admin endpoint (`/metrics`, `/healthz`, `/readyz`).
+    pub admin_addr: SocketAddr,
     trigger: ShutdownTrigger,
     handle: JoinHandle<()>,
 }
@@ -246,6 +253,8 @@ pub struct TestApp {
     leases: Vec<LeaseReplica>,
     gateway: Option<(ShutdownTrigger, JoinHandle<()>)>,
     auth: Option<(ShutdownTrigger, JoinHandle<()>)>,
+    /// The auth service's admin endpoint.
+    pub auth_admin: Option<SocketAddr>,
     next_instance: usize,
 }
 
@@ -345,6 +354,8 @@ impl TestApp {
         .allow_private_callbacks(self.callback_allow_private)
         .lease_ttl(self.lease_ttl);
         let (trigger, shutdown) = Shutdown::new();
+        let admin_addr =
+            proxypool_lease::server::serve_admin(&service, &client, SocketAddr::from(([127, 0, 0, 1], 0))).await?;
         let s = service.clone();
         let handle = tokio::spawn(async move {
             if let Err(e) = proxypool_lease::server::serve(s, client, Duration::from_secs(3600), 512, shutdown).await {
@@ -358,7 +369,7 @@ impl TestApp {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        self.leases.push(LeaseReplica { service, trigger, handle });
+        self.leases.push(LeaseReplica { service, admin_addr, trigger, handle });
         Ok(())
     }
 
@@ -373,8 +384,10 @@ impl TestApp {
             proxypool_authn::DEFAULT_TTL,
         )?;
         let (trigger, shutdown) = Shutdown::new();
+        let (admin, requests) = proxypool_auth::serve_admin(&client, SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+        self.auth_admin = Some(admin);
         let handle = tokio::spawn(async move {
-            if let Err(e) = proxypool_auth::serve(service, client, shutdown).await {
+            if let Err(e) = proxypool_auth::serve(service, client, Some(requests), shutdown).await {
                 tracing::error!(error = %e, "auth service failed");
             }
         });
@@ -422,6 +435,7 @@ impl TestApp {
     pub async fn start_rotator(&self, config: proxypool_rotator::RotatorConfig) -> anyhow::Result<RotatorHandle> {
         let store_config = self.store_config.clone();
         let role = config.role;
+        let admin_addr = config.admin_addr;
         let (trigger, shutdown) = Shutdown::new();
         let (kill_tx, kill_rx) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
@@ -472,7 +486,7 @@ impl TestApp {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
-        Ok(RotatorHandle { trigger, kill: kill_tx, thread })
+        Ok(RotatorHandle { admin_addr, trigger, kill: kill_tx, thread })
     }
 
     /// An importer configuration for tests: no provider integrations (set `kiot`/`zing` to point at fakes), a free
@@ -483,7 +497,7 @@ impl TestApp {
             zing: None,
             http_timeout: Duration::from_secs(3),
             batch: 1_000,
-            admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_addr: SocketAddr::from(([127, 0, 0, 1], crate::servers::free_port().unwrap_or(0))),
             nats: self.nats_config.clone(),
             store: self.store_config.clone(),
         }
@@ -493,6 +507,7 @@ impl TestApp {
     pub async fn start_importer(&self, config: proxypool_importer::ImporterConfig) -> anyhow::Result<ImporterHandle> {
         let client = self.nats_config.connect("test-importer").await?;
         let store = Store::connect(&self.store_config, "test-importer").await?;
+        let admin_addr = config.admin_addr;
         let importer = proxypool_importer::Importer::new(config, store, client.clone())?;
         importer.setup().await.map_err(anyhow::Error::msg)?;
         let (trigger, shutdown) = Shutdown::new();
@@ -510,7 +525,7 @@ impl TestApp {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Ok(ImporterHandle { importer, trigger, handle })
+        Ok(ImporterHandle { importer, admin_addr, trigger, handle })
     }
 
     /// Inserts one proxy shaped by `f` and announces it.

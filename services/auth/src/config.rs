@@ -18,6 +18,8 @@ pub struct AuthConfig {
     pub allow_registration: bool,
     /// `JWT_TTL` (seconds, default 14 days).
     pub jwt_ttl: Duration,
+    /// `AUTH_ADMIN_ADDR` (default `0.0.0.0:9101`): `/metrics`, `/healthz`, `/readyz`.
+    pub admin_addr: std::net::SocketAddr,
     /// NATS.
     pub nats: NatsConfig,
     /// MongoDB.
@@ -40,6 +42,7 @@ impl AuthConfig {
             bcrypt_cost,
             allow_registration: env.bool_or("ALLOW_REGISTRATION", false)?,
             jwt_ttl: env.seconds_or("JWT_TTL", proxypool_authn::DEFAULT_TTL)?,
+            admin_addr: env.parse_or("AUTH_ADMIN_ADDR", std::net::SocketAddr::from(([0, 0, 0, 0], 9101)))?,
             nats: NatsConfig::from_env(env)?,
             store: StoreConfig::from_env(env)?,
         })

@@ -23,10 +23,23 @@ use proxypool_settings::shutdown::Shutdown;
 pub use config::AuthConfig;
 pub use service::AuthService;
 
+/// Serves `/metrics`, `/healthz` and `/readyz` (NATS connected) on `addr`; returns the bound address and the
+/// request metrics to pass to [`serve`].
+pub async fn serve_admin(
+    client: &Client,
+    addr: std::net::SocketAddr,
+) -> std::io::Result<(std::net::SocketAddr, proxypool_telemetry::metrics::RequestMetrics)> {
+    let registry = proxypool_telemetry::metrics::Metrics::new("proxypool_auth");
+    let requests = registry.requests();
+    let bound = registry.serve_admin(addr, proxypool_telemetry::metrics::nats_ready(client.clone())).await?;
+    Ok((bound, requests))
+}
+
 /// Serves the auth subjects until `shutdown` fires.
 pub async fn serve(
     service: AuthService,
     client: Client,
+    metrics: Option<proxypool_telemetry::metrics::RequestMetrics>,
     shutdown: Shutdown,
 ) -> Result<(), proxypool_rpc::SubscribeError> {
     let options = ServeOptions {
@@ -34,6 +47,7 @@ pub async fn serve(
         max_in_flight: 64,
         // bcrypt at cost 12 takes ~0.25 s per hash on one core; leave room under the callers' 5 s timeout.
         deadline: Duration::from_secs(4),
+        metrics,
     };
     proxypool_rpc::serve(client, &subjects::AUTH_ALL, options, shutdown, move |subject, msg| {
         let service = service.clone();

@@ -8,7 +8,7 @@ use proxypool_store::Store;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    proxypool_telemetry::init("proxypool-auth").map_err(anyhow::Error::msg)?;
+    let telemetry = proxypool_telemetry::init("proxypool-auth").map_err(anyhow::Error::msg)?;
     let config = AuthConfig::from_env(&Env::process()).context("invalid configuration")?;
     let client = config.nats.connect("proxypool-auth").await.context("cannot connect to NATS")?;
     let store = Store::connect(&config.store, "proxypool-auth").await.context("invalid MongoDB settings")?;
@@ -33,7 +33,12 @@ async fn main() -> anyhow::Result<()> {
         shutdown::signal().await;
         trigger.fire();
     });
-    proxypool_auth::serve(service, client.clone(), shutdown).await?;
+    let (admin, requests) = proxypool_auth::serve_admin(&client, config.admin_addr)
+        .await
+        .with_context(|| format!("cannot listen on {} (AUTH_ADMIN_ADDR)", config.admin_addr))?;
+    tracing::info!(%admin, "auth admin endpoint (/metrics, /healthz, /readyz) listening");
+    proxypool_auth::serve(service, client.clone(), Some(requests), shutdown).await?;
     client.drain().await.context("cannot drain the NATS connection")?;
+    telemetry.shutdown();
     Ok(())
 }

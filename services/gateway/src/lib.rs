@@ -8,6 +8,7 @@
 //! - [`config`]: `GatewayConfig` from the environment.
 //! - [`auth`]: static key (constant time), client IP and `TRUSTED_PROXIES`.
 //! - [`error`]: the one HTTP error type.
+//! - [`metrics`]: Prometheus metrics and the HTTP span.
 //! - [`state`]: handler state and the NATS request helper.
 //! - [`routes`]: the handlers, one module per resource.
 //! - [`openapi`]: the OpenAPI document and Swagger UI.
@@ -15,6 +16,7 @@
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod openapi;
 pub mod routes;
 pub mod state;
@@ -30,7 +32,6 @@ use proxypool_settings::shutdown::Shutdown;
 use proxypool_store::Store;
 use tokio::net::TcpListener;
 use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::TraceLayer;
 
 pub use config::GatewayConfig;
 pub use state::AppState;
@@ -87,10 +88,12 @@ pub fn router(state: AppState) -> Router {
         api_definition: swagger_ui_dist::OpenApiSource::Uri("/openapi.json"),
         title: Some("proxypool API"),
     });
+    let metrics = state.metrics.clone();
     api.route("/openapi.json", get(move || async move { axum::Json(doc.as_ref().clone()) }))
         .layer(TimeoutLayer::with_status_code(axum::http::StatusCode::SERVICE_UNAVAILABLE, REQUEST_TIMEOUT))
-        .layer(TraceLayer::new_for_http())
+        .route_layer(axum::middleware::from_fn_with_state(metrics.clone(), metrics::track))
         .with_state(state)
+        .merge(metrics.registry.router())
         .merge(swagger)
 }
 
@@ -105,7 +108,7 @@ pub async fn run(
     if config.ip_allowed.is_empty() {
         tracing::warn!("IP_ALLOWED is empty: every consumer request will be refused");
     }
-    let state = AppState { config: Arc::new(config), nats, store };
+    let state = AppState { config: Arc::new(config), nats, store, metrics: metrics::GatewayMetrics::new() };
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     tracing::info!(addr = ?listener.local_addr().ok(), "gateway listening");
     axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.wait().await }).await

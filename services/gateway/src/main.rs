@@ -8,7 +8,7 @@ use proxypool_store::Store;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    proxypool_telemetry::init("proxypool-gateway").map_err(anyhow::Error::msg)?;
+    let telemetry = proxypool_telemetry::init("proxypool-gateway").map_err(anyhow::Error::msg)?;
     let config = GatewayConfig::from_env(&Env::process()).context("invalid configuration")?;
     let nats = config.nats.connect("proxypool-gateway").await.context("cannot connect to NATS")?;
     let store = Store::connect(&config.store, "proxypool-gateway").await.context("invalid MongoDB settings")?;
@@ -22,5 +22,6 @@ async fn main() -> anyhow::Result<()> {
     });
     proxypool_gateway::run(listener, config, nats.clone(), store, shutdown).await.context("server error")?;
     nats.drain().await.context("cannot drain the NATS connection")?;
+    telemetry.shutdown();
     Ok(())
 }

@@ -21,6 +21,8 @@ pub struct AppState {
     pub nats: Client,
     /// MongoDB (admin reads and writes of non-lease fields).
     pub store: Store,
+    /// Prometheus metrics.
+    pub metrics: crate::metrics::GatewayMetrics,
 }
 
 impl AppState {
@@ -46,11 +48,10 @@ impl AppState {
             return Err(ApiError::unavailable("the message bus is unreachable; retry shortly"));
         }
         let body = serde_json::to_vec(req).map_err(|e| ApiError::internal(format!("cannot encode request: {e}")))?;
-        let mut request = async_nats::Request::new().payload(Bytes::from(body));
-        if timeout.is_some() {
-            request = request.timeout(timeout);
-        }
-        let msg = self.nats.send_request(subject, request).await.map_err(|e| match e.kind() {
+        // Carries the trace context, so the service's work joins this request's trace.
+        let msg = proxypool_rpc::request(&self.nats, subject, Bytes::from(body), timeout).await.map_err(|e| match e
+            .kind()
+        {
             RequestErrorKind::NoResponders => {
                 ApiError::unavailable(format!("no service answers {subject}; retry shortly"))
             }

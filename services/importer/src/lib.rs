@@ -50,6 +50,7 @@ pub async fn serve(
         max_in_flight: 64,
         // Above the longest wait a caller may ask for, so a waiting request is answered by the handler itself.
         deadline: Duration::from_secs(35),
+        metrics: Some(importer.metrics().requests.clone()),
     };
     proxypool_rpc::serve(client, &subjects::IMPORT_ALL, options, shutdown, move |subject, msg| {
         let importer = importer.clone();
@@ -110,7 +111,8 @@ pub async fn run(
     client: async_nats::Client,
     shutdown: Shutdown,
 ) -> Result<(), proxypool_rpc::SubscribeError> {
-    match importer.metrics().registry.serve_admin(importer.config().admin_addr).await {
+    let ready = proxypool_telemetry::metrics::nats_ready(client.clone());
+    match importer.metrics().registry.serve_admin(importer.config().admin_addr, ready).await {
         Ok(addr) => tracing::info!(%addr, "importer admin endpoint (/metrics, /healthz) listening"),
         Err(e) => tracing::warn!(error = %e, "cannot serve the admin endpoint"),
     }

@@ -8,7 +8,7 @@ use proxypool_store::Store;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    proxypool_telemetry::init("proxypool-importer").map_err(anyhow::Error::msg)?;
+    let telemetry = proxypool_telemetry::init("proxypool-importer").map_err(anyhow::Error::msg)?;
     let config = ImporterConfig::from_env(&Env::process()).context("invalid configuration")?;
     let client = config.nats.connect("proxypool-importer").await.context("cannot connect to NATS")?;
     let store = Store::connect(&config.store, "proxypool-importer").await.context("invalid MongoDB settings")?;
@@ -30,5 +30,6 @@ async fn main() -> anyhow::Result<()> {
     }
     proxypool_importer::run(importer, client.clone(), shutdown).await?;
     client.drain().await.context("cannot drain the NATS connection")?;
+    telemetry.shutdown();
     Ok(())
 }

@@ -70,6 +70,8 @@ pub struct ImporterMetrics {
     pub jobs: Family<JobLabels, Counter>,
     /// Rows by outcome.
     pub rows: Family<RowLabels, Counter>,
+    /// Requests served.
+    pub requests: proxypool_telemetry::metrics::RequestMetrics,
 }
 
 impl ImporterMetrics {
@@ -79,7 +81,8 @@ impl ImporterMetrics {
         let rows = Family::<RowLabels, Counter>::default();
         registry.register("jobs", "Import jobs finished, by kind and status", jobs.clone());
         registry.register("rows", "Imported rows, by kind and outcome", rows.clone());
-        Self { registry, jobs, rows }
+        let requests = registry.requests();
+        Self { registry, jobs, rows, requests }
     }
 }
 
@@ -299,10 +302,15 @@ impl Importer {
         let (tx, mut rx) = watch::channel(Progress { job, bad_file: None });
         self.inner.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(id.clone(), rx.clone());
         let me = self.clone();
-        self.inner.tasks.spawn(async move {
-            me.run(source, tx).await;
-            me.inner.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&id);
-        });
+        // The job outlives the request; its span is a child of the request's, so the import is one trace.
+        let span = tracing::info_span!("import.job", job = %id);
+        self.inner.tasks.spawn(tracing::Instrument::instrument(
+            async move {
+                me.run(source, tx).await;
+                me.inner.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&id);
+            },
+            span,
+        ));
         let wait = Duration::from_millis(wait_ms.min(30_000));
         let _ = tokio::time::timeout(wait, rx.wait_for(|p| p.job.status.is_finished())).await;
         let progress = rx.borrow().clone();

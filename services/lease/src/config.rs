@@ -27,6 +27,8 @@ pub struct LeaseConfig {
     pub callback_allow_private: bool,
     /// Identifies this replica in `proxy.changed` events (`HOSTNAME` in Kubernetes, else random).
     pub instance_id: String,
+    /// `LEASE_ADMIN_ADDR` (default `0.0.0.0:9100`): `/metrics`, `/healthz`, `/readyz`.
+    pub admin_addr: std::net::SocketAddr,
     /// NATS.
     pub nats: NatsConfig,
     /// MongoDB.
@@ -61,6 +63,7 @@ impl LeaseConfig {
                 _ => return Err(ConfigError::invalid("LEASE_TTL", "must be 0 (off) or a positive number of seconds")),
             },
             instance_id: env.get("HOSTNAME").unwrap_or_else(|| format!("lease-{}", bson::oid::ObjectId::new())),
+            admin_addr: env.parse_or("LEASE_ADMIN_ADDR", std::net::SocketAddr::from(([0, 0, 0, 0], 9100)))?,
             nats: NatsConfig::from_env(env)?,
             store: StoreConfig::from_env(env)?,
         })

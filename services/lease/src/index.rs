@@ -199,6 +199,19 @@ impl PoolIndex {
         }
     }
 
+    /// Proxies in `area`: (known, leasable, leases held, rotating).
+    pub fn counts(&self, area: Area) -> (usize, usize, u64, usize) {
+        let mut total = 0;
+        let mut held = 0u64;
+        let mut rotating = 0;
+        for s in self.entries.values().filter(|s| s.entry.area == area) {
+            total += 1;
+            held += u64::from(s.entry.in_use);
+            rotating += usize::from(s.entry.is_rotating);
+        }
+        (total, self.order.get(&area).map_or(0, BTreeSet::len), held, rotating)
+    }
+
     /// The state held for a proxy.
     pub fn get(&self, id: &ObjectId) -> Option<&Entry> {
         self.entries.get(id).map(|s| &s.entry)

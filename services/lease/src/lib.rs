@@ -7,11 +7,13 @@
 //! # Layout
 //! - [`config`]: `LeaseConfig` from the environment.
 //! - [`index`]: the in-memory index of leasable proxies per area.
+//! - [`metrics`]: Prometheus metrics.
 //! - [`service`]: acquire and release against MongoDB.
 //! - [`server`]: subscriptions, handlers, index maintenance, graceful stop.
 
 pub mod config;
 pub mod index;
+pub mod metrics;
 pub mod server;
 pub mod service;
 
@@ -32,5 +34,7 @@ pub async fn run(
     let service = LeaseService::new(store, config.proxy_use_max, config.webhook_return_proxy, config.instance_id)
         .allow_private_callbacks(config.callback_allow_private)
         .lease_ttl(config.lease_ttl);
+    let admin = server::serve_admin(&service, &client, config.admin_addr).await.map_err(server::ServeError::Admin)?;
+    tracing::info!(%admin, "lease admin endpoint (/metrics, /healthz, /readyz) listening");
     server::serve(service, client, config.index_refresh, config.max_in_flight, shutdown).await
 }

@@ -8,7 +8,7 @@ use proxypool_store::Store;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    proxypool_telemetry::init("proxypool-lease").map_err(anyhow::Error::msg)?;
+    let telemetry = proxypool_telemetry::init("proxypool-lease").map_err(anyhow::Error::msg)?;
     let config = LeaseConfig::from_env(&Env::process()).context("invalid configuration")?;
     let client = config.nats.connect("proxypool-lease").await.context("cannot connect to NATS")?;
     let store = Store::connect(&config.store, "proxypool-lease").await.context("invalid MongoDB settings")?;
@@ -19,5 +19,6 @@ async fn main() -> anyhow::Result<()> {
     });
     proxypool_lease::run(config, client.clone(), store, shutdown).await?;
     client.drain().await.context("cannot drain the NATS connection")?;
+    telemetry.shutdown();
     Ok(())
 }

@@ -28,6 +28,9 @@ pub enum ServeError {
     /// A subscription could not be made.
     #[error(transparent)]
     Subscribe(#[from] proxypool_rpc::SubscribeError),
+    /// The admin endpoint could not listen.
+    #[error("cannot listen on LEASE_ADMIN_ADDR: {0}")]
+    Admin(#[source] std::io::Error),
     /// The event subscription could not be made.
     #[error("cannot subscribe to an event subject: {0}")]
     Events(#[source] async_nats::SubscribeError),
@@ -52,21 +55,55 @@ async fn finish<T: Serialize>(client: &Client, result: Result<Outcome<T>, ApiErr
     }
 }
 
-#[tracing::instrument(skip_all, fields(subject))]
+/// Serves `/metrics`, `/healthz` and `/readyz` (index loaded, NATS connected) on `addr`; returns the bound address.
+pub async fn serve_admin(
+    service: &LeaseService,
+    client: &Client,
+    addr: std::net::SocketAddr,
+) -> std::io::Result<std::net::SocketAddr> {
+    let (s, nats) = (service.clone(), proxypool_telemetry::metrics::nats_ready(client.clone()));
+    let ready: proxypool_telemetry::metrics::Readiness = Arc::new(move || {
+        let (loaded, nats) = (s.is_loaded(), nats());
+        Box::pin(async move {
+            if !loaded {
+                return Err("the lease index is still loading".to_owned());
+            }
+            nats.await
+        })
+    });
+    service.metrics().registry.serve_admin(addr, ready).await
+}
+
 async fn handle(service: LeaseService, client: Client, subject: &'static str, msg: Message) -> Bytes {
-    tracing::Span::current().record("subject", subject);
     if subject == subjects::LEASE_ACQUIRE {
         let allow_private = service.private_callbacks_allowed();
+        let started = std::time::Instant::now();
         let result = match parse::<AcquireRequest>(&msg.payload).and_then(|r| r.validate(allow_private)) {
-            Ok(req) => service.acquire(&req).await,
+            Ok(req) => {
+                let span = tracing::info_span!("lease.acquire", area = %req.area);
+                tracing::Instrument::instrument(service.acquire(&req), span).await
+            }
             Err(e) => Err(e),
         };
+        match &result {
+            Ok(_) => {
+                service.metrics().lease("granted");
+                service.metrics().duration.observe(started.elapsed().as_secs_f64());
+            }
+            Err(e) if e.code == proxypool_contracts::ErrorCode::NoProxyAvailable => service.metrics().lease("refused"),
+            Err(_) => {}
+        }
         finish(&client, result).await
     } else if subject == subjects::LEASE_RELEASE {
         let result = match parse::<ReleaseRequest>(&msg.payload).and_then(|r| r.validate()) {
-            Ok(req) => service.release(&req).await,
+            Ok(req) => {
+                tracing::Instrument::instrument(service.release(&req), tracing::info_span!("lease.release")).await
+            }
             Err(e) => Err(e),
         };
+        if result.is_ok() {
+            service.metrics().lease("returned");
+        }
         finish(&client, result).await
     } else if subject == subjects::LEASECTL_CLEAR {
         let result = match parse::<ClearRequest>(&msg.payload) {
@@ -98,6 +135,17 @@ async fn listen_events(service: LeaseService, mut events: Subscriber) {
                 }
             }
             Err(e) => tracing::warn!(error = %e, "ignoring a malformed proxy.changed event"),
+        }
+    }
+}
+
+/// Refreshes the pool gauges every few seconds until shutdown.
+async fn update_pool_metrics(service: LeaseService, mut shutdown: Shutdown) {
+    loop {
+        service.update_pool_metrics();
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+            () = shutdown.wait() => return,
         }
     }
 }
@@ -187,13 +235,20 @@ pub async fn serve(
     let maintenance = tokio::spawn(maintain_index(service.clone(), index_refresh, wake, shutdown.clone()));
     let reaper = tokio::spawn(reap(service.clone(), client.clone(), shutdown.clone()));
     tracing::info!(instance = service.instance_id(), "lease service serving");
-    let options = ServeOptions { queue_group: subjects::LEASE_QUEUE_GROUP, max_in_flight, deadline: REQUEST_DEADLINE };
+    let pool_metrics = tokio::spawn(update_pool_metrics(service.clone(), shutdown.clone()));
+    let options = ServeOptions {
+        queue_group: subjects::LEASE_QUEUE_GROUP,
+        max_in_flight,
+        deadline: REQUEST_DEADLINE,
+        metrics: Some(service.metrics().requests.clone()),
+    };
     let (s, c) = (service.clone(), client.clone());
     proxypool_rpc::run(client, requests, options, shutdown, move |subject, msg| {
         handle(s.clone(), c.clone(), subject, msg)
     })
     .await;
     listener.abort();
+    pool_metrics.abort();
     reload_listener.abort();
     maintenance.abort();
     reaper.abort();

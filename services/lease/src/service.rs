@@ -41,6 +41,9 @@ struct Inner {
     loaded: std::sync::atomic::AtomicBool,
     allow_private_callbacks: bool,
     lease_ttl: Option<std::time::Duration>,
+    metrics: crate::metrics::LeaseMetrics,
+    /// Active proxies in error per area, as of the last full load (the index does not track `is_error`).
+    errors: Mutex<std::collections::HashMap<Area, usize>>,
 }
 
 /// A lease key: 96 random bits as 24 hex characters, the shape of the ObjectId keys SPEC.md used, but not
@@ -173,6 +176,8 @@ struct LeaseView {
     next_rotate: Option<DateTime>,
     #[serde(default)]
     lease_rev: i64,
+    #[serde(default)]
+    is_error: bool,
 }
 
 fn yes() -> bool {
@@ -262,6 +267,8 @@ impl LeaseService {
                 loaded: std::sync::atomic::AtomicBool::new(false),
                 allow_private_callbacks: false,
                 lease_ttl: None,
+                metrics: crate::metrics::LeaseMetrics::new(),
+                errors: Mutex::new(std::collections::HashMap::new()),
             }),
         }
     }
@@ -270,6 +277,31 @@ impl LeaseService {
         // A panic while holding the lock cannot leave the index inconsistent in a way the guarded writes would not
         // catch, so a poisoned lock is recovered rather than propagated.
         self.inner.index.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &crate::metrics::LeaseMetrics {
+        &self.inner.metrics
+    }
+
+    /// Sets the pool gauges from the index (and the error counts of the last full load).
+    pub fn update_pool_metrics(&self) {
+        let errors = self.inner.errors.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let index = self.index();
+        for area in [Area::Vn, Area::Global] {
+            let (total, leasable, held, rotating) = index.counts(area);
+            let error = errors.get(&area).copied().unwrap_or(0);
+            let pool = &self.inner.metrics.pool;
+            let set = |state: &'static str, v: u64| {
+                let labels = crate::metrics::PoolLabels { area: area.as_str(), state };
+                pool.get_or_create(&labels).set(i64::try_from(v).unwrap_or(i64::MAX));
+            };
+            set("total", total as u64);
+            set("leasable", leasable as u64);
+            set("in_use", held);
+            set("error", error as u64);
+            set("rotating", rotating as u64);
+        }
     }
 
     /// Allows callback URLs that point at private, loopback or link-local addresses (`CALLBACK_ALLOW_PRIVATE`).
@@ -369,7 +401,7 @@ impl LeaseService {
         let token = self.index().begin_reload();
         let projection = doc! {
             "_id": 1, "area": 1, "ip": 1, "is_active": 1, "is_rotating": 1, "in_use": 1, "used_count": 1,
-            "last_used_at": 1, "next_rotate": 1, "lease_rev": 1,
+            "last_used_at": 1, "next_rotate": 1, "lease_rev": 1, "is_error": 1,
         };
         let mut cursor = self
             .inner
@@ -381,15 +413,22 @@ impl LeaseService {
             .batch_size(5_000)
             .await?;
         let mut loaded = Vec::new();
+        let mut errors = std::collections::HashMap::new();
         while let Some(raw) = cursor.try_next().await? {
             match bson::from_document::<LeaseView>(raw) {
-                Ok(v) => loaded.push((v.id, Entry::from(&v))),
+                Ok(v) => {
+                    if v.is_error && v.is_active {
+                        *errors.entry(v.area).or_insert(0) += 1;
+                    }
+                    loaded.push((v.id, Entry::from(&v)));
+                }
                 // One malformed document must not keep the pool from serving.
                 Err(e) => tracing::warn!(error = %e, "skipping a proxy document the lease index cannot read"),
             }
         }
         let n = loaded.len();
         self.index().finish_reload(token, loaded);
+        *self.inner.errors.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = errors;
         self.inner.loaded.store(true, std::sync::atomic::Ordering::Release);
         Ok(n)
     }

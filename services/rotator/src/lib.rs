@@ -72,6 +72,7 @@ pub async fn serve_rotate_now(
         queue_group: subjects::ROTATOR_QUEUE_GROUP,
         max_in_flight: 64,
         deadline: Duration::from_secs(4),
+        metrics: Some(rotator.metrics().requests.clone()),
     };
     proxypool_rpc::serve(client, &[subjects::ROTATOR_ROTATE_NOW], options, shutdown, move |_, msg| {
         let rotator = rotator.clone();
@@ -125,6 +126,9 @@ pub async fn run_workers(rotator: Rotator, mut shutdown: Shutdown) -> Result<(),
             next = pull_one(&consumer) => match next { Some(m) => m, None => continue },
         };
         let rotator = rotator.clone();
+        // The job continues the trace of the claim that queued it.
+        let span = tracing::info_span!("rotation.job", otel.kind = "consumer", proxy = tracing::field::Empty);
+        proxypool_telemetry::propagation::continue_from_nats(&span, msg.headers.as_ref());
         tokio::spawn(async move {
             let job: RotationJob = match serde_json::from_slice(&msg.payload) {
                 Ok(j) => j,
@@ -137,8 +141,9 @@ pub async fn run_workers(rotator: Rotator, mut shutdown: Shutdown) -> Result<(),
             // Keep the job alive while it runs (rotate calls and IP checks can outlast the ack wait), so JetStream
             // redelivers it only if this process dies.
             let keepalive_every = (rotator.config().ack_wait / 3).max(Duration::from_millis(200));
+            span.record("proxy", job.proxy_id.as_str());
             let outcome = {
-                let work = rotator.process(&job);
+                let work = tracing::Instrument::instrument(rotator.process(&job), span.clone());
                 tokio::pin!(work);
                 loop {
                     tokio::select! {
@@ -175,7 +180,8 @@ pub async fn run_workers(rotator: Rotator, mut shutdown: Shutdown) -> Result<(),
 /// Runs the configured roles until shutdown.
 pub async fn run(rotator: Rotator, client: async_nats::Client, shutdown: Shutdown) -> Result<(), RunError> {
     rotator.ensure_queue().await?;
-    match rotator.metrics().registry.serve_admin(rotator.config().admin_addr).await {
+    let ready = proxypool_telemetry::metrics::nats_ready(client.clone());
+    match rotator.metrics().registry.serve_admin(rotator.config().admin_addr, ready).await {
         Ok(addr) => tracing::info!(%addr, "rotator admin endpoint (/metrics, /healthz) listening"),
         Err(e) => tracing::warn!(error = %e, "cannot serve the admin endpoint"),
     }

@@ -8,7 +8,7 @@ use proxypool_store::Store;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    proxypool_telemetry::init("proxypool-rotator").map_err(anyhow::Error::msg)?;
+    let telemetry = proxypool_telemetry::init("proxypool-rotator").map_err(anyhow::Error::msg)?;
     let config = RotatorConfig::from_env(&Env::process()).context("invalid configuration")?;
     let client = config.nats.connect("proxypool-rotator").await.context("cannot connect to NATS")?;
     let store = Store::connect(&config.store, "proxypool-rotator").await.context("invalid MongoDB settings")?;
@@ -30,5 +30,6 @@ async fn main() -> anyhow::Result<()> {
     }
     proxypool_rotator::run(rotator, client.clone(), shutdown).await?;
     client.drain().await.context("cannot drain the NATS connection")?;
+    telemetry.shutdown();
     Ok(())
 }

@@ -92,6 +92,8 @@ pub struct RotatorMetrics {
     pub queue_depth: Gauge,
     /// Callback deliveries by result.
     pub callbacks: Family<ResultLabel, Counter>,
+    /// Rotate-now requests served.
+    pub requests: proxypool_telemetry::metrics::RequestMetrics,
 }
 
 impl RotatorMetrics {
@@ -105,7 +107,8 @@ impl RotatorMetrics {
         registry.register("rotation_duration_seconds", "Rotate call + IP check + region lookup", duration.clone());
         registry.register("queue_depth", "Rotation jobs pending or in hand", queue_depth.clone());
         registry.register("callbacks", "Callback deliveries, by result", callbacks.clone());
-        Self { registry, rotations, duration, queue_depth, callbacks }
+        let requests = registry.requests();
+        Self { registry, rotations, duration, queue_depth, callbacks, requests }
     }
 }
 
@@ -209,6 +212,8 @@ impl Rotator {
     }
 
     /// Claims the proxy matching `filter` (which must pin `_id`) and queues its job. `None` if another claimed it.
+    /// Each claim starts a trace (one rotation is one trace: claim, job, rotate call, IP check, lease reset).
+    #[tracing::instrument(name = "rotation.claim", skip(self, filter), fields(proxy = %id))]
     async fn claim(&self, id: ObjectId, mut filter: Document) -> Result<Option<String>, JobError> {
         let now = DateTime::now();
         let job_id = format!("{}-{}", id.to_hex(), now.timestamp_millis());
@@ -237,7 +242,14 @@ impl Rotator {
         let body = serde_json::to_vec(job).map_err(|e| QueueError::Publish(e.to_string()))?;
         self.inner
             .js
-            .send_publish(subjects::ROTATION_JOBS, Publish::build().payload(body.into()).message_id(&job.job_id))
+            .send_publish(
+                subjects::ROTATION_JOBS,
+                // The trace context first: `headers` replaces the map, `message_id` adds to it.
+                Publish::build()
+                    .payload(body.into())
+                    .headers(proxypool_telemetry::propagation::nats_headers())
+                    .message_id(&job.job_id),
+            )
             .await
             .map_err(|e| QueueError::Publish(e.to_string()))?
             .await
@@ -496,10 +508,7 @@ impl Rotator {
     async fn reset_leases(&self, job: &RotationJob) -> Result<(), JobError> {
         let req = RotatedRequest { proxy_id: job.proxy_id.clone(), job_id: job.job_id.clone() };
         let body = serde_json::to_vec(&req).map_err(|e| JobError::Reset(e.to_string()))?;
-        let msg = self
-            .inner
-            .nats
-            .request(subjects::LEASECTL_ROTATED, body.into())
+        let msg = proxypool_rpc::request(&self.inner.nats, subjects::LEASECTL_ROTATED, body.into(), None)
             .await
             .map_err(|e| JobError::Reset(e.to_string()))?;
         match serde_json::from_slice::<Reply<RotatedReply>>(&msg.payload) {

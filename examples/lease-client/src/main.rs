@@ -18,7 +18,8 @@ async fn request<Req: serde::Serialize, Resp: serde::de::DeserializeOwned>(
     subject: &'static str,
     body: &Req,
 ) -> anyhow::Result<Result<Resp, proxypool_contracts::ApiError>> {
-    let msg = nc.request(subject, serde_json::to_vec(body)?.into()).await.with_context(|| format!("request on {subject}"))?;
+    let msg =
+        nc.request(subject, serde_json::to_vec(body)?.into()).await.with_context(|| format!("request on {subject}"))?;
     Ok(serde_json::from_slice::<Reply<Resp>>(&msg.payload)?.into_result())
 }
 

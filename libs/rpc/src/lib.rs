@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use async_nats::{Client, Message};
 use bytes::Bytes;
-use futures::stream::{select_all, StreamExt};
+use futures::stream::StreamExt;
 use proxypool_contracts::{ApiError, Reply};
 use proxypool_settings::shutdown::Shutdown;
 use serde::de::DeserializeOwned;
@@ -110,7 +110,7 @@ fn outcome(body: &[u8]) -> String {
 /// Subscriptions to request subjects in a queue group, made before serving so that a caller can do more set-up
 /// (load state, report readiness) knowing that requests are already being queued for it.
 pub struct Subscriptions {
-    incoming: futures::stream::SelectAll<futures::stream::BoxStream<'static, (&'static str, Message)>>,
+    subs: Vec<(&'static str, async_nats::Subscriber)>,
 }
 
 /// Subscribes `subjects` in `queue_group` and flushes, so that the server knows of them when this returns.
@@ -125,10 +125,10 @@ pub async fn subscribe(
             .queue_subscribe(subject, queue_group.to_owned())
             .await
             .map_err(|source| SubscribeError { subject: subject.to_owned(), source })?;
-        subs.push(sub.map(move |m| (subject, m)).boxed());
+        subs.push((subject, sub));
     }
     let _ = client.flush().await;
-    Ok(Subscriptions { incoming: select_all(subs) })
+    Ok(Subscriptions { subs })
 }
 
 /// Subscribes and serves `subjects` until `shutdown` fires (see [`subscribe`] and [`run`]).
@@ -150,18 +150,47 @@ where
 
 /// Serves requests from `subs` until `shutdown` fires. `handler(subject, message)` returns the encoded reply (see
 /// [`encode`]).
-pub async fn run<F, Fut>(client: Client, subs: Subscriptions, options: ServeOptions, mut shutdown: Shutdown, handler: F)
+pub async fn run<F, Fut>(client: Client, subs: Subscriptions, options: ServeOptions, shutdown: Shutdown, handler: F)
 where
     F: Fn(&'static str, Message) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Bytes> + Send + 'static,
 {
-    let mut incoming = subs.incoming;
+    // One forwarder per subscription. On shutdown each *drains* its subscription: the server stops routing new
+    // requests here (the queue group sends them to other replicas) and the requests already on their way are still
+    // delivered and answered, so a rolling restart loses none. The channel closes when every subscription is drained.
+    let (tx, mut incoming) = tokio::sync::mpsc::channel::<(&'static str, Message)>(1024);
+    for (subject, mut sub) in subs.subs {
+        let (tx, mut stop) = (tx.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let mut draining = false;
+            // Bounded, in case the server is unreachable and never confirms the drain.
+            let mut give_up = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+            loop {
+                tokio::select! {
+                    next = sub.next() => match next {
+                        Some(m) => if tx.send((subject, m)).await.is_err() { break },
+                        None => break,
+                    },
+                    () = tokio::time::sleep_until(give_up), if draining => {
+                        tracing::warn!(subject, "a subscription did not finish draining in time");
+                        break;
+                    }
+                    () = stop.wait(), if !draining => {
+                        draining = true;
+                        give_up = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+                        if let Err(e) = sub.drain().await {
+                            tracing::warn!(error = %e, subject, "cannot drain a subscription");
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+    }
+    drop(tx);
     let permits = Arc::new(Semaphore::new(options.max_in_flight));
     loop {
-        let (subject, msg) = tokio::select! {
-            () = shutdown.wait() => break,
-            next = incoming.next() => match next { Some(m) => m, None => break },
-        };
+        let Some((subject, msg)) = incoming.recv().await else { break };
         let Ok(permit) = permits.clone().acquire_owned().await else { break };
         let (client, handler, deadline) = (client.clone(), handler.clone(), options.deadline);
         let metrics = options.metrics.clone();
@@ -200,8 +229,6 @@ where
             drop(permit);
         });
     }
-    // Dropping the subscriptions unsubscribes: no new requests reach this replica.
-    drop(incoming);
     let all = u32::try_from(options.max_in_flight).unwrap_or(u32::MAX);
     if tokio::time::timeout(DRAIN_TIMEOUT, permits.acquire_many(all)).await.is_err() {
         tracing::warn!("in-flight requests did not finish within {DRAIN_TIMEOUT:?}");

@@ -39,6 +39,7 @@ pub struct TestAppBuilder {
     callback_allow_private: bool,
     lease_ttl: Option<Duration>,
     import_max_bytes: usize,
+    nats_auth: bool,
 }
 
 impl Default for TestAppBuilder {
@@ -55,6 +56,7 @@ impl Default for TestAppBuilder {
             callback_allow_private: false,
             lease_ttl: None,
             import_max_bytes: 20 * 1024 * 1024,
+            nats_auth: false,
         }
     }
 }
@@ -102,6 +104,13 @@ impl TestAppBuilder {
         self
     }
 
+    /// Runs NATS with the identities and permissions of `deploy/nats/auth.conf`, each service connecting as its own
+    /// user (passwords `<name>-test-password`). The test client connects as an extra unrestricted `test` user.
+    pub fn nats_auth(mut self, yes: bool) -> Self {
+        self.nats_auth = yes;
+        self
+    }
+
     /// `ALLOW_REGISTRATION`.
     pub fn allow_registration(mut self, yes: bool) -> Self {
         self.allow_registration = yes;
@@ -117,13 +126,20 @@ impl TestAppBuilder {
     /// Starts the servers and the services.
     pub async fn spawn(self) -> anyhow::Result<TestApp> {
         crate::init_logs();
-        let nats_server = NatsServer::start()?;
+        let nats_server = if self.nats_auth {
+            NatsServer::start_with_config(Some(&test_auth_conf()?))?
+        } else {
+            NatsServer::start()?
+        };
         let mongo_server = MongoServer::start()?;
         let db_name = format!("proxypool_test_{}", ObjectId::new().to_hex());
         let store_config = StoreConfig::local(mongo_server.uri(), db_name);
         let store = Store::connect(&store_config, "test").await?;
         store.ensure_indexes().await.context("ensure_indexes")?;
-        let nats_config = NatsConfig::local(nats_server.url());
+        let mut nats_config = NatsConfig::local(nats_server.url());
+        if self.nats_auth {
+            nats_config.user = Some(("test".to_owned(), Secret::new("test-test-password".to_owned())));
+        }
         let client = nats_config.connect("test-client").await?;
 
         let mut app = TestApp {
@@ -139,10 +155,12 @@ impl TestAppBuilder {
             proxy_use_max: self.proxy_use_max,
             callback_allow_private: self.callback_allow_private,
             lease_ttl: self.lease_ttl,
+            nats_auth: self.nats_auth,
             leases: Vec::new(),
             gateway: None,
             auth: None,
             auth_admin: None,
+            gateway_config: None,
             next_instance: 0,
         };
         app.package_id = app.insert_package().await?;
@@ -160,12 +178,27 @@ impl TestAppBuilder {
             ip_allowed: self.ip_allowed.iter().filter_map(|s| parse_net(s)).collect(),
             trusted_proxies: self.trusted_proxies.iter().filter_map(|s| parse_net(s)).collect(),
             import_max_bytes: self.import_max_bytes,
-            nats: app.nats_config.clone(),
+            nats: app.nats_config_for("gateway"),
             store: app.store_config.clone(),
         };
         app.start_gateway(gateway_config).await?;
         Ok(app)
     }
+}
+
+/// `deploy/nats/auth.conf` with test passwords in place of the environment references, plus an unrestricted `test`
+/// user for the test's own client.
+fn test_auth_conf() -> anyhow::Result<String> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/nats/auth.conf");
+    let mut text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    for name in ["gateway", "lease", "auth", "rotator", "importer", "consumer"] {
+        let var = format!("${}_NATS_PASSWORD", name.to_uppercase());
+        anyhow::ensure!(text.contains(&var), "{} has no {var}", path.display());
+        text = text.replace(&var, &format!("\"{name}-test-password\""));
+    }
+    let at = text.find("users = [").ok_or_else(|| anyhow::anyhow!("no users list in auth.conf"))? + "users = [".len();
+    text.insert_str(at, "\n    { user: test, password: \"test-test-password\" }");
+    Ok(text)
 }
 
 fn parse_net(s: &str) -> Option<ipnet::IpNet> {
@@ -193,6 +226,23 @@ impl RotatorHandle {
     pub async fn kill(self) {
         let _ = self.kill.send(());
         let _ = tokio::task::spawn_blocking(move || self.thread.join()).await;
+    }
+}
+
+/// An extra gateway (see [`TestApp::spawn_gateway`]).
+#[derive(Debug)]
+pub struct GatewayHandle {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    trigger: ShutdownTrigger,
+    handle: JoinHandle<()>,
+}
+
+impl GatewayHandle {
+    /// Graceful stop, as on SIGTERM: no new connections, in-flight requests finished.
+    pub async fn stop(self) {
+        self.trigger.fire();
+        let _ = self.handle.await;
     }
 }
 
@@ -250,15 +300,26 @@ pub struct TestApp {
     proxy_use_max: u32,
     callback_allow_private: bool,
     lease_ttl: Option<Duration>,
+    nats_auth: bool,
     leases: Vec<LeaseReplica>,
     gateway: Option<(ShutdownTrigger, JoinHandle<()>)>,
     auth: Option<(ShutdownTrigger, JoinHandle<()>)>,
     /// The auth service's admin endpoint.
     pub auth_admin: Option<SocketAddr>,
+    gateway_config: Option<GatewayConfig>,
     next_instance: usize,
 }
 
 impl TestApp {
+    /// The NATS settings of `service` (its own identity when the app runs with [`TestAppBuilder::nats_auth`]).
+    pub fn nats_config_for(&self, service: &str) -> NatsConfig {
+        let mut c = self.nats_config.clone();
+        if self.nats_auth {
+            c.user = Some((service.to_owned(), Secret::new(format!("{service}-test-password"))));
+        }
+        c
+    }
+
     /// A builder with defaults: `PROXY_USE_MAX=3`, one lease replica, `IP_ALLOWED=127.0.0.1`.
     pub fn builder() -> TestAppBuilder {
         TestAppBuilder::default()
@@ -343,7 +404,7 @@ impl TestApp {
     /// Starts one more lease replica and waits until its index is loaded.
     pub async fn start_lease(&mut self) -> anyhow::Result<()> {
         self.next_instance += 1;
-        let client = self.nats_config.connect("test-lease").await?;
+        let client = self.nats_config_for("lease").connect("test-lease").await?;
         let store = Store::connect(&self.store_config, "test-lease").await?;
         let service = LeaseService::new(
             store,
@@ -374,7 +435,7 @@ impl TestApp {
     }
 
     async fn start_auth(&mut self, allow_registration: bool, cost: u32) -> anyhow::Result<()> {
-        let client = self.nats_config.connect("test-auth").await?;
+        let client = self.nats_config_for("auth").connect("test-auth").await?;
         let store = Store::connect(&self.store_config, "test-auth").await?;
         let service = proxypool_auth::AuthService::new(
             store,
@@ -425,7 +486,7 @@ impl TestApp {
             callback_retry_base: Duration::from_millis(100),
             callback_allow_private: true,
             admin_addr: std::net::SocketAddr::from(([127, 0, 0, 1], crate::servers::free_port().unwrap_or(0))),
-            nats: self.nats_config.clone(),
+            nats: self.nats_config_for("rotator"),
             store: self.store_config.clone(),
         }
     }
@@ -498,14 +559,14 @@ impl TestApp {
             http_timeout: Duration::from_secs(3),
             batch: 1_000,
             admin_addr: SocketAddr::from(([127, 0, 0, 1], crate::servers::free_port().unwrap_or(0))),
-            nats: self.nats_config.clone(),
+            nats: self.nats_config_for("importer"),
             store: self.store_config.clone(),
         }
     }
 
     /// Starts an importer and waits until it answers.
     pub async fn start_importer(&self, config: proxypool_importer::ImporterConfig) -> anyhow::Result<ImporterHandle> {
-        let client = self.nats_config.connect("test-importer").await?;
+        let client = config.nats.connect("test-importer").await?;
         let store = Store::connect(&self.store_config, "test-importer").await?;
         let admin_addr = config.admin_addr;
         let importer = proxypool_importer::Importer::new(config, store, client.clone())?;
@@ -556,7 +617,35 @@ impl TestApp {
         &self.leases
     }
 
+    /// Starts one more gateway with the same settings (a second replica behind a load balancer) and waits until it
+    /// is ready.
+    pub async fn spawn_gateway(&self) -> anyhow::Result<GatewayHandle> {
+        let config = self.gateway_config.clone().ok_or_else(|| anyhow::anyhow!("no gateway configuration"))?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let nats = config.nats.connect("test-gateway").await?;
+        let store = Store::connect(&config.store, "test-gateway").await?;
+        let (trigger, shutdown) = Shutdown::new();
+        let handle = tokio::spawn(async move {
+            if let Err(e) = proxypool_gateway::run(listener, config, nats, store, shutdown).await {
+                tracing::error!(error = %e, "gateway failed");
+            }
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let ready = self.http.get(format!("http://{addr}/readyz")).send().await.map(|r| r.status().is_success());
+            if matches!(ready, Ok(true)) {
+                return Ok(GatewayHandle { addr, trigger, handle });
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("the gateway did not become ready within 20 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn start_gateway(&mut self, config: GatewayConfig) -> anyhow::Result<()> {
+        self.gateway_config = Some(config.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         self.addr = listener.local_addr()?;
         let nats = config.nats.connect("test-gateway").await?;

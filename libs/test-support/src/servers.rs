@@ -123,10 +123,22 @@ pub struct NatsServer {
 impl NatsServer {
     /// Starts a server with JetStream on a free port.
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with_config(None)
+    }
+
+    /// Starts a server with JetStream on a free port, with `config` (nats-server configuration text, e.g. an
+    /// `authorization` block) loaded first; the port, address and storage flags override it.
+    pub fn start_with_config(config: Option<&str>) -> anyhow::Result<Self> {
         let program = find_binary("NATS_SERVER_BIN", &[PathBuf::from("/usr/sbin/nats-server")], "nats-server")?;
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
-        let args = vec![
+        let mut args: Vec<String> = Vec::new();
+        if let Some(text) = config {
+            let path = dir.path().join("nats.conf");
+            std::fs::write(&path, text)?;
+            args.extend(["-c".into(), path.display().to_string()]);
+        }
+        args.extend(vec![
             "-a".into(),
             "127.0.0.1".into(),
             "-p".into(),
@@ -134,7 +146,7 @@ impl NatsServer {
             "-js".into(),
             "-sd".into(),
             dir.path().join("js").display().to_string(),
-        ];
+        ]);
         let mut proc = Supervised { program, args, port, child: None, log: dir.path().join("nats.log") };
         proc.start()?;
         Ok(Self { proc, _dir: dir })

@@ -2,7 +2,8 @@
 //! store in the same run.
 //!
 //! The sheet is generated first (not timed). The bare baseline inserts the documents the import would create, in
-//! batches of the same size, into a fresh database on the same server with the same indexes. The import is timed
+//! batches of the same size, into a fresh database on the same server with the same indexes (the shared ones and
+//! the lease service's candidate index, which the running lease replica creates on the pool). The import is timed
 //! from the start of the upload until `GET /api/imports/{id}` reports it finished, so it covers multipart upload,
 //! the object store, the importer's read and validation, package resolution, the lookup of existing proxies, and the
 //! inserts. A second import of the same file (every row already there) shows the re-import path.
@@ -116,7 +117,9 @@ pub async fn run(sizes: &[usize]) -> anyhow::Result<String> {
         let bare_config =
             StoreConfig::local(app.mongo_server.uri(), format!("bench_bare_{}", ObjectId::new().to_hex()));
         let bare = Store::connect(&bare_config, "bench-bare").await?;
+        // The same indexes as the pool's collection: the shared ones and the lease service's candidate index.
         bare.ensure_indexes().await?;
+        bare.proxies().create_index(proxypool_lease::service::lease_candidates_index()).await?;
         let documents = docs(n, app.package_id);
         let t = Instant::now();
         for chunk in documents.chunks(BATCH) {

@@ -33,8 +33,12 @@ pub async fn queue(client: &async_nats::Client, notices: &[CallbackNotice]) {
     for n in notices {
         let Ok(body) = serde_json::to_vec(n) else { continue };
         let id = format!("{}-{:?}", n.key, n.reason);
-        let res = match js.send_publish(subjects::CALLBACKS, Publish::build().payload(body.into()).message_id(id)).await
-        {
+        // The trace context rides along, so the delivery joins the trace of the write that took the lease.
+        let publish = Publish::build()
+            .payload(body.into())
+            .headers(proxypool_telemetry::propagation::nats_headers())
+            .message_id(id);
+        let res = match js.send_publish(subjects::CALLBACKS, publish).await {
             Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };

@@ -114,7 +114,8 @@ fn provider_with(
     service: &'static str,
     f: impl FnOnce(opentelemetry_sdk::trace::TracerProviderBuilder) -> opentelemetry_sdk::trace::TracerProviderBuilder,
 ) -> SdkTracerProvider {
-    let name = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| service.to_owned());
+    let name =
+        std::env::var("OTEL_SERVICE_NAME").ok().filter(|s| !s.trim().is_empty()).unwrap_or_else(|| service.to_owned());
     let resource = opentelemetry_sdk::Resource::builder().with_service_name(name).build();
     f(SdkTracerProvider::builder().with_resource(resource)).build()
 }

@@ -225,8 +225,9 @@ async fn fake_collector() -> R<(String, Arc<AtomicUsize>)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_gateway_binary_exits_0_on_sigterm_and_exports_its_spans_over_otlp() -> R {
+async fn the_gateway_binary_exits_0_on_sigterm_exports_its_spans_and_writes_its_log_file() -> R {
     let app = TestApp::builder().seed(Area::Vn, 2).spawn().await?;
+    let workdir = tempfile::tempdir()?;
     let (collector, exports) = fake_collector().await?;
     let port = proxypool_test_support::servers::free_port()?;
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_proxypool-gateway"))
@@ -238,8 +239,10 @@ async fn the_gateway_binary_exits_0_on_sigterm_and_exports_its_spans_over_otlp()
         .env("NATS_URL", app.nats_server.url())
         .env("MONGODB_URI", app.mongo_server.uri())
         .env("MONGODB_DATABASE", &app.store_config.database)
-        .env("LOG_WRITE_TO_FILE", "false")
+        .env("LOG_WRITE_TO_FILE", "true")
+        .env("LOG_FORMAT", "json")
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", &collector)
+        .current_dir(workdir.path())
         .kill_on_drop(true)
         .spawn()?;
     let base = format!("http://127.0.0.1:{port}");
@@ -256,6 +259,13 @@ async fn the_gateway_binary_exits_0_on_sigterm_and_exports_its_spans_over_otlp()
     assert_eq!(status.code(), Some(0), "exit status after SIGTERM: {status:?}");
     // The spans of the lease were flushed at shutdown.
     assert!(exports.load(Ordering::SeqCst) >= 1, "no OTLP export reached the collector");
+    // SPEC.md's log files: storage/log/, one JSON object per line.
+    let logs: Vec<_> = std::fs::read_dir(workdir.path().join("storage/log"))?.collect::<Result<_, _>>()?;
+    let file = logs.first().ok_or_else(|| anyhow::anyhow!("no log file under storage/log/"))?;
+    assert!(file.file_name().to_string_lossy().starts_with("proxypool-gateway"), "{:?}", file.file_name());
+    let text = std::fs::read_to_string(file.path())?;
+    let first: Value = serde_json::from_str(text.lines().next().unwrap_or_default())?;
+    assert!(first["level"].is_string() && first["message"].is_string(), "{first}");
     app.shutdown().await;
     Ok(())
 }

@@ -469,3 +469,40 @@ async fn the_zing_schedule_runs_once_per_interval_across_two_importers() -> R {
     app.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sample_spreadsheet_in_docs_imports_and_lists() -> R {
+    let app = TestApp::builder().spawn().await?;
+    let _importer = app.start_importer(app.importer_config()).await?;
+    // The provider and package scripts/run.sh seeds, created through the admin API as a newcomer would.
+    let res = app
+        .http
+        .post(app.url("/api/proxy_providers"))
+        .header("Authorization", API_KEY)
+        .json(&json!({"name": "Demo", "account": "demo", "domain": "https://demo.invalid"}))
+        .send()
+        .await?;
+    let provider: Value = res.json().await?;
+    let res = app
+        .http
+        .post(app.url("/api/proxy_packages"))
+        .header("Authorization", API_KEY)
+        .json(&json!({"code": "DEMO", "name": "Demo package", "price": 0, "proxy_provider_id": provider["id"]}))
+        .send()
+        .await?;
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let sample = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/sample-import.xlsx"))?;
+    let (s, job, _) = upload(&app, sample, "").await?;
+    assert_eq!(s, StatusCode::OK, "{job}");
+    assert_eq!(job["counts"], json!({"created": 5, "updated": 0, "skipped": 0, "failed": 0}), "{job}");
+    let (_, all) = get_json(&app, "/api/proxies?limit=50&get_full=true").await?;
+    let with_credentials = all["data"].as_array().and_then(|a| a.iter().find(|p| p["ip"] == "203.0.113.12")).cloned();
+    assert_eq!(all["total"], 5, "{all}");
+    let p = with_credentials.ok_or_else(|| anyhow::anyhow!("203.0.113.12 not listed: {all}"))?;
+    assert_eq!(
+        (p["username"].as_str(), p["password"].as_str(), p["area"].as_str()),
+        (Some("user12"), Some("secret12"), Some("vn"))
+    );
+    app.shutdown().await;
+    Ok(())
+}

@@ -89,7 +89,9 @@ pub async fn run_senders(
             next = crate::pull_one(&consumer) => match next { Some(m) => m, None => continue },
         };
         let (config, store, counter) = (config.clone(), store.clone(), counter.clone());
-        tokio::spawn(async move {
+        let span = tracing::info_span!("callback.deliver", otel.kind = "consumer");
+        proxypool_telemetry::propagation::continue_from_nats(&span, msg.headers.as_ref());
+        let task = async move {
             let Ok(notice) = serde_json::from_slice::<CallbackNotice>(&msg.payload) else {
                 let _ = msg.ack_with(AckKind::Term).await;
                 return;
@@ -119,7 +121,8 @@ pub async fn run_senders(
                 }
             }
             drop(permit);
-        });
+        };
+        tokio::spawn(tracing::Instrument::instrument(task, span));
     }
     Ok(())
 }

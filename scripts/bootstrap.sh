@@ -31,3 +31,9 @@ if ! "$venv/bin/python" -m pip show SecantusDB 2>/dev/null | grep -qx "Version: 
   echo "bootstrap: installing SecantusDB==$SECANTUS_VERSION into $venv" >&2
   "$venv/bin/python" -m pip install -q "SecantusDB==$SECANTUS_VERSION"
 fi
+# nats-py, for the Python consumer example (examples/python/) and its test.
+NATS_PY_VERSION="2.16.0"
+if ! "$venv/bin/python" -m pip show nats-py 2>/dev/null | grep -qx "Version: $NATS_PY_VERSION"; then
+  echo "bootstrap: installing nats-py==$NATS_PY_VERSION into $venv" >&2
+  "$venv/bin/python" -m pip install -q "nats-py==$NATS_PY_VERSION"
+fi

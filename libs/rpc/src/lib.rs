@@ -156,8 +156,9 @@ where
     Fut: Future<Output = Bytes> + Send + 'static,
 {
     // One forwarder per subscription. On shutdown each *drains* its subscription: the server stops routing new
-    // requests here (the queue group sends them to other replicas) and the requests already on their way are still
-    // delivered and answered, so a rolling restart loses none. The channel closes when every subscription is drained.
+    // requests here (the queue group sends them to other replicas) and the requests already received are answered.
+    // (A request the server routed in the instant before it processed the unsubscribe can still be missed; its
+    // caller times out and retries, as on any lost message.) The channel closes when every subscription is drained.
     let (tx, mut incoming) = tokio::sync::mpsc::channel::<(&'static str, Message)>(1024);
     for (subject, mut sub) in subs.subs {
         let (tx, mut stop) = (tx.clone(), shutdown.clone());
@@ -178,9 +179,16 @@ where
                     () = stop.wait(), if !draining => {
                         draining = true;
                         give_up = tokio::time::Instant::now() + DRAIN_TIMEOUT;
-                        if let Err(e) = sub.drain().await {
-                            tracing::warn!(error = %e, subject, "cannot drain a subscription");
-                            break;
+                        match tokio::time::timeout(DRAIN_TIMEOUT, sub.drain()).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => {
+                                tracing::warn!(error = %e, subject, "cannot drain a subscription");
+                                break;
+                            }
+                            Err(_) => {
+                                tracing::warn!(subject, "the server did not take the drain in time");
+                                break;
+                            }
                         }
                     }
                 }

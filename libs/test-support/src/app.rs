@@ -320,6 +320,23 @@ impl TestApp {
         c
     }
 
+    /// The environment a service binary needs to join this app (NATS, MongoDB, keys), as an operator would set it.
+    pub fn service_env(&self) -> Vec<(String, String)> {
+        [
+            ("NATS_URL", self.nats_config.url.clone()),
+            ("MONGODB_URI", self.store_config.uri.expose().clone()),
+            ("MONGODB_DATABASE", self.store_config.database.clone()),
+            ("ALLOWED_API_KEY", API_KEY.to_owned()),
+            ("API_KEY", JWT_SECRET.to_owned()),
+            ("BCRYPT_COST", "4".to_owned()),
+            ("IP_CHECK_URLS", "http://127.0.0.1:9/".to_owned()),
+            ("LOG_WRITE_TO_FILE", "false".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+
     /// A builder with defaults: `PROXY_USE_MAX=3`, one lease replica, `IP_ALLOWED=127.0.0.1`.
     pub fn builder() -> TestAppBuilder {
         TestAppBuilder::default()

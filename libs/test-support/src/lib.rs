@@ -8,6 +8,7 @@
 
 pub mod app;
 pub mod fakes;
+pub mod process;
 pub mod servers;
 
 pub use app::{TestApp, TestAppBuilder};

@@ -31,13 +31,29 @@ use axum::Router;
 use proxypool_settings::shutdown::Shutdown;
 use proxypool_store::Store;
 use tokio::net::TcpListener;
-use tower_http::timeout::TimeoutLayer;
 
 pub use config::GatewayConfig;
 pub use state::AppState;
 
 /// Upper bound on any request, behind the NATS and MongoDB timeouts, so that nothing hangs.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// The spreadsheet upload reads up to `IMPORT_MAX_BYTES` from the client first, so it gets longer.
+const UPLOAD_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Answers 503 when a request outlives its route's bound.
+async fn bounded(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let upload =
+        req.extensions().get::<axum::extract::MatchedPath>().is_some_and(|p| p.as_str() == "/api/proxies/import");
+    let limit = if upload { UPLOAD_TIMEOUT } else { REQUEST_TIMEOUT };
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(res) => res,
+        Err(_) => {
+            error::HttpError(proxypool_contracts::ApiError::unavailable("the request took too long; retry shortly"))
+                .into_response()
+        }
+    }
+}
 
 /// The router with every route, and the OpenAPI document built from the same handler annotations.
 ///
@@ -90,7 +106,7 @@ pub fn router(state: AppState) -> Router {
     });
     let metrics = state.metrics.clone();
     api.route("/openapi.json", get(move || async move { axum::Json(doc.as_ref().clone()) }))
-        .layer(TimeoutLayer::with_status_code(axum::http::StatusCode::SERVICE_UNAVAILABLE, REQUEST_TIMEOUT))
+        .route_layer(axum::middleware::from_fn(bounded))
         .route_layer(axum::middleware::from_fn_with_state(metrics.clone(), metrics::track))
         .with_state(state)
         .merge(metrics.registry.router())

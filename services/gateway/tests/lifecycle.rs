@@ -243,6 +243,7 @@ async fn the_gateway_binary_exits_0_on_sigterm_exports_its_spans_and_writes_its_
         .env("LOG_FORMAT", "json")
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", &collector)
         .current_dir(workdir.path())
+        .stdout(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()?;
     let base = format!("http://127.0.0.1:{port}");

@@ -130,6 +130,12 @@ impl Jobs {
         Ok(self.coll.find_one(doc! { "_id": id }).await?)
     }
 
+    /// Refreshes a running job's heartbeat (only that field).
+    pub async fn touch(&self, id: &str) -> Result<(), StoreError> {
+        self.coll.update_one(doc! { "_id": id }, doc! { "$set": { "heartbeat_at": DateTime::now() } }).await?;
+        Ok(())
+    }
+
     /// Stores the job's current state (the job task is its only writer, so a whole-state `$set` is safe).
     pub async fn save(&self, job: &JobDoc) -> Result<(), StoreError> {
         let mut set = bson::to_document(job).map_err(|e| StoreError::from(mongodb::error::Error::from(e)))?;

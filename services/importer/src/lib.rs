@@ -37,7 +37,8 @@ pub use service::Importer;
 /// Key of the ZingProxy schedule in the locks bucket.
 const ZING_SCHEDULE_KEY: &str = "zing-schedule";
 /// How long shutdown waits for running jobs; a job cut short shows as failed and can be run again.
-const JOB_DRAIN: Duration = Duration::from_secs(30);
+/// With the request drain before it (10 s + 10 s), shutdown stays within Kubernetes' 45 s grace period.
+const JOB_DRAIN: Duration = Duration::from_secs(20);
 
 /// Serves import requests until shutdown.
 pub async fn serve(

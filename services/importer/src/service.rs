@@ -323,21 +323,21 @@ impl Importer {
     /// Runs a job to its end, keeping its heartbeat.
     async fn run(&self, source: Source, tx: watch::Sender<Progress>) {
         let kind = tx.borrow().job.kind;
-        let work = self.execute(&source, &tx);
-        tokio::pin!(work);
-        let result = loop {
-            tokio::select! {
-                r = &mut work => break r,
-                () = tokio::time::sleep(HEARTBEAT_EVERY) => {
-                    let mut job = tx.borrow().job.clone();
-                    job.heartbeat_at = Some(DateTime::now());
-                    if let Err(e) = self.inner.jobs.save(&job).await {
-                        tracing::warn!(error = %e, job = %job.id, "cannot store an import heartbeat");
+        // The heartbeat runs beside the work and writes only `heartbeat_at`: it never delays the lock renewals in
+        // the work, and never overwrites the status the work stores.
+        let heartbeat = {
+            let (jobs, id) = (self.inner.jobs.clone(), tx.borrow().job.id.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(HEARTBEAT_EVERY).await;
+                    if let Err(e) = jobs.touch(&id).await {
+                        tracing::warn!(error = %e, job = %id, "cannot store an import heartbeat");
                     }
-                    tx.send_modify(|p| p.job.heartbeat_at = job.heartbeat_at);
                 }
-            }
+            })
         };
+        let result = self.execute(&source, &tx).await;
+        heartbeat.abort();
         let mut progress = tx.borrow().clone();
         let job = &mut progress.job;
         job.finished_at = Some(DateTime::now());
@@ -401,14 +401,14 @@ impl Importer {
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         };
-        let mut job = tx.borrow().job.clone();
-        job.status = JobStatus::Running;
-        job.started_at = Some(DateTime::now());
-        job.heartbeat_at = Some(DateTime::now());
-        self.inner.jobs.save(&job).await?;
-        tx.send_modify(|p| p.job = job.clone());
-
+        let mut held = held;
         let work = async {
+            let mut job = tx.borrow().job.clone();
+            job.status = JobStatus::Running;
+            job.started_at = Some(DateTime::now());
+            job.heartbeat_at = Some(DateTime::now());
+            self.inner.jobs.save(&job).await?;
+            tx.send_modify(|p| p.job = job.clone());
             let prepared = match (source, rows) {
                 (Source::Excel, Some(rows)) => self.prepare_excel(rows).await?,
                 (Source::Kiot, _) => self.prepare_kiot(requested_by).await?,
@@ -416,12 +416,17 @@ impl Importer {
                 (Source::Excel, None) => return Err(JobFailure::Dependency("no rows were read".into())),
             };
             let Prepared { candidates, errors, skipped } = prepared;
-            let applied = upsert::apply(&self.inner.store, candidates, requested_by, self.inner.config.batch).await?;
+            let applied = upsert::apply(&self.inner.store, candidates, requested_by, self.inner.config.batch).await;
             Ok::<_, JobFailure>((applied, errors, skipped))
         };
-        let result = self.holding(&lock, held, work).await;
+        // Released on every path, with the revision of the last renewal.
+        let result = self.holding(&lock, &mut held, work).await;
         lock.release(held).await;
         let (applied, mut errors, skipped) = result?;
+        let (applied, write_failure) = match applied {
+            Ok(a) => (a, None),
+            Err((a, e)) => (a, Some(e)),
+        };
         let Applied { counts, errors: write_errors, changed } = applied;
         // `counts.failed` covers the rows refused while writing (duplicates within the import); rows refused while
         // reading are added here.
@@ -434,24 +439,46 @@ impl Importer {
             p.job.counts.skipped += skipped;
             keep_errors(&mut p.job.errors, errors);
         });
+        // What was written is announced even when the database failed part-way.
         self.announce(&changed).await;
-        Ok(())
+        match write_failure {
+            None => Ok(()),
+            Some(e) => Err(JobFailure::Dependency(format!(
+                "the database failed after {} proxies were written ({e}); run the import again to complete it",
+                changed.len()
+            ))),
+        }
     }
 
-    /// Runs `work` while renewing the lock.
+    /// Runs `work` while renewing the lock. Two renewals in a row that fail (40 s of a 60 s lock) stop the work
+    /// before the lock can expire and pass to another replica: two importers never write at once.
     async fn holding<T>(
         &self,
         lock: &KvLock,
-        mut held: Held,
+        held: &mut Held,
         work: impl std::future::Future<Output = Result<T, JobFailure>>,
     ) -> Result<T, JobFailure> {
         tokio::pin!(work);
+        let mut failures = 0;
         loop {
             tokio::select! {
                 r = &mut work => return r,
-                () = tokio::time::sleep(lock.renew_every()) => match lock.renew(held).await {
-                    Ok(h) => held = h,
-                    Err(e) => tracing::warn!(error = %e, "the import lock could not be renewed"),
+                () = tokio::time::sleep(lock.renew_every()) => match lock.renew(*held).await {
+                    Ok(h) => {
+                        *held = h;
+                        failures = 0;
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        tracing::warn!(error = %e, failures, "the import lock could not be renewed");
+                        if failures >= 2 {
+                            return Err(JobFailure::Dependency(
+                                "the import lock could not be renewed; stopped before another importer could take \
+                                 over (run the import again)"
+                                    .into(),
+                            ));
+                        }
+                    }
                 },
             }
         }
@@ -578,11 +605,16 @@ impl Importer {
                 }
             };
             let rotate_url = format!("{}{}", kiot.rotate_url_base, k.key);
+            // An address only when the list gives both parts; otherwise the first rotation provides it.
+            let (ip, port) = match (k.host, k.port) {
+                (Some(h), Some(p)) => (h, i32::from(p)),
+                _ => (String::new(), 0),
+            };
             out.candidates.push(Candidate {
                 row: k.item,
                 identity: Identity::RotateUrl(rotate_url.clone()),
-                ip: k.host.unwrap_or_default(),
-                port: k.port.map(i32::from).unwrap_or(0),
+                ip,
+                port,
                 username: None,
                 password: None,
                 area: Area::Vn,

@@ -109,20 +109,24 @@ pub struct Applied {
 /// lookups: one sequential read beats thousands of index probes.
 const SCAN_THRESHOLD: usize = 5_000;
 
-/// Finds, inserts and updates. A database error stops the import (what was written stays; a re-run completes it).
+/// Finds, inserts and updates. A database error stops the import and is returned with what was already written
+/// (what was written stays; a re-run completes it).
 pub async fn apply(
     store: &Store,
     candidates: Vec<Candidate>,
     updated_by: Option<ObjectId>,
     batch: usize,
-) -> Result<Applied, StoreError> {
+) -> Result<Applied, (Applied, StoreError)> {
     let mut out = Applied::default();
     let candidates = dedupe(candidates, &mut out);
-    let existing = find_existing(store, &candidates, batch).await?;
+    let existing = match find_existing(store, &candidates, batch).await {
+        Ok(e) => e,
+        Err(e) => return Err((out, e)),
+    };
     let mut inserts = Vec::new();
     let now = DateTime::now();
     for c in candidates {
-        match existing_for(&existing, &c.identity) {
+        match existing_for(&existing, &c) {
             Some(e) => {
                 let set = changes(e, &c);
                 if set.is_empty() {
@@ -132,7 +136,9 @@ pub async fn apply(
                 let mut set = set;
                 set.insert("updated_by", updated_by);
                 set.insert("updatedAt", now);
-                store.proxies().update_one(doc! { "_id": e.id }, doc! { "$set": set }).await?;
+                if let Err(err) = store.proxies().update_one(doc! { "_id": e.id }, doc! { "$set": set }).await {
+                    return Err((out, err.into()));
+                }
                 out.counts.updated += 1;
                 out.changed.push(e.id);
             }
@@ -140,7 +146,9 @@ pub async fn apply(
         }
     }
     for chunk in inserts.chunks(batch) {
-        store.proxies().insert_many(chunk).await?;
+        if let Err(err) = store.proxies().insert_many(chunk).await {
+            return Err((out, err.into()));
+        }
         out.counts.created += chunk.len() as u64;
         out.changed.extend(chunk.iter().map(|d| d.id));
     }
@@ -149,19 +157,25 @@ pub async fn apply(
 
 /// Keeps the first candidate of each identity; later ones are errors naming the first row.
 fn dedupe(candidates: Vec<Candidate>, out: &mut Applied) -> Vec<Candidate> {
-    let mut first: HashMap<Identity, u32> = HashMap::with_capacity(candidates.len());
+    // Identity → (first row, whether that row had no username).
+    let mut first: HashMap<Identity, (u32, bool)> = HashMap::with_capacity(candidates.len());
     let mut kept = Vec::with_capacity(candidates.len());
     for c in candidates {
-        // A row with a username collides only with that username at the address; a row without one collides with
-        // every row at the address.
+        // A row with a username collides with that username at the address, and with a row without one there; a
+        // row without a username collides with every row at the address.
         let key = loose(&c.identity);
-        if let Some(prev) = first.get(&c.identity) {
+        let without_username = key == c.identity;
+        let clash = match first.get(&c.identity) {
+            Some(&(row, _)) => Some(row),
+            None => first.get(&key).filter(|(_, loose_row)| *loose_row).map(|&(row, _)| row),
+        };
+        if let Some(prev) = clash {
             out.counts.failed += 1;
             out.errors.push(RowError { row: c.row, field: None, reason: format!("the same proxy as row {prev}") });
             continue;
         }
-        first.insert(c.identity.clone(), c.row);
-        first.entry(key).or_insert(c.row);
+        first.insert(c.identity.clone(), (c.row, without_username));
+        first.entry(key).or_insert((c.row, without_username));
         kept.push(c);
     }
     kept
@@ -174,31 +188,44 @@ fn loose(id: &Identity) -> Identity {
     }
 }
 
-/// Existing proxies by address (every username at that address) and by rotate URL.
+/// Existing proxies by address (every username at that address) and by rotate URL (`None` when several proxies
+/// share one).
 #[derive(Debug, Default)]
 struct ExistingIndex {
     by_address: HashMap<(String, i32), Vec<Existing>>,
-    by_rotate_url: HashMap<String, Existing>,
+    by_rotate_url: HashMap<String, Option<Existing>>,
 }
 
-fn existing_for<'a>(idx: &'a ExistingIndex, id: &Identity) -> Option<&'a Existing> {
-    match id {
+/// The proxy a candidate describes: by its identity, or — for an address identity that no longer matches because
+/// the rotator moved the proxy to a new address — by its rotate URL when exactly one proxy has it.
+fn existing_for<'a>(idx: &'a ExistingIndex, c: &Candidate) -> Option<&'a Existing> {
+    let by_url = |url: &str| idx.by_rotate_url.get(url).and_then(Option::as_ref);
+    match &c.identity {
         Identity::Address { ip, port, username } => {
-            let at = idx.by_address.get(&(ip.clone(), *port))?;
-            match username {
+            let at = idx.by_address.get(&(ip.clone(), *port));
+            let found = at.and_then(|at| match username {
                 Some(u) => at.iter().find(|e| &e.username == u),
                 None => at.first(),
-            }
+            });
+            found.or_else(|| by_url(&c.rotate_url))
         }
-        Identity::RotateUrl(url) => idx.by_rotate_url.get(url),
+        Identity::RotateUrl(url) => by_url(url),
     }
 }
 
 async fn find_existing(store: &Store, candidates: &[Candidate], batch: usize) -> Result<ExistingIndex, StoreError> {
     let mut idx = ExistingIndex::default();
     let coll = store.proxies().clone_with_type::<Existing>();
+    let mut seen = std::collections::HashSet::new();
     let mut add = |e: Existing| {
-        idx.by_rotate_url.entry(e.rotate_url.clone()).or_insert_with(|| e.clone());
+        // The lookups by address and by rotate URL can return the same document.
+        if !seen.insert(e.id) {
+            return;
+        }
+        idx.by_rotate_url
+            .entry(e.rotate_url.clone())
+            .and_modify(|slot| *slot = None)
+            .or_insert_with(|| Some(e.clone()));
         idx.by_address.entry((e.ip.clone(), e.port)).or_default().push(e);
     };
     if candidates.len() > SCAN_THRESHOLD {
@@ -218,10 +245,8 @@ async fn find_existing(store: &Store, candidates: &[Candidate], batch: usize) ->
             add(e);
         }
     }
-    let urls: Vec<&str> = unique(candidates.iter().filter_map(|c| match &c.identity {
-        Identity::RotateUrl(u) => Some(u.as_str()),
-        Identity::Address { .. } => None,
-    }));
+    // Every candidate's rotate URL: the identity of rotate-URL candidates, the fallback of address candidates.
+    let urls: Vec<&str> = unique(candidates.iter().map(|c| c.rotate_url.as_str()));
     for chunk in urls.chunks(batch) {
         let mut cursor = coll.find(doc! { "rotate_url": { "$in": chunk } }).projection(projection()).await?;
         while let Some(e) = cursor.try_next().await? {
@@ -332,5 +357,11 @@ mod tests {
         assert_eq!(kept.iter().map(|c| c.row).collect::<Vec<_>>(), vec![2, 3]);
         assert_eq!(out.counts.failed, 2);
         assert_eq!(out.errors[0].reason, "the same proxy as row 2");
+
+        // The other order: a row without a username first claims the whole address.
+        let mut out = Applied::default();
+        let kept = dedupe(vec![cand(2, "2.2.2.2", None), cand(3, "2.2.2.2", Some("a"))], &mut out);
+        assert_eq!(kept.iter().map(|c| c.row).collect::<Vec<_>>(), vec![2]);
+        assert_eq!(out.errors[0].row, 3);
     }
 }

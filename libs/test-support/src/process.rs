@@ -1,0 +1,40 @@
+//! Service binaries run as an operator runs them: configuration from the environment, ready when `/readyz` says
+//! so, stopped with SIGTERM.
+
+use std::time::Duration;
+
+use anyhow::Context;
+
+/// Starts `bin` with exactly `env`, waits until `ready_url` answers 200, sends SIGTERM, and returns the exit status
+/// (bounded waits throughout).
+pub async fn run_until_ready_then_sigterm(
+    bin: &str,
+    env: &[(String, String)],
+    ready_url: &str,
+) -> anyhow::Result<std::process::ExitStatus> {
+    let mut child = tokio::process::Command::new(bin)
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {bin}"))?;
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if matches!(http.get(ready_url).send().await, Ok(r) if r.status().is_success()) {
+            break;
+        }
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("{bin} exited before it was ready: {status}");
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "{bin} was not ready at {ready_url} within 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id().unwrap_or(0))?);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+    tokio::time::timeout(Duration::from_secs(45), child.wait())
+        .await
+        .context("no exit within 45 s of SIGTERM")?
+        .context("cannot wait for the process")
+}

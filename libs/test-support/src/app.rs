@@ -638,6 +638,20 @@ impl TestApp {
     /// is ready.
     pub async fn spawn_gateway(&self) -> anyhow::Result<GatewayHandle> {
         let config = self.gateway_config.clone().ok_or_else(|| anyhow::anyhow!("no gateway configuration"))?;
+        self.launch_gateway(config).await
+    }
+
+    async fn start_gateway(&mut self, config: GatewayConfig) -> anyhow::Result<()> {
+        self.gateway_config = Some(config.clone());
+        let g = self.launch_gateway(config).await?;
+        self.addr = g.addr;
+        self.gateway = Some((g.trigger, g.handle));
+        Ok(())
+    }
+
+    /// Starts a gateway and waits until it says it is ready, as a load balancer would (its NATS client connects in
+    /// the background).
+    async fn launch_gateway(&self, config: GatewayConfig) -> anyhow::Result<GatewayHandle> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let nats = config.nats.connect("test-gateway").await?;
@@ -653,34 +667,6 @@ impl TestApp {
             let ready = self.http.get(format!("http://{addr}/readyz")).send().await.map(|r| r.status().is_success());
             if matches!(ready, Ok(true)) {
                 return Ok(GatewayHandle { addr, trigger, handle });
-            }
-            if tokio::time::Instant::now() > deadline {
-                bail!("the gateway did not become ready within 20 s");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    async fn start_gateway(&mut self, config: GatewayConfig) -> anyhow::Result<()> {
-        self.gateway_config = Some(config.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        self.addr = listener.local_addr()?;
-        let nats = config.nats.connect("test-gateway").await?;
-        let store = Store::connect(&config.store, "test-gateway").await?;
-        let (trigger, shutdown) = Shutdown::new();
-        let handle = tokio::spawn(async move {
-            if let Err(e) = proxypool_gateway::run(listener, config, nats, store, shutdown).await {
-                tracing::error!(error = %e, "gateway failed");
-            }
-        });
-        self.gateway = Some((trigger, handle));
-        // The NATS client connects in the background; wait until the gateway says it is ready, as a load balancer
-        // would.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let ready = self.http.get(self.url("/readyz")).send().await.map(|r| r.status().is_success());
-            if matches!(ready, Ok(true)) {
-                return Ok(());
             }
             if tokio::time::Instant::now() > deadline {
                 bail!("the gateway did not become ready within 20 s");

@@ -38,3 +38,16 @@ pub async fn run_until_ready_then_sigterm(
         .context("no exit within 45 s of SIGTERM")?
         .context("cannot wait for the process")
 }
+
+/// Starts a test app, runs `bin` against it with its admin endpoint on a free port (`admin_var`), and checks that it
+/// becomes ready and exits 0 on SIGTERM.
+pub async fn assert_stops_cleanly(bin: &str, admin_var: &str) -> anyhow::Result<()> {
+    let app = crate::TestApp::builder().spawn().await?;
+    let admin = format!("127.0.0.1:{}", crate::servers::free_port()?);
+    let mut env = app.service_env();
+    env.push((admin_var.to_owned(), admin.clone()));
+    let status = run_until_ready_then_sigterm(bin, &env, &format!("http://{admin}/readyz")).await?;
+    anyhow::ensure!(status.code() == Some(0), "{bin} after SIGTERM: {status:?}");
+    app.shutdown().await;
+    Ok(())
+}

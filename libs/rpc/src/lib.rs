@@ -241,5 +241,6 @@ where
     if tokio::time::timeout(DRAIN_TIMEOUT, permits.acquire_many(all)).await.is_err() {
         tracing::warn!("in-flight requests did not finish within {DRAIN_TIMEOUT:?}");
     }
-    let _ = client.flush().await;
+    // Bounded: with the server gone a flush waits for a reconnection that may never come.
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
 }

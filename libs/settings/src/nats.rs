@@ -68,3 +68,13 @@ impl NatsConfig {
         opts.connect(self.url.as_str()).await
     }
 }
+
+/// Drains `client` at shutdown (flushes what is queued, ends subscriptions), waiting at most `limit`: with the server
+/// gone the drain cannot complete, and a stopping service must still exit.
+pub async fn drain(client: &async_nats::Client, limit: Duration) {
+    match tokio::time::timeout(limit, client.drain()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "cannot drain the NATS connection"),
+        Err(_) => tracing::warn!(?limit, "the NATS connection did not drain in time; exiting anyway"),
+    }
+}

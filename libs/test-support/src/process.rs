@@ -5,12 +5,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-/// Starts `bin` with exactly `env`, waits until `ready_url` answers 200, sends SIGTERM, and returns the exit status
-/// (bounded waits throughout).
+/// Starts `bin` with exactly `env`, waits until `ready_url` answers 200, runs `before_sigterm`, sends SIGTERM, and
+/// returns the exit status (bounded waits throughout).
 pub async fn run_until_ready_then_sigterm(
     bin: &str,
     env: &[(String, String)],
     ready_url: &str,
+    before_sigterm: impl FnOnce(),
 ) -> anyhow::Result<std::process::ExitStatus> {
     let mut child = tokio::process::Command::new(bin)
         .env_clear()
@@ -31,6 +32,7 @@ pub async fn run_until_ready_then_sigterm(
         anyhow::ensure!(tokio::time::Instant::now() < deadline, "{bin} was not ready at {ready_url} within 30 s");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    before_sigterm();
     let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id().unwrap_or(0))?);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
     tokio::time::timeout(Duration::from_secs(45), child.wait())
@@ -40,14 +42,25 @@ pub async fn run_until_ready_then_sigterm(
 }
 
 /// Starts a test app, runs `bin` against it with its admin endpoint on a free port (`admin_var`), and checks that it
-/// becomes ready and exits 0 on SIGTERM.
+/// becomes ready and exits 0 on SIGTERM — also when NATS went away just before (a node drain that takes NATS and
+/// the service together), where the drain cannot complete and must not hold the exit.
 pub async fn assert_stops_cleanly(bin: &str, admin_var: &str) -> anyhow::Result<()> {
-    let app = crate::TestApp::builder().spawn().await?;
-    let admin = format!("127.0.0.1:{}", crate::servers::free_port()?);
-    let mut env = app.service_env();
-    env.push((admin_var.to_owned(), admin.clone()));
-    let status = run_until_ready_then_sigterm(bin, &env, &format!("http://{admin}/readyz")).await?;
-    anyhow::ensure!(status.code() == Some(0), "{bin} after SIGTERM: {status:?}");
+    let mut app = crate::TestApp::builder().spawn().await?;
+    for nats_down in [false, true] {
+        let admin = format!("127.0.0.1:{}", crate::servers::free_port()?);
+        let mut env = app.service_env();
+        env.push((admin_var.to_owned(), admin.clone()));
+        let started = std::time::Instant::now();
+        let nats = &mut app.nats_server;
+        let status = run_until_ready_then_sigterm(bin, &env, &format!("http://{admin}/readyz"), || {
+            if nats_down {
+                nats.stop();
+            }
+        })
+        .await?;
+        anyhow::ensure!(status.code() == Some(0), "{bin} after SIGTERM (NATS down: {nats_down}): {status:?}");
+        tracing::info!(bin, nats_down, took = ?started.elapsed(), "stopped cleanly");
+    }
     app.shutdown().await;
     Ok(())
 }

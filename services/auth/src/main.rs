@@ -38,7 +38,7 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {} (AUTH_ADMIN_ADDR)", config.admin_addr))?;
     tracing::info!(%admin, "auth admin endpoint (/metrics, /healthz, /readyz) listening");
     proxypool_auth::serve(service, client.clone(), Some(requests), shutdown).await?;
-    client.drain().await.context("cannot drain the NATS connection")?;
+    proxypool_settings::nats::drain(&client, std::time::Duration::from_secs(5)).await;
     telemetry.shutdown();
     Ok(())
 }

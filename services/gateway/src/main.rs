@@ -21,7 +21,7 @@ async fn main() -> anyhow::Result<()> {
         trigger.fire();
     });
     proxypool_gateway::run(listener, config, nats.clone(), store, shutdown).await.context("server error")?;
-    nats.drain().await.context("cannot drain the NATS connection")?;
+    proxypool_settings::nats::drain(&nats, std::time::Duration::from_secs(5)).await;
     telemetry.shutdown();
     Ok(())
 }

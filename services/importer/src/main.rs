@@ -29,7 +29,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     proxypool_importer::run(importer, client.clone(), shutdown).await?;
-    client.drain().await.context("cannot drain the NATS connection")?;
+    proxypool_settings::nats::drain(&client, std::time::Duration::from_secs(5)).await;
     telemetry.shutdown();
     Ok(())
 }

@@ -763,6 +763,6 @@ impl Importer {
                 }
             }
         }
-        let _ = nats.flush().await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), nats.flush()).await;
     }
 }

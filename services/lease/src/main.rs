@@ -18,7 +18,7 @@ async fn main() -> anyhow::Result<()> {
         trigger.fire();
     });
     proxypool_lease::run(config, client.clone(), store, shutdown).await?;
-    client.drain().await.context("cannot drain the NATS connection")?;
+    proxypool_settings::nats::drain(&client, std::time::Duration::from_secs(5)).await;
     telemetry.shutdown();
     Ok(())
 }

@@ -50,8 +50,12 @@ struct Supervised {
     log: PathBuf,
 }
 
+// The watchdog ignores a SIGTERM to its group (set after the server started, which keeps the default), so that it
+// can reap the server, and its own exit tells `stop` that the server has finished shutting down, not merely closed
+// its port.
 const WATCHDOG: &str = r#"watch=$1; shift; "$@" & c=$!
-while kill -0 "$watch" 2>/dev/null && kill -0 "$c" 2>/dev/null; do sleep 1; done
+trap '' TERM
+while kill -0 "$watch" 2>/dev/null && kill -0 "$c" 2>/dev/null; do sleep 0.2; done
 kill "$c" 2>/dev/null; wait "$c""#;
 
 impl Supervised {
@@ -87,15 +91,16 @@ impl Supervised {
     fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             // The watchdog leads its own process group; signalling the group reaches the server too. SIGTERM
-            // first, so the database flushes what it acknowledged and a restart finds the data again.
+            // first, and wait for the server to *exit* (the watchdog exits after reaping it): a database closes its
+            // port before it flushes and checkpoints, so killing it once the port is closed would lose data that a
+            // real restart keeps.
             use nix::sys::signal::{killpg, Signal};
             let group = i32::try_from(child.id()).ok().filter(|g| *g > 1).map(nix::unistd::Pid::from_raw);
             if let Some(g) = group {
                 let _ = killpg(g, Signal::SIGTERM);
             }
-            let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline && TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
                 std::thread::sleep(Duration::from_millis(20));
             }
             if let Some(g) = group {

@@ -277,9 +277,28 @@ async fn admin_creates_a_proxy_that_can_be_leased() -> R {
     Ok(())
 }
 
+/// Asks for a lease until one is granted, within 30 s of `dependency` coming back; every refusal meanwhile must be a
+/// retryable 503.
+async fn wait_for_lease(app: &TestApp, dependency: &str) -> R {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let res = app.http_get_proxy("vn").await?;
+        if res.status() == StatusCode::OK {
+            return Ok(());
+        }
+        let (status, e) = error_of(res).await?;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{e}");
+        assert!(Instant::now() < deadline, "no recovery after {dependency} came back; last answer: {e}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dependencies_down_give_fast_503_and_readyz_says_so() -> R {
-    let mut app = TestApp::builder().seed(Area::Vn, 1).spawn().await?;
+    // Room for more leases than the test takes: a request the gateway gave up on can still be granted later (one
+    // published while NATS was going down is delivered after the reconnection), and such a lease lives until its
+    // TTL. Recovery is what this test checks, not capacity.
+    let mut app = TestApp::builder().seed(Area::Vn, 1).proxy_use_max(10).spawn().await?;
     assert_eq!(app.http.get(app.url("/healthz")).send().await?.status(), StatusCode::OK);
     assert_eq!(app.http.get(app.url("/readyz")).send().await?.status(), StatusCode::OK);
 
@@ -306,6 +325,7 @@ async fn dependencies_down_give_fast_503_and_readyz_says_so() -> R {
     let body: Value = ready.json().await?;
     assert_eq!(body["mongodb"], "unavailable");
     app.mongo_server.restart()?;
+    wait_for_lease(&app, "MongoDB").await?;
 
     // NATS down: the gateway answers 503 without waiting, and recovers when NATS is back.
     app.nats_server.stop();
@@ -317,16 +337,7 @@ async fn dependencies_down_give_fast_503_and_readyz_says_so() -> R {
     let body: Value = app.http.get(app.url("/readyz")).send().await?.json().await?;
     assert_eq!(body["nats"], "unavailable");
     app.nats_server.restart()?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let res = app.http_get_proxy("vn").await?;
-        if res.status() == StatusCode::OK {
-            break;
-        }
-        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert!(Instant::now() < deadline, "no recovery after NATS came back");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_lease(&app, "NATS").await?;
     app.assert_invariants().await?;
     app.shutdown().await;
     Ok(())

@@ -84,3 +84,8 @@ pub const IMPORT_UPLOADS_BUCKET: &str = "proxypool_import_uploads";
 pub const IMPORT_LOCKS_BUCKET: &str = "proxypool_importer_locks";
 /// Importer → lease replicas after a bulk import: reload the whole index (one event instead of one per proxy).
 pub const LEASECTL_RELOAD: &str = "proxypool.v1.leasectl.reload";
+
+/// Request header: when the caller stops waiting, in Unix milliseconds. A service does not start a request whose
+/// caller has already given up (one published while NATS was down reaches it only after the reconnection), and
+/// answers within it. Hosts' clocks must agree to well under the request timeout (NTP), as for token expiry.
+pub const DEADLINE_HEADER: &str = "Proxypool-Deadline";

@@ -64,7 +64,8 @@ pub struct ServeOptions {
 }
 
 /// Sends a request carrying the current span's trace context (W3C `traceparent` in the headers), in a client span,
-/// so the handler's work joins the caller's trace. `timeout` overrides the client's request timeout.
+/// so the handler's work joins the caller's trace. `timeout` overrides the client's request timeout, and is sent
+/// along as the request's deadline ([`DEADLINE_HEADER`](proxypool_contracts::subjects::DEADLINE_HEADER)).
 pub async fn request(
     client: &Client,
     subject: &'static str,
@@ -73,8 +74,12 @@ pub async fn request(
 ) -> Result<Message, async_nats::RequestError> {
     let span = tracing::info_span!("nats.request", subject, otel.kind = "client");
     async {
-        let mut req =
-            async_nats::Request::new().payload(payload).headers(proxypool_telemetry::propagation::nats_headers());
+        let mut headers = proxypool_telemetry::propagation::nats_headers();
+        if let Some(t) = timeout {
+            let give_up = unix_millis() + i64::try_from(t.as_millis()).unwrap_or(i64::MAX / 2);
+            headers.insert(proxypool_contracts::subjects::DEADLINE_HEADER, give_up.to_string().as_str());
+        }
+        let mut req = async_nats::Request::new().payload(payload).headers(headers);
         if timeout.is_some() {
             req = req.timeout(timeout);
         }
@@ -86,6 +91,59 @@ pub async fn request(
     }
     .instrument(span)
     .await
+}
+
+/// Wall-clock now in Unix milliseconds (deadlines cross hosts, so they are wall-clock times).
+fn unix_millis() -> i64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// How far in the past a caller's deadline may be before it is taken for clock skew rather than a stale request: a
+/// request buffered longer than this is served as if it had no deadline.
+const SKEW_LIMIT_MS: i64 = 60_000;
+
+/// Time kept back from the caller's deadline for the reply to travel back.
+const REPLY_MARGIN: Duration = Duration::from_millis(100);
+
+/// What the caller's deadline header says: `None` without (or with an unreadable) header, `Some(None)` when it has
+/// already passed, `Some(Some(left))` otherwise.
+fn caller_time_left(msg: &Message) -> Option<Option<Duration>> {
+    let value = msg.headers.as_ref()?.get(proxypool_contracts::subjects::DEADLINE_HEADER)?;
+    let deadline_ms: i64 = value.as_str().parse().ok()?;
+    let left_ms = deadline_ms - unix_millis();
+    if left_ms < -SKEW_LIMIT_MS {
+        tracing::warn!(late_ms = -left_ms, "a request deadline far in the past: clock skew? serving it without");
+        return None;
+    }
+    Some(u64::try_from(left_ms).ok().map(Duration::from_millis).and_then(|d| d.checked_sub(REPLY_MARGIN)))
+}
+
+const PENDING: u8 = 0;
+const COMMITTED: u8 = 1;
+const EXPIRED: u8 = 2;
+
+tokio::task_local! {
+    static REPLY: Arc<std::sync::atomic::AtomicU8>;
+}
+
+/// Called by a request handler before it returns a result that must not be lost (a lease granted): returns `true`
+/// when that result will be the caller's answer, `false` when the request's deadline has already passed and the
+/// caller was answered `service_unavailable`, in which case the handler must undo what it did. Once it has returned
+/// `true`, the reply waits for the handler even past the deadline. Outside a request handler it returns `true`.
+pub fn commit_reply() -> bool {
+    use std::sync::atomic::Ordering;
+    REPLY
+        .try_with(|state| match state.compare_exchange(PENDING, COMMITTED, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => true,
+            Err(now) => now == COMMITTED,
+        })
+        .unwrap_or(true)
+}
+
+/// Runs `fut` as a handler whose deadline has already passed (tests of the undo paths).
+pub async fn with_expired_reply<F: Future>(fut: F) -> F::Output {
+    REPLY.scope(Arc::new(std::sync::atomic::AtomicU8::new(EXPIRED)), fut).await
 }
 
 /// The outcome label of an encoded reply: `ok`, or the error code.
@@ -208,16 +266,44 @@ where
         let started = std::time::Instant::now();
         tokio::spawn(async move {
             let reply_to = msg.reply.clone();
-            // The handler runs in its own task: past the deadline the caller gets `service_unavailable`, but a
-            // handler that already wrote still finishes its work (events, notices) instead of being cut off.
-            let work = tokio::spawn(handler(subject, msg).instrument(span));
-            let body = match tokio::time::timeout(deadline, work).await {
-                Ok(Ok(body)) => body,
-                Ok(Err(e)) => {
-                    tracing::error!(error = %e, subject, "request handler panicked");
-                    encode::<()>(Err(ApiError::internal("the request failed")))
+            let expired =
+                || encode::<()>(Err(ApiError::unavailable("the request did not finish in time; retry shortly")));
+            // The caller's own deadline, when it sent one, shortens ours; a request it has given up on is not started.
+            let deadline = match caller_time_left(&msg) {
+                None => Some(deadline),
+                Some(left) => left.map(|l| l.min(deadline)),
+            };
+            let body = match deadline {
+                None => {
+                    tracing::debug!(subject, "the caller gave up before the request arrived; not started");
+                    expired()
                 }
-                Err(_) => encode::<()>(Err(ApiError::unavailable("the request did not finish in time; retry shortly"))),
+                Some(deadline) => {
+                    // The handler runs in its own task: past the deadline the caller gets `service_unavailable`,
+                    // but a handler that already wrote still finishes its work (events, notices, undoing a grant
+                    // nobody will receive) instead of being cut off.
+                    let state = Arc::new(std::sync::atomic::AtomicU8::new(PENDING));
+                    let mut work = tokio::spawn(REPLY.scope(state.clone(), handler(subject, msg).instrument(span)));
+                    let joined = match tokio::time::timeout(deadline, &mut work).await {
+                        Ok(joined) => Some(joined),
+                        Err(_) => {
+                            use std::sync::atomic::Ordering;
+                            match state.compare_exchange(PENDING, EXPIRED, Ordering::AcqRel, Ordering::Acquire) {
+                                Ok(_) => None,
+                                // The handler has promised this answer (`commit_reply`): it is on its way.
+                                Err(_) => Some(work.await),
+                            }
+                        }
+                    };
+                    match joined {
+                        Some(Ok(body)) => body,
+                        Some(Err(e)) => {
+                            tracing::error!(error = %e, subject, "request handler panicked");
+                            encode::<()>(Err(ApiError::internal("the request failed")))
+                        }
+                        None => expired(),
+                    }
+                }
             };
             if let Some(m) = &metrics {
                 let labels = proxypool_telemetry::metrics::RequestLabels { subject, outcome: outcome(&body) };

@@ -49,6 +49,8 @@ impl AppState {
         }
         let body = serde_json::to_vec(req).map_err(|e| ApiError::internal(format!("cannot encode request: {e}")))?;
         // Carries the trace context, so the service's work joins this request's trace.
+        // Always an explicit timeout, so that it travels as the request's deadline.
+        let timeout = Some(timeout.unwrap_or(self.config.nats.request_timeout));
         let msg = proxypool_rpc::request(&self.nats, subject, Bytes::from(body), timeout).await.map_err(|e| match e
             .kind()
         {

@@ -10,7 +10,8 @@ use proxypool_telemetry::metrics::{latency_buckets, Metrics, RequestMetrics};
 /// Label of the lease counter.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
-    /// `granted`, `refused` (no proxy available) or `returned`.
+    /// `granted`, `refused` (no proxy available), `returned`, or `withdrawn` (stored past the request's deadline,
+    /// after the caller was answered `service_unavailable`, and undone).
     pub result: &'static str,
 }
 

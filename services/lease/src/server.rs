@@ -85,6 +85,12 @@ async fn handle(service: LeaseService, client: Client, subject: &'static str, ms
             }
             Err(e) => Err(e),
         };
+        // A grant stored after the caller was told `service_unavailable` would be a lease nobody holds: undo it.
+        if let Ok(outcome) = &result {
+            if !proxypool_rpc::commit_reply() {
+                return withdraw(&service, &client, &outcome.value).await;
+            }
+        }
         match &result {
             Ok(_) => {
                 service.metrics().lease("granted");
@@ -118,6 +124,26 @@ async fn handle(service: LeaseService, client: Client, subject: &'static str, ms
         };
         finish(&client, result).await
     }
+}
+
+/// Undoes a grant its caller will never receive, announces the undo, and answers as the caller was answered.
+async fn withdraw(service: &LeaseService, client: &Client, grant: &proxypool_contracts::lease::LeaseGrant) -> Bytes {
+    service.metrics().lease("withdrawn");
+    match service.withdraw(grant).await {
+        Ok(Some(event)) => match serde_json::to_vec(&event) {
+            Ok(body) => {
+                if let Err(e) = client.publish(subjects::PROXY_CHANGED, Bytes::from(body)).await {
+                    tracing::warn!(error = %e, "cannot publish proxy.changed");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot encode proxy.changed"),
+        },
+        Ok(None) => {}
+        // The lease stays until LEASE_TTL takes it back.
+        Err(e) => tracing::warn!(error = %e, proxy = %grant.id, "cannot withdraw a grant its caller gave up on"),
+    }
+    tracing::info!(proxy = %grant.id, "a grant finished past its deadline was withdrawn");
+    encode::<()>(Err(ApiError::unavailable("the request did not finish in time; retry shortly")))
 }
 
 /// Applies `proxy.changed` events from other writers to the index.

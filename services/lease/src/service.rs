@@ -606,6 +606,29 @@ impl LeaseService {
         }
     }
 
+    /// Takes back a grant whose caller was answered `service_unavailable` before it was stored (the request
+    /// overran its deadline), as if it had never been made: unlike a release it also gives back the use it counted
+    /// in this rotation cycle. Changes nothing when the lease is already gone (rotated, reaped, returned).
+    pub async fn withdraw(&self, grant: &LeaseGrant) -> Result<Option<ProxyChanged>, ApiError> {
+        let id = ObjectId::parse_str(&grant.id).map_err(|_| ApiError::internal("a grant with a malformed proxy id"))?;
+        let key = grant.key.as_str();
+        let filter = doc! { "_id": id, "proxy_used.key": key, "in_use": { "$gt": 0 }, "used_count": { "$gt": 0 } };
+        let update = doc! {
+            "$pull": { "proxy_used": { "key": key } },
+            "$inc": { "in_use": -1, "used_count": -1, "lease_rev": 1 },
+            "$set": { "updatedAt": DateTime::now() },
+        };
+        let proxies = self.inner.store.proxies();
+        let write = proxies.update_one(filter, update).await.map_err(store_error)?;
+        if write.matched_count == 0 {
+            return Ok(None);
+        }
+        let Some(doc) = proxies.find_one(doc! { "_id": id }).await.map_err(store_error)? else { return Ok(None) };
+        let entry = Entry::from(&doc);
+        self.index().apply(id, entry.clone());
+        Ok(Some(self.event(id, ChangeReason::Released, &entry)))
+    }
+
     /// After a stored, successful rotation: clears the lease state and releases the rotation lock, making the proxy
     /// leasable again. Applies only while the proxy is still locked by `job_id`; repeating it changes nothing.
     pub async fn reset_after_rotation(&self, req: &RotatedRequest) -> Result<Outcome<RotatedReply>, ApiError> {

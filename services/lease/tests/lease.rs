@@ -290,3 +290,75 @@ async fn leases_not_returned_within_the_ttl_are_taken_back() -> R {
     app.shutdown().await;
     Ok(())
 }
+
+/// `lease.acquire` carrying a caller deadline `ms_from_now` milliseconds away (negative: already passed).
+async fn acquire_with_deadline(app: &TestApp, ms_from_now: i64) -> R<Reply<proxypool_contracts::lease::LeaseGrant>> {
+    let now = i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis())?;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(proxypool_contracts::subjects::DEADLINE_HEADER, (now + ms_from_now).to_string().as_str());
+    let body = serde_json::json!({ "area": "vn", "consumer": "late-caller" });
+    let req = async_nats::Request::new()
+        .payload(serde_json::to_vec(&body)?.into())
+        .headers(headers)
+        .timeout(Some(Duration::from_secs(5)));
+    let msg = app.client.send_request(proxypool_contracts::subjects::LEASE_ACQUIRE, req).await?;
+    Ok(serde_json::from_slice(&msg.payload)?)
+}
+
+/// Waits until the store shows `n` leases on the proxy, counted the same in `in_use`, `used_count` and `proxy_used`.
+async fn wait_for_leases(app: &TestApp, id: &str, n: i32) -> R {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let p = app.proxy(id).await?;
+        let seen = (p.in_use, p.used_count, p.proxy_used.len());
+        if seen == (n, n, usize::try_from(n)?) {
+            return Ok(());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected {n} leases, the store says (in_use, used_count, proxy_used) = {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_503_past_the_callers_deadline_leaves_no_lease() -> R {
+    let app = TestApp::builder().proxy_use_max(100).seed(Area::Vn, 1).spawn().await?;
+    let id = app.all_proxies().await?[0].id.to_hex();
+
+    // The caller gave up before the request arrived (as when it was published while NATS was down): not started.
+    match acquire_with_deadline(&app, -2_000).await? {
+        Reply::Err(e) => assert_eq!(e.code, ErrorCode::ServiceUnavailable, "{e:?}"),
+        Reply::Ok(g) => panic!("a request its caller gave up on was granted: {g:?}"),
+    }
+    wait_for_leases(&app, &id, 0).await?;
+
+    // Deadlines too short for a grant (100 ms are kept back for the reply): the grant is stored after the caller was
+    // answered 503, and withdrawn. Whatever the answer, the store must agree with it.
+    let (mut granted, mut withdrawn) = (0, 0);
+    for i in 0..20 {
+        match acquire_with_deadline(&app, 100 + i).await? {
+            Reply::Ok(_) => granted += 1,
+            Reply::Err(e) => {
+                assert_eq!(e.code, ErrorCode::ServiceUnavailable, "{e:?}");
+                withdrawn += 1;
+            }
+        }
+        wait_for_leases(&app, &id, granted).await?;
+    }
+    assert!(withdrawn > 0, "no request overran its deadline; the test proves nothing");
+    let admin = app.lease_replicas()[0].admin_addr;
+    let metrics = app.http.get(format!("http://{admin}/metrics")).send().await?.text().await?;
+    assert!(
+        metrics.lines().any(|l| l.starts_with("proxypool_lease_leases_total{result=\"withdrawn\"}")),
+        "no grant was stored past its deadline and withdrawn; the test proves nothing:\n{metrics}"
+    );
+
+    // An ordinary request is still granted, and the index agrees with the store.
+    assert!(matches!(app.nats_acquire("vn", "on-time").await?, Reply::Ok(_)));
+    wait_for_leases(&app, &id, granted + 1).await?;
+    app.assert_invariants().await?;
+    app.shutdown().await;
+    Ok(())
+}

@@ -61,6 +61,10 @@ pub struct ServeOptions {
     pub deadline: Duration,
     /// Request counts and durations, when the service exports metrics.
     pub metrics: Option<proxypool_telemetry::metrics::RequestMetrics>,
+    /// Subjects bounded by their caller's deadline (see [`request`]): not started once it has passed, and answered
+    /// by it. Requests on other subjects (idempotent maintenance, whose late run still helps) run when delivered
+    /// late, within `deadline`.
+    pub caller_deadline: &'static [&'static str],
 }
 
 /// Sends a request carrying the current span's trace context (W3C `traceparent` in the headers), in a client span,
@@ -116,6 +120,11 @@ fn caller_time_left(msg: &Message) -> Option<Option<Duration>> {
         tracing::warn!(late_ms = -left_ms, "a request deadline far in the past: clock skew? serving it without");
         return None;
     }
+    if left_ms <= 0 {
+        // Rare in a healthy system (a request held back by a NATS outage); many of them mean the hosts' clocks
+        // disagree.
+        tracing::warn!(late_ms = -left_ms, "a request arrived after its caller's deadline; not started (clock skew?)");
+    }
     Some(u64::try_from(left_ms).ok().map(Duration::from_millis).and_then(|d| d.checked_sub(REPLY_MARGIN)))
 }
 
@@ -141,9 +150,10 @@ pub fn commit_reply() -> bool {
         .unwrap_or(true)
 }
 
-/// Runs `fut` as a handler whose deadline has already passed (tests of the undo paths).
-pub async fn with_expired_reply<F: Future>(fut: F) -> F::Output {
-    REPLY.scope(Arc::new(std::sync::atomic::AtomicU8::new(EXPIRED)), fut).await
+/// Inside a request handler: `false` once the request's deadline has passed and its caller was answered
+/// `service_unavailable`, so that a handler stops before writing what nobody will receive. Outside, `true`.
+pub fn still_wanted() -> bool {
+    REPLY.try_with(|state| state.load(std::sync::atomic::Ordering::Acquire) != EXPIRED).unwrap_or(true)
 }
 
 /// The outcome label of an encoded reply: `ok`, or the error code.
@@ -259,6 +269,7 @@ where
         let Some((subject, msg)) = incoming.recv().await else { break };
         let Ok(permit) = permits.clone().acquire_owned().await else { break };
         let (client, handler, deadline) = (client.clone(), handler.clone(), options.deadline);
+        let bounded_by_caller = options.caller_deadline.contains(&subject);
         let metrics = options.metrics.clone();
         // One server span per request, continuing the caller's trace from the message headers.
         let span = tracing::info_span!("nats.handle", subject, otel.kind = "server");
@@ -269,21 +280,24 @@ where
             let expired =
                 || encode::<()>(Err(ApiError::unavailable("the request did not finish in time; retry shortly")));
             // The caller's own deadline, when it sent one, shortens ours; a request it has given up on is not started.
-            let deadline = match caller_time_left(&msg) {
+            let caller_left = if bounded_by_caller { caller_time_left(&msg) } else { None };
+            let deadline = match caller_left {
                 None => Some(deadline),
                 Some(left) => left.map(|l| l.min(deadline)),
             };
             let body = match deadline {
-                None => {
-                    tracing::debug!(subject, "the caller gave up before the request arrived; not started");
-                    expired()
-                }
+                None => expired(),
                 Some(deadline) => {
                     // The handler runs in its own task: past the deadline the caller gets `service_unavailable`,
                     // but a handler that already wrote still finishes its work (events, notices, undoing a grant
                     // nobody will receive) instead of being cut off.
+                    // It holds its permit until it ends, so that `max_in_flight` and the shutdown drain count it.
                     let state = Arc::new(std::sync::atomic::AtomicU8::new(PENDING));
-                    let mut work = tokio::spawn(REPLY.scope(state.clone(), handler(subject, msg).instrument(span)));
+                    let work = REPLY.scope(state.clone(), handler(subject, msg).instrument(span));
+                    let mut work = tokio::spawn(async move {
+                        let _permit = permit;
+                        work.await
+                    });
                     let joined = match tokio::time::timeout(deadline, &mut work).await {
                         Ok(joined) => Some(joined),
                         Err(_) => {
@@ -320,7 +334,6 @@ where
                 }
                 None => tracing::debug!(subject, "request without a reply subject"),
             }
-            drop(permit);
         });
     }
     let all = u32::try_from(options.max_in_flight).unwrap_or(u32::MAX);

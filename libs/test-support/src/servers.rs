@@ -56,7 +56,7 @@ struct Supervised {
 const WATCHDOG: &str = r#"watch=$1; shift; "$@" & c=$!
 trap '' TERM
 while kill -0 "$watch" 2>/dev/null && kill -0 "$c" 2>/dev/null; do sleep 0.2; done
-kill "$c" 2>/dev/null; wait "$c""#;
+kill -0 "$c" 2>/dev/null && kill "$c"; wait "$c""#;
 
 impl Supervised {
     fn start(&mut self) -> anyhow::Result<()> {

@@ -48,6 +48,7 @@ pub async fn serve(
         // bcrypt at cost 12 takes ~0.25 s per hash on one core; leave room under the callers' 5 s timeout.
         deadline: Duration::from_secs(4),
         metrics,
+        caller_deadline: &[],
     };
     proxypool_rpc::serve(client, &subjects::AUTH_ALL, options, shutdown, move |subject, msg| {
         let service = service.clone();

@@ -52,6 +52,7 @@ pub async fn serve(
         // Above the longest wait a caller may ask for, so a waiting request is answered by the handler itself.
         deadline: Duration::from_secs(35),
         metrics: Some(importer.metrics().requests.clone()),
+        caller_deadline: &[],
     };
     proxypool_rpc::serve(client, &subjects::IMPORT_ALL, options, shutdown, move |subject, msg| {
         let importer = importer.clone();

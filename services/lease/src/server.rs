@@ -128,21 +128,23 @@ async fn handle(service: LeaseService, client: Client, subject: &'static str, ms
 
 /// Undoes a grant its caller will never receive, announces the undo, and answers as the caller was answered.
 async fn withdraw(service: &LeaseService, client: &Client, grant: &proxypool_contracts::lease::LeaseGrant) -> Bytes {
-    service.metrics().lease("withdrawn");
     match service.withdraw(grant).await {
-        Ok(Some(event)) => match serde_json::to_vec(&event) {
-            Ok(body) => {
-                if let Err(e) = client.publish(subjects::PROXY_CHANGED, Bytes::from(body)).await {
-                    tracing::warn!(error = %e, "cannot publish proxy.changed");
+        Ok(Some(event)) => {
+            service.metrics().lease("withdrawn");
+            tracing::info!(proxy = %grant.id, "a grant stored past its deadline was withdrawn");
+            match serde_json::to_vec(&event) {
+                Ok(body) => {
+                    if let Err(e) = client.publish(subjects::PROXY_CHANGED, Bytes::from(body)).await {
+                        tracing::warn!(error = %e, "cannot publish proxy.changed");
+                    }
                 }
+                Err(e) => tracing::error!(error = %e, "cannot encode proxy.changed"),
             }
-            Err(e) => tracing::error!(error = %e, "cannot encode proxy.changed"),
-        },
-        Ok(None) => {}
+        }
+        Ok(None) => tracing::debug!(proxy = %grant.id, "a late grant was already gone when withdrawn"),
         // The lease stays until LEASE_TTL takes it back.
         Err(e) => tracing::warn!(error = %e, proxy = %grant.id, "cannot withdraw a grant its caller gave up on"),
     }
-    tracing::info!(proxy = %grant.id, "a grant finished past its deadline was withdrawn");
     encode::<()>(Err(ApiError::unavailable("the request did not finish in time; retry shortly")))
 }
 
@@ -267,6 +269,8 @@ pub async fn serve(
         max_in_flight,
         deadline: REQUEST_DEADLINE,
         metrics: Some(service.metrics().requests.clone()),
+        // Only a grant is refused once its caller has gone; a late release or clear still does its job.
+        caller_deadline: &[subjects::LEASE_ACQUIRE],
     };
     let (s, c) = (service.clone(), client.clone());
     proxypool_rpc::run(client, requests, options, shutdown, move |subject, msg| {

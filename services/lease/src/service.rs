@@ -471,6 +471,10 @@ impl LeaseService {
             return Err(ApiError::unavailable("the lease index is still loading; retry shortly"));
         }
         for _ in 0..MAX_ATTEMPTS {
+            // Under a request deadline (see `proxypool_rpc::still_wanted`), stop before a write nobody will receive.
+            if !proxypool_rpc::still_wanted() {
+                return Err(ApiError::unavailable("the request did not finish in time; retry shortly"));
+            }
             let now = DateTime::now();
             let Some((id, before)) = self.index().pick(req.area, now.timestamp_millis()) else {
                 return Err(ApiError::new(

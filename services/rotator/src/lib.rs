@@ -73,6 +73,7 @@ pub async fn serve_rotate_now(
         max_in_flight: 64,
         deadline: Duration::from_secs(4),
         metrics: Some(rotator.metrics().requests.clone()),
+        caller_deadline: &[],
     };
     proxypool_rpc::serve(client, &[subjects::ROTATOR_ROTATE_NOW], options, shutdown, move |_, msg| {
         let rotator = rotator.clone();

@@ -575,6 +575,7 @@ impl TestApp {
             zing: None,
             http_timeout: Duration::from_secs(3),
             batch: 1_000,
+            max_rows: 200_000,
             admin_addr: SocketAddr::from(([127, 0, 0, 1], crate::servers::free_port().unwrap_or(0))),
             nats: self.nats_config_for("importer"),
             store: self.store_config.clone(),

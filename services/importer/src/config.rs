@@ -42,6 +42,9 @@ pub struct ImporterConfig {
     pub http_timeout: Duration,
     /// `IMPORT_BATCH` (default 1000): documents per `insert_many` and identities per lookup.
     pub batch: usize,
+    /// `IMPORT_MAX_ROWS` (default 200,000): most data rows one spreadsheet may have; a larger one is refused whole
+    /// (400), before anything is written.
+    pub max_rows: usize,
     /// `IMPORTER_ADMIN_ADDR` (default `0.0.0.0:9103`): `/metrics` and `/healthz`.
     pub admin_addr: std::net::SocketAddr,
     /// NATS.
@@ -92,9 +95,14 @@ impl ImporterConfig {
         if !(1..=100_000).contains(&batch) {
             return Err(ConfigError::invalid("IMPORT_BATCH", "must be between 1 and 100000"));
         }
+        let max_rows: usize = env.parse_or("IMPORT_MAX_ROWS", 200_000)?;
+        if !(1..=1_048_576).contains(&max_rows) {
+            return Err(ConfigError::invalid("IMPORT_MAX_ROWS", "must be between 1 and 1048576"));
+        }
         Ok(Self {
             kiot,
             zing,
+            max_rows,
             http_timeout: env.seconds_or("IMPORT_HTTP_TIMEOUT", Duration::from_secs(20))?,
             batch,
             admin_addr: env.parse_or("IMPORTER_ADMIN_ADDR", std::net::SocketAddr::from(([0, 0, 0, 0], 9103)))?,

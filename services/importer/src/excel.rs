@@ -3,13 +3,33 @@
 //! Columns are found by name in the first non-empty row, in any order and any case (`Rotate URL`, `rotate_url` and
 //! `rotate-url` are the same column). Required: `host, port, area, rotate_url, provider, package_code`; optional:
 //! `expired_at, username, password, rotate_time`. Unknown columns are ignored. Naive dates are read as UTC.
+//!
+//! An upload is hostile until read: `.xlsx` and `.xlsb` are streamed cell by cell, keeping only the known columns
+//! and at most `max_rows` rows, because a whole-sheet read allocates the sheet's full extent (two cells at `A1` and
+//! `XFD1048576` in a 10 kB file would ask for 17 billion cells). `.xls` is bounded by its format (65,536 x 256);
+//! `.ods`, which calamine expands whole when it opens it and whose repeated-row markup has no such bound, is
+//! refused before it is opened. A zip-based workbook whose directory says it unpacks to more than
+//! [`Limits::max_unpacked_bytes`] is refused unopened (a zip bomb).
 
 use std::io::Cursor;
 
-use calamine::{Data, DataType, Reader};
+use calamine::{Data, DataType, Reader, Xls, Xlsb, Xlsx};
 use chrono::{DateTime, NaiveDate, NaiveDateTime, TimeZone, Utc};
 use proxypool_contracts::import::RowError;
 use proxypool_contracts::Area;
+
+/// Most bytes a zip-based workbook (`.xlsx`, `.xlsb`) may unpack to, by its own directory, by default. A
+/// 200,000-row import unpacks to about 60 MB.
+pub const MAX_UNPACKED_BYTES: u64 = 512 * 1024 * 1024;
+
+/// How much of an upload is read.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most data rows (`IMPORT_MAX_ROWS`).
+    pub max_rows: usize,
+    /// Most bytes a zip-based workbook may unpack to.
+    pub max_unpacked_bytes: u64,
+}
 
 /// Columns every sheet must have.
 pub const REQUIRED: [&str; 6] = ["host", "port", "area", "rotate_url", "provider", "package_code"];
@@ -28,6 +48,15 @@ pub enum SheetError {
     /// The header lacks required columns.
     #[error("lacks the column(s) {0} in its header row (found: {1})")]
     MissingColumns(String, String),
+    /// More data rows than `IMPORT_MAX_ROWS`.
+    #[error("has more than {0} rows (IMPORT_MAX_ROWS); split it into several files")]
+    TooManyRows(usize),
+    /// A format that cannot be read within bounds.
+    #[error("is an OpenDocument sheet (.ods), which is not accepted; save it as .xlsx")]
+    Ods,
+    /// A zip bomb, or a workbook far larger than any import.
+    #[error("unpacks to {0} bytes, more than the limit of {1}")]
+    Unpacked(u64, u64),
 }
 
 /// One valid row.
@@ -57,21 +86,161 @@ pub struct SheetRow {
     pub rotate_time: Option<i64>,
 }
 
-/// The rows of the first sheet, each valid or with the reason it is not.
-pub fn read(bytes: Vec<u8>) -> Result<Vec<Result<SheetRow, RowError>>, SheetError> {
-    let mut book = calamine::open_workbook_auto_from_rs(Cursor::new(bytes))
-        .map_err(|e| SheetError::NotASpreadsheet(e.to_string()))?;
-    let range = match book.worksheet_range_at(0) {
-        Some(Ok(r)) => r,
-        Some(Err(e)) => return Err(SheetError::NotASpreadsheet(e.to_string())),
-        None => return Err(SheetError::Empty),
-    };
-    let first_row = range.start().map(|(r, _)| r).unwrap_or(0);
-    let mut rows = range.rows().enumerate().filter(|(_, cells)| cells.iter().any(|c| !c.is_empty()));
-    let Some((_, header)) = rows.next() else { return Err(SheetError::Empty) };
-    let columns = Columns::find(header)?;
-    let number = |i: usize| first_row.saturating_add(u32::try_from(i).unwrap_or(u32::MAX)).saturating_add(1);
-    Ok(rows.map(|(i, cells)| columns.row(number(i), cells)).collect())
+/// Streams the first sheet of an `.xlsx` or `.xlsb` book (their cell readers share no trait) into a [`RowStream`].
+macro_rules! stream_first_sheet {
+    ($book:expr, $max_rows:expr, $not_a_sheet:expr) => {{
+        let name = $book.sheet_names().first().cloned().ok_or(SheetError::Empty)?;
+        let mut cells = $book.worksheet_cells_reader(&name).map_err(|e| $not_a_sheet(&e))?;
+        let mut rows = RowStream::new($max_rows);
+        while let Some(cell) = cells.next_cell().map_err(|e| $not_a_sheet(&e))? {
+            let (r, c) = cell.get_position();
+            rows.push(r, c, cell.get_value())?;
+        }
+        rows.finish()
+    }};
+}
+
+/// The rows of the first sheet, each valid or with the reason it is not, within `limits`.
+pub fn read(bytes: Vec<u8>, limits: Limits) -> Result<Vec<Result<SheetRow, RowError>>, SheetError> {
+    let not_a_sheet = |e: &dyn std::fmt::Display| SheetError::NotASpreadsheet(e.to_string());
+    let max_rows = limits.max_rows;
+    inspect_zip(&bytes, limits.max_unpacked_bytes)?;
+    match open(bytes).map_err(|e| not_a_sheet(&e))? {
+        Book::Xlsx(mut book) => stream_first_sheet!(book, max_rows, not_a_sheet),
+        Book::Xlsb(mut book) => stream_first_sheet!(book, max_rows, not_a_sheet),
+        Book::Xls(mut book) => {
+            let range = match book.worksheet_range_at(0) {
+                Some(Ok(r)) => r,
+                Some(Err(e)) => return Err(not_a_sheet(&e)),
+                None => return Err(SheetError::Empty),
+            };
+            let first_row = range.start().map(|(r, _)| r).unwrap_or(0);
+            let mut rows = RowStream::new(max_rows);
+            for (i, cells) in range.rows().enumerate() {
+                let r = first_row.saturating_add(u32::try_from(i).unwrap_or(u32::MAX));
+                for (c, cell) in cells.iter().enumerate() {
+                    rows.push(r, u32::try_from(c).unwrap_or(u32::MAX), cell)?;
+                }
+            }
+            rows.finish()
+        }
+    }
+}
+
+/// The formats read; `.ods` is not among them (see the module documentation).
+enum Book {
+    Xls(Xls<Cursor<Vec<u8>>>),
+    Xlsx(Xlsx<Cursor<Vec<u8>>>),
+    Xlsb(Xlsb<Cursor<Vec<u8>>>),
+}
+
+/// Opens the workbook as the first format that accepts it (`calamine::open_workbook_auto_from_rs` without ODS).
+fn open(bytes: Vec<u8>) -> Result<Book, &'static str> {
+    if bytes.starts_with(b"PK") {
+        if let Ok(b) = Xlsx::new(Cursor::new(bytes.clone())) {
+            return Ok(Book::Xlsx(b));
+        }
+        Xlsb::new(Cursor::new(bytes)).map(Book::Xlsb).map_err(|_| "cannot detect the file format")
+    } else {
+        Xls::new(Cursor::new(bytes)).map(Book::Xls).map_err(|_| "cannot detect the file format")
+    }
+}
+
+/// Refuses, unopened, an OpenDocument sheet and a zip whose directory adds up past `max_unpacked`. Anything that
+/// is not a readable zip is left to the workbook readers to judge.
+fn inspect_zip(bytes: &[u8], max_unpacked: u64) -> Result<(), SheetError> {
+    if !bytes.starts_with(b"PK") {
+        return Ok(());
+    }
+    let Ok(mut zip) = zip::ZipArchive::new(Cursor::new(bytes)) else { return Ok(()) };
+    let mut total = 0u64;
+    for i in 0..zip.len() {
+        if let Ok(f) = zip.by_index_raw(i) {
+            total = total.saturating_add(f.size());
+        }
+    }
+    if total > max_unpacked {
+        return Err(SheetError::Unpacked(total, max_unpacked));
+    }
+    if let Ok(f) = zip.by_name("mimetype") {
+        use std::io::Read;
+        let mut mime = String::new();
+        let _ = f.take(100).read_to_string(&mut mime);
+        if mime.starts_with("application/vnd.oasis.opendocument") {
+            return Err(SheetError::Ods);
+        }
+    }
+    Ok(())
+}
+
+/// Turns cells, in sheet order, into validated rows: the first non-empty row is the header; afterwards only the
+/// known columns are kept.
+struct RowStream {
+    max_rows: usize,
+    columns: Option<Columns>,
+    /// Header cells, by column, until the header row ends.
+    header: Vec<Data>,
+    /// The row being read (0-based) and its kept cells.
+    current: Option<(u32, Vec<Data>)>,
+    rows: Vec<Result<SheetRow, RowError>>,
+}
+
+impl RowStream {
+    fn new(max_rows: usize) -> Self {
+        Self { max_rows, columns: None, header: Vec::new(), current: None, rows: Vec::new() }
+    }
+
+    fn push<T>(&mut self, row: u32, col: u32, value: &T) -> Result<(), SheetError>
+    where
+        T: DataType + Clone + Into<Data>,
+    {
+        if value.is_empty() {
+            return Ok(());
+        }
+        if self.current.as_ref().is_some_and(|(r, _)| *r != row) {
+            self.end_row()?;
+        }
+        let col = usize::try_from(col).unwrap_or(usize::MAX);
+        let (_, cells) = self.current.get_or_insert_with(|| (row, Vec::new()));
+        let keep = match &self.columns {
+            // Header: every column, as the sheet format bounds its width (16,384).
+            None => col < 16_384,
+            Some(columns) => columns.at.iter().any(|(_, i)| *i == col),
+        };
+        if keep {
+            if cells.len() <= col {
+                cells.resize(col + 1, Data::Empty);
+            }
+            cells[col] = value.clone().into();
+        }
+        Ok(())
+    }
+
+    fn end_row(&mut self) -> Result<(), SheetError> {
+        let Some((row, cells)) = self.current.take() else { return Ok(()) };
+        match &self.columns {
+            None => {
+                self.header = cells;
+                self.columns = Some(Columns::find(&self.header)?);
+            }
+            Some(columns) => {
+                if self.rows.len() >= self.max_rows {
+                    return Err(SheetError::TooManyRows(self.max_rows));
+                }
+                // Row numbers as the spreadsheet shows them (1-based).
+                self.rows.push(columns.row(row.saturating_add(1), &cells));
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<Vec<Result<SheetRow, RowError>>, SheetError> {
+        self.end_row()?;
+        if self.columns.is_none() {
+            return Err(SheetError::Empty);
+        }
+        Ok(self.rows)
+    }
 }
 
 fn normalise(name: &str) -> String {
@@ -250,8 +419,92 @@ mod tests {
         assert!(!valid_host("bad host") && !valid_host("a..b"));
     }
 
+    fn rows(max_rows: usize) -> Limits {
+        Limits { max_rows, max_unpacked_bytes: MAX_UNPACKED_BYTES }
+    }
+
+    const HEADER: [&str; 6] = ["host", "port", "area", "rotate_url", "provider", "package_code"];
+
+    /// A sheet with the header in `first_row`, then `n` good rows.
+    fn sheet(first_row: u32, n: u32) -> rust_xlsxwriter::Worksheet {
+        let mut ws = rust_xlsxwriter::Worksheet::new();
+        for (c, h) in (0u16..).zip(HEADER) {
+            ws.write_string(first_row, c, h).unwrap();
+        }
+        for i in 1..=n {
+            let r = first_row + i;
+            let cells = [format!("10.0.0.{i}"), "8080".into(), "vn".into(), format!("http://r.test/{i}"), "P".into()];
+            for (c, v) in (0u16..).zip(cells) {
+                ws.write_string(r, c, v).unwrap();
+            }
+            ws.write_string(r, 5, "C1").unwrap();
+        }
+        ws
+    }
+
+    fn xlsx(ws: rust_xlsxwriter::Worksheet) -> Vec<u8> {
+        let mut book = rust_xlsxwriter::Workbook::new();
+        book.push_worksheet(ws);
+        book.save_to_buffer().unwrap()
+    }
+
+    #[test]
+    fn rows_are_numbered_as_shown_and_capped() {
+        let got = read(xlsx(sheet(2, 3)), rows(3)).unwrap();
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[0].as_ref().unwrap().row, 4, "header on row 3, first data row on row 4");
+        assert_eq!(got[2].as_ref().unwrap().host, "10.0.0.3");
+        assert_eq!(read(xlsx(sheet(0, 4)), rows(3)), Err(SheetError::TooManyRows(3)));
+    }
+
+    #[test]
+    fn a_tiny_file_spanning_the_whole_grid_is_read_in_bounded_memory() {
+        // Two cells far apart: a whole-range read would allocate 16,384 x 1,048,576 cells and abort.
+        let mut ws = sheet(0, 1);
+        ws.write_string(1_048_575, 16_383, "far away").unwrap();
+        let bytes = xlsx(ws);
+        assert!(bytes.len() < 20_000);
+        let got = read(bytes, rows(10)).unwrap();
+        assert_eq!(got.len(), 2);
+        assert!(got[0].is_ok());
+        let far = got[1].as_ref().unwrap_err();
+        assert_eq!((far.row, far.field.as_deref()), (1_048_576, Some("host")));
+    }
+
+    #[test]
+    fn opendocument_is_refused() {
+        use std::io::Write;
+        let mut zip = zip::ZipWriter::new(Cursor::new(Vec::new()));
+        let stored = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+        zip.start_file("mimetype", stored).unwrap();
+        zip.write_all(b"application/vnd.oasis.opendocument.spreadsheet").unwrap();
+        zip.start_file("content.xml", stored).unwrap();
+        zip.write_all(br#"<?xml version="1.0"?><office:document-content xmlns:office="urn:oasis:names:tc:opendocument:xmlns:office:1.0"><office:body><office:spreadsheet/></office:body></office:document-content>"#).unwrap();
+        let bytes = zip.finish().unwrap().into_inner();
+        assert_eq!(read(bytes, rows(10)), Err(SheetError::Ods));
+    }
+
+    #[test]
+    fn a_zip_bomb_is_refused_unopened() {
+        use std::io::Write;
+        // 6 MiB of zeros deflate to a few kB; the limit is 1 MiB here.
+        let mut zip = zip::ZipWriter::new(Cursor::new(Vec::new()));
+        let deflated = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated)
+            .large_file(true);
+        zip.start_file("xl/sharedStrings.xml", deflated).unwrap();
+        let zeros = vec![b'0'; 1024 * 1024];
+        for _ in 0..6 {
+            zip.write_all(&zeros).unwrap();
+        }
+        let bytes = zip.finish().unwrap().into_inner();
+        assert!(bytes.len() < 64 * 1024, "{}", bytes.len());
+        let limits = Limits { max_rows: 10, max_unpacked_bytes: 1024 * 1024 };
+        assert_eq!(read(bytes, limits), Err(SheetError::Unpacked(6 * 1024 * 1024, 1024 * 1024)));
+    }
+
     #[test]
     fn not_a_spreadsheet() {
-        assert!(matches!(read(b"host,port\n1.2.3.4,80\n".to_vec()), Err(SheetError::NotASpreadsheet(_))));
+        assert!(matches!(read(b"host,port\n1.2.3.4,80\n".to_vec(), rows(10)), Err(SheetError::NotASpreadsheet(_))));
     }
 }

@@ -498,7 +498,9 @@ impl Importer {
         if let Err(e) = bucket.delete(id).await {
             tracing::warn!(error = %e, upload = id, "cannot delete a read upload; it expires by itself");
         }
-        let parsed = tokio::task::spawn_blocking(move || excel::read(bytes))
+        let limits =
+            excel::Limits { max_rows: self.inner.config.max_rows, max_unpacked_bytes: excel::MAX_UNPACKED_BYTES };
+        let parsed = tokio::task::spawn_blocking(move || excel::read(bytes, limits))
             .await
             .map_err(|e| JobFailure::Dependency(format!("the spreadsheet reader failed: {e}")))?;
         parsed.map_err(|e| JobFailure::BadFile(e.to_string()))

@@ -227,6 +227,27 @@ async fn wrong_file_types_and_oversized_uploads_are_refused() -> R {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sheet_over_the_row_limit_is_refused_whole() -> R {
+    let app = TestApp::builder().spawn().await?;
+    let _importer =
+        app.start_importer(proxypool_importer::ImporterConfig { max_rows: 2, ..app.importer_config() }).await?;
+    let mut rows = vec![header()];
+    for i in 1..=2 {
+        rows.push(row(&format!("198.51.100.{i}"), json!(8000 + i), "vn", "2030-01-31"));
+    }
+    let (s, body, _) = upload(&app, xlsx(&rows)?, "").await?;
+    assert_eq!(s, StatusCode::OK, "two rows are within the limit: {body}");
+    rows.push(row("198.51.100.3", json!(8003), "vn", "2030-01-31"));
+    let (s, body, _) = upload(&app, xlsx(&rows)?, "").await?;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["field"], "file");
+    assert!(body["error"]["message"].as_str().unwrap_or("").contains("IMPORT_MAX_ROWS"), "{body}");
+    assert_eq!(proxy_count(&app).await?, 2, "nothing of the refused file is written");
+    app.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reimporting_updates_in_place_and_never_touches_leases() -> R {
     let app = TestApp::builder().spawn().await?;
     let _importer = app.start_importer(app.importer_config()).await?;

@@ -229,9 +229,9 @@ where
     // caller times out and retries, as on any lost message.) The channel closes when every subscription is drained.
     let (tx, mut incoming) = tokio::sync::mpsc::channel::<(&'static str, Message)>(1024);
     for (subject, mut sub) in subs.subs {
-        let (tx, mut stop) = (tx.clone(), shutdown.clone());
+        let (tx, mut stop, client) = (tx.clone(), shutdown.clone(), client.clone());
         tokio::spawn(async move {
-            let mut draining = false;
+            let (mut draining, mut confirmed) = (false, false);
             // Bounded, in case the server is unreachable and never confirms the drain.
             let mut give_up = tokio::time::Instant::now() + DRAIN_TIMEOUT;
             loop {
@@ -241,14 +241,25 @@ where
                         None => break,
                     },
                     () = tokio::time::sleep_until(give_up), if draining => {
-                        tracing::warn!(subject, "a subscription did not finish draining in time");
+                        if !confirmed {
+                            tracing::warn!(subject, "a subscription did not finish draining in time");
+                        }
                         break;
                     }
                     () = stop.wait(), if !draining => {
                         draining = true;
                         give_up = tokio::time::Instant::now() + DRAIN_TIMEOUT;
                         match tokio::time::timeout(DRAIN_TIMEOUT, sub.drain()).await {
-                            Ok(Ok(())) => {}
+                            // The client ends a drained subscription's stream only when its connection task next
+                            // wakes, on a quiet connection the next ping, minutes away. A completed flush proves the
+                            // server has processed the unsubscribe (it answers in order) and that every request it
+                            // routed here before is already in this subscription's buffer: take those, then stop.
+                            Ok(Ok(())) => {
+                                if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(2), client.flush()).await {
+                                    confirmed = true;
+                                    give_up = tokio::time::Instant::now() + Duration::from_millis(100);
+                                }
+                            }
                             Ok(Err(e)) => {
                                 tracing::warn!(error = %e, subject, "cannot drain a subscription");
                                 break;

@@ -479,13 +479,21 @@ async fn the_zing_schedule_runs_once_per_interval_across_two_importers() -> R {
     // Ticks every 200 ms, so both replicas look many times within the test.
     config.zing = Some(zing(&base, Some(Duration::from_secs(2))));
     let a = app.start_importer(config.clone()).await?;
-    let b = app.start_importer(config).await?;
+    let b = app
+        .start_importer(proxypool_importer::ImporterConfig {
+            admin_addr: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            ..config
+        })
+        .await?;
     tokio::time::sleep(Duration::from_millis(4_900)).await;
-    a.stop().await;
-    b.stop().await;
     // Runs at about 0 s, 2 s and 4 s: three, however many replicas looked.
     let n = hits.load(Ordering::SeqCst);
     assert!((2..=3).contains(&n), "{n} scheduled imports in 4.9 s with a 2 s interval");
+    // Both stop promptly: their subscriptions drain at once, not at the drain timeout.
+    let t = std::time::Instant::now();
+    a.stop().await;
+    b.stop().await;
+    assert!(t.elapsed() < Duration::from_secs(5), "two importers took {:?} to stop", t.elapsed());
     assert_eq!(proxy_count(&app).await?, 2, "scheduled re-imports create no duplicates");
     app.shutdown().await;
     Ok(())

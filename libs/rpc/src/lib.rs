@@ -225,8 +225,9 @@ where
 {
     // One forwarder per subscription. On shutdown each *drains* its subscription: the server stops routing new
     // requests here (the queue group sends them to other replicas) and the requests already received are answered.
-    // (A request the server routed in the instant before it processed the unsubscribe can still be missed; its
-    // caller times out and retries, as on any lost message.) The channel closes when every subscription is drained.
+    // (Only when the server does not confirm the drain, NATS being unreachable, can a request it routed here be
+    // missed; its caller times out and retries, as on any lost message.) The channel closes when every subscription
+    // is drained.
     let (tx, mut incoming) = tokio::sync::mpsc::channel::<(&'static str, Message)>(1024);
     for (subject, mut sub) in subs.subs {
         let (tx, mut stop, client) = (tx.clone(), shutdown.clone(), client.clone());

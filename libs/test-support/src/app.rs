@@ -205,6 +205,16 @@ fn parse_net(s: &str) -> Option<ipnet::IpNet> {
     s.parse().ok().or_else(|| s.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
 }
 
+/// A raw NATS request from `nc` (any identity), decoded as a reply envelope.
+pub async fn nats_call<T: serde::de::DeserializeOwned>(
+    nc: &async_nats::Client,
+    subject: &'static str,
+    body: &impl serde::Serialize,
+) -> anyhow::Result<Reply<T>> {
+    let msg = nc.request(subject, serde_json::to_vec(body)?.into()).await?;
+    Ok(serde_json::from_slice(&msg.payload)?)
+}
+
 /// A running rotator.
 #[derive(Debug)]
 pub struct RotatorHandle {
@@ -616,6 +626,27 @@ impl TestApp {
         Ok(d.id)
     }
 
+    /// Inserts a proxy served by `proxy` (its address and credentials), due for rotation now through `rotate_url`,
+    /// shaped further by `f`, and announces it.
+    pub async fn insert_proxy_behind(
+        &self,
+        area: Area,
+        proxy: &crate::fakes::ForwardProxy,
+        rotate_url: String,
+        f: impl FnOnce(&mut ProxyDoc),
+    ) -> anyhow::Result<ObjectId> {
+        self.insert_proxy_with(area, |d| {
+            d.ip = proxy.addr.ip().to_string();
+            d.port = i32::from(proxy.addr.port());
+            d.username.clone_from(&proxy.user);
+            d.password.clone_from(&proxy.password);
+            d.rotate_url = rotate_url;
+            d.next_rotate = Some(DateTime::now());
+            f(d);
+        })
+        .await
+    }
+
     /// Renames the seeded provider (choosing its rotate adapter: `KiotProxy`, `ZingProxy`, other).
     pub async fn set_provider_name(&self, name: &str) -> anyhow::Result<()> {
         self.store.providers().update_many(doc! {}, doc! { "$set": { "name": name } }).await?;
@@ -709,8 +740,7 @@ impl TestApp {
         subject: &'static str,
         body: &impl serde::Serialize,
     ) -> anyhow::Result<Reply<T>> {
-        let msg = self.client.request(subject, serde_json::to_vec(body)?.into()).await?;
-        Ok(serde_json::from_slice(&msg.payload)?)
+        nats_call(&self.client, subject, body).await
     }
 
     /// `lease.acquire` over NATS.

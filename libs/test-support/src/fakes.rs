@@ -186,6 +186,10 @@ impl FakeWorld {
 pub struct ForwardProxy {
     /// Listening address.
     pub addr: SocketAddr,
+    /// The credentials it accepts.
+    pub user: String,
+    /// The password it accepts.
+    pub password: String,
     forwarded: Arc<AtomicUsize>,
 }
 
@@ -234,7 +238,7 @@ impl ForwardProxy {
         };
         let app = Router::new().fallback(forward).with_state(state);
         let addr = serve(app).await?;
-        Ok(Self { addr, forwarded })
+        Ok(Self { addr, user: user.to_owned(), password: password.to_owned(), forwarded })
     }
 
     /// Requests forwarded so far.

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use proxypool_contracts::{Area, Reply};
-use proxypool_test_support::app::API_KEY;
+use proxypool_test_support::app::{nats_call, API_KEY};
 use proxypool_test_support::TestApp;
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -97,22 +97,13 @@ async fn http_consumer(
     }
 }
 
-async fn nats_call<T: serde::de::DeserializeOwned>(
-    nc: &async_nats::Client,
-    subject: &'static str,
-    body: Value,
-) -> R<Reply<T>> {
-    let msg = nc.request(subject, serde_json::to_vec(&body)?.into()).await?;
-    Ok(serde_json::from_slice(&msg.payload)?)
-}
-
 /// One NATS consumer: lease and return over request-reply while lease replicas come and go.
 async fn nats_consumer(nc: async_nats::Client, stop: Arc<AtomicBool>, tally: Arc<Tally>, id: usize) {
     use proxypool_contracts::lease::{LeaseGrant, ReleaseOutcome};
     use proxypool_contracts::subjects::{LEASE_ACQUIRE, LEASE_RELEASE};
     while !stop.load(Ordering::Relaxed) {
         let body = serde_json::json!({"area": "vn", "consumer": format!("nats-{id}")});
-        let grant = match nats_call::<LeaseGrant>(&nc, LEASE_ACQUIRE, body).await {
+        let grant = match nats_call::<LeaseGrant>(&nc, LEASE_ACQUIRE, &body).await {
             Ok(Reply::Ok(g)) => g,
             Ok(Reply::Err(e)) if e.code.is_retryable() => {
                 tally.retryable.fetch_add(1, Ordering::Relaxed);
@@ -126,7 +117,7 @@ async fn nats_consumer(nc: async_nats::Client, stop: Arc<AtomicBool>, tally: Arc
         };
         loop {
             let body = serde_json::json!({"proxy_id": grant.id, "key": grant.key});
-            match nats_call::<ReleaseOutcome>(&nc, LEASE_RELEASE, body).await {
+            match nats_call::<ReleaseOutcome>(&nc, LEASE_RELEASE, &body).await {
                 Ok(Reply::Ok(_)) => {
                     tally.ok.fetch_add(1, Ordering::Relaxed);
                     break;

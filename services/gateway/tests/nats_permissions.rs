@@ -5,10 +5,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bson::DateTime;
 use proxypool_contracts::lease::{LeaseGrant, ReleaseOutcome};
-use proxypool_contracts::{subjects, Area, Reply};
-use proxypool_test_support::app::API_KEY;
+use proxypool_contracts::{subjects, Area};
+use proxypool_test_support::app::{nats_call, API_KEY};
 use proxypool_test_support::fakes::{FakeWorld, ForwardProxy};
 use proxypool_test_support::TestApp;
 use reqwest::StatusCode;
@@ -47,15 +46,6 @@ async fn violation(errors: &Arc<Mutex<Vec<String>>>, subject: &str) -> R {
     }
 }
 
-async fn call<T: serde::de::DeserializeOwned>(
-    nc: &async_nats::Client,
-    subject: &'static str,
-    body: Value,
-) -> R<Reply<T>> {
-    let msg = nc.request(subject, serde_json::to_vec(&body)?.into()).await?;
-    Ok(serde_json::from_slice(&msg.payload)?)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_service_works_under_its_identity_and_a_consumer_may_only_lease() -> R {
     let app = TestApp::builder().nats_auth(true).seed(Area::Vn, 2).callback_allow_private(true).spawn().await?;
@@ -69,10 +59,12 @@ async fn every_service_works_under_its_identity_and_a_consumer_may_only_lease() 
 
     // The consumer identity leases and returns over NATS.
     let (nc, errors) = consumer(&app).await?;
-    let grant = call::<LeaseGrant>(&nc, subjects::LEASE_ACQUIRE, json!({"area": "vn", "consumer": "svc-a"})).await?;
+    let grant =
+        nats_call::<LeaseGrant>(&nc, subjects::LEASE_ACQUIRE, &json!({"area": "vn", "consumer": "svc-a"})).await?;
     let grant = grant.into_result().map_err(|e| anyhow::anyhow!("{e}"))?;
     let back =
-        call::<ReleaseOutcome>(&nc, subjects::LEASE_RELEASE, json!({"proxy_id": grant.id, "key": grant.key})).await?;
+        nats_call::<ReleaseOutcome>(&nc, subjects::LEASE_RELEASE, &json!({"proxy_id": grant.id, "key": grant.key}))
+            .await?;
     assert!(back.into_result().is_ok());
 
     // It may not reset leases, forge events, import, or rotate.
@@ -91,24 +83,15 @@ async fn every_service_works_under_its_identity_and_a_consumer_may_only_lease() 
     let js = async_nats::jetstream::new(nc.clone());
     assert!(js.get_stream(subjects::ROTATION_STREAM).await.is_err(), "a consumer read the rotation stream");
     // Requests still reach the real lease service.
-    let again = call::<LeaseGrant>(&nc, subjects::LEASE_ACQUIRE, json!({"area": "vn", "consumer": "svc-a"})).await?;
+    let again =
+        nats_call::<LeaseGrant>(&nc, subjects::LEASE_ACQUIRE, &json!({"area": "vn", "consumer": "svc-a"})).await?;
     assert!(again.into_result().is_ok());
 
     // The rotator (JetStream queue, lease reset) and the importer (object store, KV lock) under their identities.
     let fake = FakeWorld::start().await?;
     let proxy = ForwardProxy::start("puser", "ppass").await?;
     let rotator = app.start_rotator(app.rotator_config(&fake)).await?;
-    let (addr, rotate_url) = (proxy.addr, fake.rotate_url("perm"));
-    let id = app
-        .insert_proxy_with(Area::Global, |d| {
-            d.ip = addr.ip().to_string();
-            d.port = i32::from(addr.port());
-            d.username = "puser".into();
-            d.password = "ppass".into();
-            d.rotate_url = rotate_url;
-            d.next_rotate = Some(DateTime::now());
-        })
-        .await?;
+    let id = app.insert_proxy_behind(Area::Global, &proxy, fake.rotate_url("perm"), |_| {}).await?;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let d = app.proxy(&id.to_hex()).await?;

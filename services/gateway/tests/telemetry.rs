@@ -4,7 +4,6 @@
 
 use std::time::{Duration, Instant};
 
-use bson::DateTime;
 use opentelemetry::trace::{SpanId, TraceId};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SpanData};
 use proxypool_contracts::Area;
@@ -75,17 +74,7 @@ async fn a_lease_and_a_rotation_are_each_one_trace_and_every_service_serves_metr
     let fake = FakeWorld::start().await?;
     let proxy = ForwardProxy::start("puser", "ppass").await?;
     let rotator = app.start_rotator(app.rotator_config(&fake)).await?;
-    let (addr, rotate_url) = (proxy.addr, fake.rotate_url("t1"));
-    let id = app
-        .insert_proxy_with(Area::Vn, |d| {
-            d.ip = addr.ip().to_string();
-            d.port = i32::from(addr.port());
-            d.username = "puser".into();
-            d.password = "ppass".into();
-            d.rotate_url = rotate_url;
-            d.next_rotate = Some(DateTime::now());
-        })
-        .await?;
+    let id = app.insert_proxy_behind(Area::Vn, &proxy, fake.rotate_url("t1"), |_| {}).await?;
     let proxy_label = id.to_hex();
     spans_until(&exporter, "a rotation trace from claim to lease reset", |spans| {
         let claim =

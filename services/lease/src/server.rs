@@ -36,19 +36,25 @@ pub enum ServeError {
     Events(#[source] async_nats::SubscribeError),
 }
 
+/// Publishes a change on `proxy.changed` for the other replicas' indexes; a failure is logged, as their periodic
+/// reload heals a missed event.
+async fn announce(client: &Client, event: &ProxyChanged) {
+    match serde_json::to_vec(event) {
+        Ok(body) => {
+            if let Err(e) = client.publish(subjects::PROXY_CHANGED, Bytes::from(body)).await {
+                tracing::warn!(error = %e, "cannot publish proxy.changed");
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "cannot encode proxy.changed"),
+    }
+}
+
 async fn finish<T: Serialize>(client: &Client, result: Result<Outcome<T>, ApiError>) -> Bytes {
     match result {
         Ok(outcome) => {
             // Notices for leases the write took are queued before the reply, so that none is lost.
             proxypool_rpc::notices::queue(client, &outcome.notices).await;
-            match serde_json::to_vec(&outcome.event) {
-                Ok(body) => {
-                    if let Err(e) = client.publish(subjects::PROXY_CHANGED, Bytes::from(body)).await {
-                        tracing::warn!(error = %e, "cannot publish proxy.changed");
-                    }
-                }
-                Err(e) => tracing::error!(error = %e, "cannot encode proxy.changed"),
-            }
+            announce(client, &outcome.event).await;
             encode(Ok(outcome.value))
         }
         Err(e) => encode::<T>(Err(e)),
@@ -132,14 +138,7 @@ async fn withdraw(service: &LeaseService, client: &Client, grant: &proxypool_con
         Ok(Some(event)) => {
             service.metrics().lease("withdrawn");
             tracing::info!(proxy = %grant.id, "a grant stored past its deadline was withdrawn");
-            match serde_json::to_vec(&event) {
-                Ok(body) => {
-                    if let Err(e) = client.publish(subjects::PROXY_CHANGED, Bytes::from(body)).await {
-                        tracing::warn!(error = %e, "cannot publish proxy.changed");
-                    }
-                }
-                Err(e) => tracing::error!(error = %e, "cannot encode proxy.changed"),
-            }
+            announce(client, &event).await;
         }
         Ok(None) => tracing::debug!(proxy = %grant.id, "a late grant was already gone when withdrawn"),
         // The lease stays until LEASE_TTL takes it back.

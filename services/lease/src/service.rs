@@ -566,25 +566,9 @@ impl LeaseService {
         let id = ObjectId::parse_str(req.proxy_id.as_str())
             .map_err(|_| ApiError::invalid("proxy_id", "must be a 24-character hexadecimal ObjectId"))?;
         let key = req.key.as_str();
-        let now = DateTime::now();
-        let filter = doc! { "_id": id, "proxy_used.key": key, "in_use": { "$gt": 0 } };
-        let update = doc! {
-            "$pull": { "proxy_used": { "key": key } },
-            "$inc": { "in_use": -1, "lease_rev": 1 },
-            "$set": { "updatedAt": now },
-        };
-        let proxies = self.inner.store.proxies();
-        let write = proxies.update_one(filter, update).await.map_err(store_error)?;
-        let res = if write.matched_count == 1 {
-            // Read back the state for the index and the reply (see `acquire` for why not findAndModify).
-            proxies.find_one(doc! { "_id": id }).await.map_err(store_error)?
-        } else {
-            None
-        };
+        let res = self.drop_lease(id, key, false).await?;
         match res {
-            Some(doc) => {
-                let entry = Entry::from(&doc);
-                self.index().apply(id, entry.clone());
+            Some((doc, entry)) => {
                 let value = ReleaseOutcome { proxy_id: id.to_hex(), key: key.to_owned(), in_use: count(doc.in_use) };
                 Ok(Outcome { value, event: self.event(id, ChangeReason::Released, &entry), notices: Vec::new() })
             }
@@ -615,11 +599,25 @@ impl LeaseService {
     /// in this rotation cycle. Changes nothing when the lease is already gone (rotated, reaped, returned).
     pub async fn withdraw(&self, grant: &LeaseGrant) -> Result<Option<ProxyChanged>, ApiError> {
         let id = ObjectId::parse_str(&grant.id).map_err(|_| ApiError::internal("a grant with a malformed proxy id"))?;
-        let key = grant.key.as_str();
-        let filter = doc! { "_id": id, "proxy_used.key": key, "in_use": { "$gt": 0 }, "used_count": { "$gt": 0 } };
+        Ok(self
+            .drop_lease(id, &grant.key, true)
+            .await?
+            .map(|(_, entry)| self.event(id, ChangeReason::Released, &entry)))
+    }
+
+    /// Removes the lease `key` from proxy `id` (and, with `uncount`, the use it counted in this rotation cycle),
+    /// then reads the proxy back for the index and the reply (see `acquire` for why not findAndModify). `None` when
+    /// no such lease is held.
+    async fn drop_lease(&self, id: ObjectId, key: &str, uncount: bool) -> Result<Option<(ProxyDoc, Entry)>, ApiError> {
+        let mut filter = doc! { "_id": id, "proxy_used.key": key, "in_use": { "$gt": 0 } };
+        let mut inc = doc! { "in_use": -1, "lease_rev": 1 };
+        if uncount {
+            filter.insert("used_count", doc! { "$gt": 0 });
+            inc.insert("used_count", -1);
+        }
         let update = doc! {
             "$pull": { "proxy_used": { "key": key } },
-            "$inc": { "in_use": -1, "used_count": -1, "lease_rev": 1 },
+            "$inc": inc,
             "$set": { "updatedAt": DateTime::now() },
         };
         let proxies = self.inner.store.proxies();
@@ -630,7 +628,7 @@ impl LeaseService {
         let Some(doc) = proxies.find_one(doc! { "_id": id }).await.map_err(store_error)? else { return Ok(None) };
         let entry = Entry::from(&doc);
         self.index().apply(id, entry.clone());
-        Ok(Some(self.event(id, ChangeReason::Released, &entry)))
+        Ok(Some((doc, entry)))
     }
 
     /// After a stored, successful rotation: clears the lease state and releases the rotation lock, making the proxy

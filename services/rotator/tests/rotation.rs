@@ -27,19 +27,7 @@ async fn world() -> R<World> {
 impl World {
     /// A proxy served by the local forward proxy, due now, rotated through `fake`'s `/rotate/{key}`.
     async fn proxy(&self, key: &str, f: impl FnOnce(&mut ProxyDoc)) -> R<ObjectId> {
-        let (addr, rotate_url) = (self.proxy.addr, self.fake.rotate_url(key));
-        self.app
-            .insert_proxy_with(Area::Vn, |d| {
-                d.ip = addr.ip().to_string();
-                d.port = i32::from(addr.port());
-                d.username = "puser".into();
-                d.password = "ppass".into();
-                d.rotate_url = rotate_url;
-                d.rotate_time = 600;
-                d.next_rotate = Some(DateTime::now());
-                f(d);
-            })
-            .await
+        self.app.insert_proxy_behind(Area::Vn, &self.proxy, self.fake.rotate_url(key), f).await
     }
 
     async fn wait_for(&self, id: ObjectId, what: &str, secs: u64, done: impl Fn(&ProxyDoc) -> bool) -> R<ProxyDoc> {

@@ -26,7 +26,7 @@ wait_port() { for _ in $(seq 1 200); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/n
 echo "run: building the services (release)…"
 cargo build --release --locked -p proxypool-lease -p proxypool-auth -p proxypool-rotator -p proxypool-importer -p proxypool-gateway
 
-nats-server -a 127.0.0.1 -p "$nats_port" -js -sd var/nats >var/log/nats.log 2>&1 & pids+=($!)
+.venv/bin/nats-server -a 127.0.0.1 -p "$nats_port" -js -sd var/nats >var/log/nats.log 2>&1 & pids+=($!)
 wait_port "$nats_port" nats-server
 .venv/bin/secantusd-py --host 127.0.0.1 --port "$mongo_port" --storage-path var/mongo --log-level WARNING >var/log/mongo.log 2>&1 & pids+=($!)
 wait_port "$mongo_port" secantusd

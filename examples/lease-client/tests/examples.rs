@@ -4,7 +4,7 @@
 use std::process::Command;
 
 use proxypool_contracts::Area;
-use proxypool_test_support::TestApp;
+use proxypool_system_tests::TestApp;
 
 type R<T = ()> = anyhow::Result<T>;
 

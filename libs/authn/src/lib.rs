@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-/// SPEC.md's token lifetime.
+/// The original design's token lifetime (docs/design.md#http-api).
 pub const DEFAULT_TTL: Duration = Duration::from_secs(14 * 24 * 3600);
 
 /// The claims we sign.

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::reply::ApiError;
 
-/// Geographic scope of a proxy, as in SPEC.md: `vn` or `global`.
+/// Geographic scope of a proxy, as in the original design (docs/design.md#collections): `vn` or `global`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Area {

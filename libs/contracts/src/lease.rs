@@ -90,7 +90,7 @@ impl ReleaseRequest {
     }
 }
 
-/// A granted lease: SPEC.md's `{ ip, port, username, password, auth_token, webhook_url, … }` plus the lease key.
+/// A granted lease: the original's `{ ip, port, username, password, auth_token, webhook_url, … }` plus the lease key.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LeaseGrant {
     /// The proxy's id (`_id`).

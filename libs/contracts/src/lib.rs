@@ -5,6 +5,7 @@
 //!
 //! # Layout
 //! - [`subjects`]: subject names and queue groups.
+//! - [`endpoints`]: every request-reply endpoint (subject + request + reply) and event (subject + payload) as a type.
 //! - [`domain`]: validated input types ([`Area`], [`ObjectIdHex`]) that inner code can trust.
 //! - [`reply`]: the reply envelope and the typed error shared by NATS replies and HTTP bodies.
 //! - [`lease`]: lease acquire/release requests and replies.
@@ -17,6 +18,7 @@
 pub mod auth;
 pub mod callback;
 pub mod domain;
+pub mod endpoints;
 pub mod events;
 pub mod import;
 pub mod lease;
@@ -25,4 +27,5 @@ pub mod rotation;
 pub mod subjects;
 
 pub use domain::{Area, ObjectIdHex};
+pub use endpoints::{Endpoint, Event};
 pub use reply::{ApiError, ErrorCode, Reply};

@@ -49,6 +49,16 @@ impl Shutdown {
         (ShutdownTrigger { tx }, Shutdown { rx })
     }
 
+    /// A shutdown that fires on SIGTERM or Ctrl-C (for `main`).
+    pub fn on_signal() -> Shutdown {
+        let (trigger, shutdown) = Shutdown::new();
+        tokio::spawn(async move {
+            signal().await;
+            trigger.fire();
+        });
+        shutdown
+    }
+
     /// Resolves once shutdown was requested (or the trigger was dropped).
     pub async fn wait(&mut self) {
         // An error means the trigger is gone, which also means stop.

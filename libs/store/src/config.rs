@@ -1,4 +1,4 @@
-//! Where the database is: `MONGODB_URI` (+ `MONGODB_DATABASE`), or SPEC.md's `DB_MONGO_*` variables.
+//! Where the database is: `MONGODB_URI` (+ `MONGODB_DATABASE`), or the original design's `DB_MONGO_*` variables.
 
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ pub struct StoreConfig {
     pub timeout: Duration,
 }
 
-/// SPEC.md's default database name.
+/// The original design's default database name.
 pub const DEFAULT_DATABASE: &str = "proxy-tool-mongodb";
 
 impl StoreConfig {

@@ -1,10 +1,10 @@
 //! MongoDB access for proxypool: connection, collections, document types and indexes.
 //!
-//! Field and collection names follow SPEC.md exactly so that an existing database keeps working.
+//! Field and collection names follow docs/design.md exactly so that an existing database keeps working.
 //!
 //! # Layout
-//! - [`config`]: `MONGODB_URI` or SPEC.md's `DB_MONGO_*` variables.
-//! - [`model`]: the four collections' document types with SPEC.md's defaults.
+//! - [`config`]: `MONGODB_URI` or the original design's `DB_MONGO_*` variables.
+//! - [`model`]: the four collections' document types with the original design's defaults.
 //! - [`Store`]: a connected handle with typed collections, index creation and a readiness ping.
 //! - [`StoreError`]: driver errors classified into what callers act on (unavailable, duplicate, other).
 //!

@@ -1,6 +1,6 @@
-//! Document types of the four collections, with SPEC.md's field names and defaults.
+//! Document types of the four collections, with the original's field names and defaults (docs/design.md#collections).
 //!
-//! Every field that SPEC.md gives a default is `#[serde(default)]`, so documents written by the original system (or
+//! Every field the original gives a default is `#[serde(default)]`, so documents written by the original system (or
 //! by hand) load even when they lack a field. `createdAt`/`updatedAt` are set by the writer on every insert/update.
 
 use bson::oid::ObjectId;
@@ -22,7 +22,7 @@ pub mod collections {
     pub const IMPORT_JOBS: &str = "import_jobs";
 }
 
-/// SPEC.md's default rotation interval in seconds.
+/// The original design's default rotation interval in seconds.
 pub const DEFAULT_ROTATE_TIME_SECS: i64 = 60;
 
 /// `proxies.status`: 0 = PENDING, 1 = PROCESSING, 2 = COMPLETED.
@@ -139,7 +139,7 @@ pub struct ProxyDoc {
     /// Active lease records (lease service only).
     #[serde(default)]
     pub proxy_used: Vec<ProxyUsed>,
-    /// Revision of the lease state, incremented by every lease-service write (our addition to SPEC.md's schema).
+    /// Revision of the lease state, incremented by every lease-service write (our addition to the original schema).
     ///
     /// Lease replicas keep an in-memory index fed by events that can arrive out of order; the revision lets them
     /// keep the newest state instead of whichever arrived last.
@@ -189,7 +189,7 @@ pub struct ProxyDoc {
     pub updated_at: DateTime,
 }
 
-/// What a writer supplies to create a proxy; everything else takes SPEC.md's default.
+/// What a writer supplies to create a proxy; everything else takes the original design's default.
 #[derive(Debug, Clone)]
 pub struct NewProxy {
     /// IP or hostname.
@@ -244,7 +244,7 @@ impl ProxyDoc {
             .collect()
     }
 
-    /// A new document with SPEC.md's defaults: no leases, `next_rotate = now + rotate_time`.
+    /// A new document with the original design's defaults: no leases, `next_rotate = now + rotate_time`.
     pub fn new(p: NewProxy) -> Self {
         let now = DateTime::now();
         let next = DateTime::from_millis(now.timestamp_millis() + p.rotate_time.saturating_mul(1000));

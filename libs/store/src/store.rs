@@ -67,7 +67,7 @@ impl Store {
     /// Creates the indexes shared by every service. Idempotent; every service calls it at start. (The lease
     /// service adds the index of its own query.)
     ///
-    /// - the unique indexes of SPEC.md (`proxy_packages.code`; `proxy_providers.name/account/domain`;
+    /// - the unique indexes of the original design (`proxy_packages.code`; `proxy_providers.name/account/domain`;
     ///   `users.email/username`);
     /// - `package` on `proxies.proxy_package_id` for reference checks and listings;
     /// - `address` on `proxies.ip, port`: how imports find the proxy a row describes. Not unique: the rotator moves

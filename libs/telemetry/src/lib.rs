@@ -3,7 +3,7 @@
 //!
 //! - `LOG_LEVEL` (`error|warn|info|debug|trace`, or a full `tracing` filter such as `proxypool_lease=debug,info`)
 //!   sets verbosity; `LOG_FORMAT=json` switches to one JSON object per line for log shippers;
-//!   `LOG_WRITE_TO_FILE=true` also writes daily files under `storage/log/` (SPEC.md's behaviour).
+//!   `LOG_WRITE_TO_FILE=true` also writes daily files under `storage/log/` (the original's behaviour; docs/design.md).
 //! - `OTEL_EXPORTER_OTLP_ENDPOINT` set: spans are exported over OTLP/HTTP (the exporter reads the standard `OTEL_*`
 //!   variables); unset, no exporter is built and spans cost only what `tracing` costs.
 //!
@@ -44,17 +44,31 @@ impl Telemetry {
     }
 }
 
-fn filter() -> Result<EnvFilter, String> {
-    let level = std::env::var("LOG_LEVEL").unwrap_or_else(|_| "info".to_owned());
-    EnvFilter::try_new(&level).map_err(|e| format!("LOG_LEVEL is invalid: {e}"))
+/// Why telemetry could not be set up: always names the variable to blame.
+#[derive(Debug, thiserror::Error)]
+#[error("{variable} is invalid: {reason}")]
+pub struct InitError {
+    /// The environment variable.
+    pub variable: &'static str,
+    /// Why.
+    pub reason: String,
 }
 
-fn flag(name: &str, default: bool) -> Result<bool, String> {
+fn invalid(variable: &'static str) -> impl FnOnce(String) -> InitError {
+    move |reason| InitError { variable, reason }
+}
+
+fn filter() -> Result<EnvFilter, InitError> {
+    let level = std::env::var("LOG_LEVEL").unwrap_or_else(|_| "info".to_owned());
+    EnvFilter::try_new(&level).map_err(|e| invalid("LOG_LEVEL")(e.to_string()))
+}
+
+fn flag(name: &'static str, default: bool) -> Result<bool, InitError> {
     match std::env::var(name).unwrap_or_default().trim().to_ascii_lowercase().as_str() {
         "" => Ok(default),
         "true" | "1" | "yes" => Ok(true),
         "false" | "0" | "no" => Ok(false),
-        other => Err(format!("{name} is invalid: {other:?} (expected true or false)")),
+        other => Err(invalid(name)(format!("{other:?} (expected true or false)"))),
     }
 }
 
@@ -75,11 +89,11 @@ where
 /// Installs the global subscriber and propagator for `service`. Call once, first thing in `main`.
 ///
 /// Returns an error description when the environment asks for something we cannot do, so `main` can fail fast.
-pub fn init(service: &'static str) -> Result<Telemetry, String> {
+pub fn init(service: &'static str) -> Result<Telemetry, InitError> {
     let json = match std::env::var("LOG_FORMAT").unwrap_or_default().to_ascii_lowercase().as_str() {
         "" | "text" | "pretty" => false,
         "json" => true,
-        other => return Err(format!("LOG_FORMAT is invalid: {other:?} (expected text or json)")),
+        other => return Err(invalid("LOG_FORMAT")(format!("{other:?} (expected text or json)"))),
     };
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let (file_layer, file_guard) = if flag("LOG_WRITE_TO_FILE", true)? {
@@ -88,7 +102,7 @@ pub fn init(service: &'static str) -> Result<Telemetry, String> {
             .filename_prefix(service)
             .filename_suffix("log")
             .build("storage/log")
-            .map_err(|e| format!("LOG_WRITE_TO_FILE: cannot write to storage/log/: {e}"))?;
+            .map_err(|e| invalid("LOG_WRITE_TO_FILE")(format!("cannot write to storage/log/: {e}")))?;
         let (writer, guard) = tracing_appender::non_blocking(appender);
         (Some(fmt_layer(json, false, writer)), Some(guard))
     } else {
@@ -100,7 +114,7 @@ pub fn init(service: &'static str) -> Result<Telemetry, String> {
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .build()
-            .map_err(|e| format!("OTEL_EXPORTER_OTLP_ENDPOINT: cannot build the OTLP exporter: {e}"))?;
+            .map_err(|e| invalid("OTEL_EXPORTER_OTLP_ENDPOINT")(format!("cannot build the OTLP exporter: {e}")))?;
         Some(provider_with(service, |b| b.with_batch_exporter(exporter)))
     } else {
         None
@@ -127,7 +141,7 @@ fn install(
     provider: Option<&SdkTracerProvider>,
     outputs: Vec<BoxedLayer>,
     file: Option<BoxedLayer>,
-) -> Result<(), String> {
+) -> Result<(), InitError> {
     opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
     let otel = provider.map(|p| {
         opentelemetry::global::set_tracer_provider(p.clone());
@@ -139,7 +153,7 @@ fn install(
     tracing_subscriber::registry()
         .with(layers.with_filter(filter()?))
         .try_init()
-        .map_err(|e| format!("cannot install the tracing subscriber: {e}"))
+        .map_err(|e| invalid("LOG_LEVEL")(format!("cannot install the tracing subscriber: {e}")))
 }
 
 /// For tests: exports every span, as it ends, to an in-memory exporter the test reads. Logs go to the test writer

@@ -77,8 +77,13 @@ pub fn latency_buckets() -> impl Iterator<Item = f64> {
     exponential_buckets(0.0005, 2.0, 16)
 }
 
+/// Why a service is not ready, as `/readyz` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct NotReady(pub &'static str);
+
 /// The readiness check of an admin server: `Ok` when ready, else why not.
-pub type Readiness = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+pub type Readiness = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), NotReady>> + Send>> + Send + Sync>;
 
 /// A readiness check that passes while `client` is connected to NATS.
 pub fn nats_ready(client: async_nats::Client) -> Readiness {
@@ -88,7 +93,7 @@ pub fn nats_ready(client: async_nats::Client) -> Readiness {
             if state == async_nats::connection::State::Connected {
                 Ok(())
             } else {
-                Err("NATS is not connected".to_owned())
+                Err(NotReady("NATS is not connected"))
             }
         })
     })
@@ -153,7 +158,7 @@ impl Metrics {
                 async move {
                     match ready().await {
                         Ok(()) => (StatusCode::OK, "ready".to_owned()),
-                        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+                        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why.to_string()),
                     }
                 }
             }),

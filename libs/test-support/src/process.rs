@@ -41,17 +41,19 @@ pub async fn run_until_ready_then_sigterm(
         .context("cannot wait for the process")
 }
 
-/// Starts a test app, runs `bin` against it with its admin endpoint on a free port (`admin_var`), and checks that it
+/// Starts NATS and a database, runs `bin` against them with its admin endpoint on a free port (`admin_var`), and checks that it
 /// becomes ready and exits 0 on SIGTERM — also when NATS went away just before (a node drain that takes NATS and
 /// the service together), where the drain cannot complete and must not hold the exit.
 pub async fn assert_stops_cleanly(bin: &str, admin_var: &str) -> anyhow::Result<()> {
-    let mut app = crate::TestApp::builder().spawn().await?;
+    crate::init_logs();
+    let mut nats = crate::NatsServer::start()?;
+    let mongo = crate::MongoServer::start()?;
     for nats_down in [false, true] {
         let admin = format!("127.0.0.1:{}", crate::servers::free_port()?);
-        let mut env = app.service_env();
+        let mut env = crate::service_env(&nats.url(), &mongo.uri(), "proxypool_binary_test");
         env.push((admin_var.to_owned(), admin.clone()));
         let started = std::time::Instant::now();
-        let nats = &mut app.nats_server;
+        let nats = &mut nats;
         let status = run_until_ready_then_sigterm(bin, &env, &format!("http://{admin}/readyz"), || {
             if nats_down {
                 nats.stop();
@@ -61,6 +63,17 @@ pub async fn assert_stops_cleanly(bin: &str, admin_var: &str) -> anyhow::Result<
         anyhow::ensure!(status.code() == Some(0), "{bin} after SIGTERM (NATS down: {nats_down}): {status:?}");
         tracing::info!(bin, nats_down, took = ?started.elapsed(), "stopped cleanly");
     }
-    app.shutdown().await;
     Ok(())
+}
+
+/// The path of a workspace binary (`proxypool-gateway`, …) built beside the running test: `cargo test --workspace`
+/// builds every service binary, since each service crate has a binary test. Tests outside the binary's own crate
+/// cannot use `CARGO_BIN_EXE_*`.
+pub fn workspace_binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test>-<hash> → target/<profile>/<name>
+    let dir = exe.parent().and_then(std::path::Path::parent).ok_or_else(|| anyhow::anyhow!("no target directory"))?;
+    let bin = dir.join(name);
+    anyhow::ensure!(bin.is_file(), "{} not built: run the tests with `cargo test --workspace`", bin.display());
+    Ok(bin)
 }

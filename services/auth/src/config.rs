@@ -12,7 +12,7 @@ use proxypool_store::StoreConfig;
 pub struct AuthConfig {
     /// `API_KEY`: the JWT signing secret (at least 16 characters).
     pub jwt_secret: Secret<String>,
-    /// `BCRYPT_COST` (default 12; SPEC.md's 4 is far too cheap to brute-force). Hashes of any cost still verify.
+    /// `BCRYPT_COST` (default 12; the original's 4 is far too cheap to brute-force). Hashes of any cost still verify.
     pub bcrypt_cost: u32,
     /// `ALLOW_REGISTRATION` (default false): open self-registration after the first user.
     pub allow_registration: bool,

@@ -1,52 +1,29 @@
-//! Dispatch of the auth subjects.
+//! The auth endpoints, each a typed route on the service.
 
-use bytes::Bytes;
-use proxypool_contracts::auth::{ListUsersRequest, LoginRequest, RegisterRequest, UpdateUserRequest, UserIdRequest};
-use proxypool_contracts::{subjects, ApiError};
-use proxypool_rpc::{encode, parse};
+use proxypool_contracts::auth::RegisterRequest;
+use proxypool_contracts::endpoints::{
+    AuthLogin, AuthMe, AuthRegister, AuthUsersCreate, AuthUsersDelete, AuthUsersList, AuthUsersUpdate,
+};
+use proxypool_contracts::{ApiError, ErrorCode};
+use proxypool_rpc::Router;
 
 use crate::service::AuthService;
 
-/// Handles one request on one of [`subjects::AUTH_ALL`].
-pub async fn handle(service: &AuthService, subject: &str, payload: &[u8]) -> Bytes {
-    match subject {
-        subjects::AUTH_REGISTER | subjects::AUTH_USERS_CREATE => {
-            let r = match parse::<RegisterRequest>(payload) {
-                Ok(mut req) => {
-                    if subject == subjects::AUTH_USERS_CREATE && !req.caller.admin {
-                        Err(ApiError::new(proxypool_contracts::ErrorCode::Unauthorized, "admin only"))
-                    } else {
-                        // users.create is the admin route; register applies the bootstrap policy.
-                        if subject == subjects::AUTH_USERS_CREATE {
-                            req.caller.admin = true;
-                        }
-                        service.register(req.user, &req.caller).await
-                    }
-                }
-                Err(e) => Err(e),
-            };
-            encode(r)
-        }
-        subjects::AUTH_LOGIN => encode(match parse::<LoginRequest>(payload) {
-            Ok(req) => service.login(req).await,
-            Err(e) => Err(e),
-        }),
-        subjects::AUTH_ME => encode(match parse::<UserIdRequest>(payload) {
-            Ok(req) => service.get(&req.id).await,
-            Err(e) => Err(e),
-        }),
-        subjects::AUTH_USERS_LIST => encode(match parse::<ListUsersRequest>(payload) {
-            Ok(req) => service.list(req).await,
-            Err(e) => Err(e),
-        }),
-        subjects::AUTH_USERS_UPDATE => encode(match parse::<UpdateUserRequest>(payload) {
-            Ok(req) => service.update(&req.id, req.patch).await,
-            Err(e) => Err(e),
-        }),
-        subjects::AUTH_USERS_DELETE => encode(match parse::<UserIdRequest>(payload) {
-            Ok(req) => service.delete(&req.id).await,
-            Err(e) => Err(e),
-        }),
-        other => encode::<()>(Err(ApiError::internal(format!("no handler for {other}")))),
-    }
+/// Every auth endpoint, served by `service`.
+pub fn router(service: &AuthService) -> Router<AuthService> {
+    Router::new(service.clone())
+        // Register applies the bootstrap policy to the caller as the gateway saw it.
+        .on::<AuthRegister, _, _>(|s, req: RegisterRequest| async move { s.register(req.user, &req.caller).await })
+        .on::<AuthUsersCreate, _, _>(|s, mut req: RegisterRequest| async move {
+            if !req.caller.admin {
+                return Err(ApiError::new(ErrorCode::Unauthorized, "admin only"));
+            }
+            req.caller.admin = true;
+            s.register(req.user, &req.caller).await
+        })
+        .on::<AuthLogin, _, _>(|s, req| async move { s.login(req).await })
+        .on::<AuthMe, _, _>(|s, req| async move { s.get(&req.id).await })
+        .on::<AuthUsersList, _, _>(|s, req| async move { s.list(req).await })
+        .on::<AuthUsersUpdate, _, _>(|s, req| async move { s.update(&req.id, req.patch).await })
+        .on::<AuthUsersDelete, _, _>(|s, req| async move { s.delete(&req.id).await })
 }

@@ -49,7 +49,7 @@ pub fn has_static_key(headers: &HeaderMap, key: &str) -> bool {
         .is_some_and(|given| bool::from(given.ct_eq(key.as_bytes())))
 }
 
-/// SPEC.md's consumer auth: the static key AND an allowed client IP.
+/// The original design's consumer auth (docs/design.md#http-api): the static key AND an allowed client IP.
 pub fn check_consumer(
     peer: SocketAddr,
     headers: &HeaderMap,

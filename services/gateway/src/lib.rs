@@ -9,7 +9,7 @@
 //! - [`auth`]: static key (constant time), client IP and `TRUSTED_PROXIES`.
 //! - [`error`]: the one HTTP error type.
 //! - [`metrics`]: Prometheus metrics and the HTTP span.
-//! - [`state`]: handler state and the NATS request helper.
+//! - [`state`]: handler state and the typed NATS calls.
 //! - [`routes`]: the handlers, one module per resource.
 //! - [`openapi`]: the OpenAPI document and Swagger UI.
 
@@ -113,19 +113,34 @@ pub fn router(state: AppState) -> Router {
         .merge(swagger)
 }
 
-/// Serves on `listener` until `shutdown` fires, then finishes in-flight requests.
-pub async fn run(
+/// The gateway, built from its configuration and connections with its listener bound, ready to
+/// [`run`](App::run). `main.rs` and the tests both start it this way.
+#[derive(Debug)]
+pub struct App {
     listener: TcpListener,
-    config: GatewayConfig,
-    nats: async_nats::Client,
-    store: Store,
-    mut shutdown: Shutdown,
-) -> std::io::Result<()> {
-    if config.ip_allowed.is_empty() {
-        tracing::warn!("IP_ALLOWED is empty: every consumer request will be refused");
+    state: AppState,
+}
+
+impl App {
+    /// Binds `0.0.0.0:PORT` (port 0 picks a free one: see [`App::local_addr`]) and builds the handler state.
+    pub async fn build(config: GatewayConfig, nats: async_nats::Client, store: Store) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(("0.0.0.0", config.port)).await?;
+        if config.ip_allowed.is_empty() {
+            tracing::warn!("IP_ALLOWED is empty: every consumer request will be refused");
+        }
+        let state = AppState { config: Arc::new(config), nats, store, metrics: metrics::GatewayMetrics::new() };
+        Ok(Self { listener, state })
     }
-    let state = AppState { config: Arc::new(config), nats, store, metrics: metrics::GatewayMetrics::new() };
-    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-    tracing::info!(addr = ?listener.local_addr().ok(), "gateway listening");
-    axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.wait().await }).await
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` fires, then finishes in-flight requests.
+    pub async fn run(self, mut shutdown: Shutdown) -> std::io::Result<()> {
+        let app = router(self.state).into_make_service_with_connect_info::<SocketAddr>();
+        tracing::info!(addr = ?self.listener.local_addr().ok(), "gateway listening");
+        axum::serve(self.listener, app).with_graceful_shutdown(async move { shutdown.wait().await }).await
+    }
 }

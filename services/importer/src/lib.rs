@@ -11,28 +11,37 @@
 //! - [`config`]: `ImporterConfig` from the environment.
 //! - [`excel`]: reading and validating a spreadsheet.
 //! - [`providers`]: the KiotProxy and ZingProxy list APIs.
+//! - [`sources`]: each source read and validated into rows to write.
+//! - [`catalogue`]: provider and package get-or-create.
 //! - [`upsert`]: finding, inserting and updating proxies.
 //! - [`jobs`]: job documents in `import_jobs`.
 //! - [`lock`]: the KV lock and schedule claim.
-//! - [`service`]: the [`Importer`] that ties them together.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`service`]: the [`Importer`] and the job lifecycle (start, lock, run, store the result, announce).
 
+pub mod catalogue;
 pub mod config;
 pub mod excel;
 pub mod jobs;
 pub mod lock;
+pub mod metrics;
 pub mod providers;
 pub mod service;
+pub mod sources;
 pub mod upsert;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use proxypool_contracts::import::{ImportKind, JobStatusRequest, ProviderImportRequest};
+use proxypool_contracts::endpoints::{ImportExcel, ImportKiot, ImportStatus, ImportZing};
+use proxypool_contracts::import::{ImportKind, ProviderImportRequest};
 use proxypool_contracts::subjects;
-use proxypool_rpc::{encode, parse, ServeOptions};
+use proxypool_rpc::{Router, ServeOptions};
 use proxypool_settings::shutdown::Shutdown;
+use proxypool_store::Store;
 
 pub use config::ImporterConfig;
-pub use service::Importer;
+pub use service::{Importer, SetupError};
 
 /// Key of the ZingProxy schedule in the locks bucket.
 const ZING_SCHEDULE_KEY: &str = "zing-schedule";
@@ -40,53 +49,98 @@ const ZING_SCHEDULE_KEY: &str = "zing-schedule";
 /// With the request drain before it (10 s + 10 s), shutdown stays within Kubernetes' 45 s grace period.
 const JOB_DRAIN: Duration = Duration::from_secs(20);
 
-/// Serves import requests until shutdown.
-pub async fn serve(
+/// Why the importer could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// The HTTP client for the provider APIs could not be built.
+    #[error("cannot build the HTTP client")]
+    Http(#[source] reqwest::Error),
+    /// The admin endpoint could not listen.
+    #[error("cannot listen on IMPORTER_ADMIN_ADDR")]
+    Admin(#[source] std::io::Error),
+    /// A subscription failed.
+    #[error(transparent)]
+    Subscribe(#[from] proxypool_rpc::SubscribeError),
+}
+
+/// The importer, built from its configuration and connections, ready to [`run`](App::run). `main.rs` and the tests
+/// both start it this way.
+#[derive(Debug)]
+pub struct App {
     importer: Importer,
-    client: async_nats::Client,
-    shutdown: Shutdown,
-) -> Result<(), proxypool_rpc::SubscribeError> {
-    let options = ServeOptions {
-        queue_group: subjects::IMPORTER_QUEUE_GROUP,
-        max_in_flight: 64,
-        // Above the longest wait a caller may ask for, so a waiting request is answered by the handler itself.
-        deadline: Duration::from_secs(35),
-        metrics: Some(importer.metrics().requests.clone()),
-        caller_deadline: &[],
-    };
-    proxypool_rpc::serve(client, &subjects::IMPORT_ALL, options, shutdown, move |subject, msg| {
-        let importer = importer.clone();
-        async move {
-            match subject {
-                subjects::IMPORT_EXCEL => encode(match parse(&msg.payload) {
-                    Ok(req) => importer.import_excel(req).await,
-                    Err(e) => Err(e),
-                }),
-                subjects::IMPORT_KIOT | subjects::IMPORT_ZING => {
-                    let kind = if subject == subjects::IMPORT_KIOT { ImportKind::Kiot } else { ImportKind::Zing };
-                    encode(match parse::<ProviderImportRequest>(&msg.payload) {
-                        Ok(req) => importer.import_provider(kind, req).await,
-                        Err(e) => Err(e),
-                    })
-                }
-                _ => encode(match parse::<JobStatusRequest>(&msg.payload) {
-                    Ok(req) => importer.status(&req.id).await,
-                    Err(e) => Err(e),
-                }),
+    admin_addr: SocketAddr,
+}
+
+impl App {
+    /// Builds the importer and starts its admin endpoint (`/metrics`, `/healthz`, `/readyz`) on
+    /// `IMPORTER_ADMIN_ADDR`.
+    pub async fn build(config: ImporterConfig, client: async_nats::Client, store: Store) -> Result<Self, AppError> {
+        let admin = config.admin_addr;
+        let importer = Importer::new(config, store, client.clone()).map_err(AppError::Http)?;
+        let ready = proxypool_telemetry::metrics::nats_ready(client);
+        let admin_addr = importer.metrics().registry.serve_admin(admin, ready).await.map_err(AppError::Admin)?;
+        tracing::info!(%admin_addr, "importer admin endpoint (/metrics, /healthz, /readyz) listening");
+        Ok(Self { importer, admin_addr })
+    }
+
+    /// Where the admin endpoint listens.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The importer (its jobs and metrics).
+    pub fn importer(&self) -> &Importer {
+        &self.importer
+    }
+
+    /// Sets up the buckets and indexes (retrying while JetStream or MongoDB are unreachable), then serves requests
+    /// and runs the schedule until shutdown, then waits (bounded) for running jobs.
+    pub async fn run(self, mut shutdown: Shutdown) -> Result<(), AppError> {
+        let importer = self.importer;
+        loop {
+            match importer.setup().await {
+                Ok(()) => break,
+                Err(e) => tracing::warn!(error = %e, "cannot set up the importer yet; retrying"),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(2)) => {}
+                () = shutdown.wait() => return Ok(()),
             }
         }
-    })
-    .await
+        let schedule = tokio::spawn(run_zing_schedule(importer.clone(), shutdown.clone()));
+        let options = ServeOptions {
+            queue_group: subjects::IMPORTER_QUEUE_GROUP,
+            max_in_flight: 64,
+            // Above the longest wait a caller may ask for, so a waiting request is answered by the handler itself.
+            deadline: Duration::from_secs(35),
+            metrics: Some(importer.metrics().requests.clone()),
+        };
+        let served = router(&importer).serve(importer.nats().clone(), options, shutdown).await;
+        let _ = schedule.await;
+        if !importer.wait_for_jobs(JOB_DRAIN).await {
+            tracing::warn!("import jobs still running at shutdown; they will show as failed and can be run again");
+        }
+        Ok(served?)
+    }
+}
+
+/// The importer's endpoints.
+fn router(importer: &Importer) -> Router<Importer> {
+    Router::new(importer.clone())
+        .on::<ImportExcel, _, _>(|i, req| async move { i.import_excel(req).await })
+        .on::<ImportKiot, _, _>(|i, req| async move { i.import_provider(ImportKind::Kiot, req).await })
+        .on::<ImportZing, _, _>(|i, req| async move { i.import_provider(ImportKind::Zing, req).await })
+        .on::<ImportStatus, _, _>(|i, req| async move { i.status(&req.id).await })
 }
 
 /// Imports the ZingProxy list every interval, once per interval across replicas, until shutdown.
-pub async fn run_zing_schedule(importer: Importer, mut shutdown: Shutdown) {
+async fn run_zing_schedule(importer: Importer, mut shutdown: Shutdown) {
     let Some(interval) = importer.config().zing.as_ref().and_then(|z| z.interval) else { return };
     let js = async_nats::jetstream::new(importer.nats().clone());
     // Each replica looks often enough that the schedule is late by a fraction of the interval at most.
     let tick = (interval / 10).clamp(Duration::from_millis(200), Duration::from_secs(60));
     loop {
-        match proxypool_rpc::buckets::import_locks(&js).await {
+        match proxypool_rpc::jetstream::ensure_import_locks(&js).await {
             Ok(kv) => match lock::claim_schedule(&kv, ZING_SCHEDULE_KEY, interval).await {
                 Ok(true) => {
                     tracing::info!("scheduled ZingProxy import");
@@ -105,24 +159,4 @@ pub async fn run_zing_schedule(importer: Importer, mut shutdown: Shutdown) {
             () = shutdown.wait() => return,
         }
     }
-}
-
-/// Serves requests and runs the schedule until shutdown, then waits (bounded) for running jobs.
-pub async fn run(
-    importer: Importer,
-    client: async_nats::Client,
-    shutdown: Shutdown,
-) -> Result<(), proxypool_rpc::SubscribeError> {
-    let ready = proxypool_telemetry::metrics::nats_ready(client.clone());
-    match importer.metrics().registry.serve_admin(importer.config().admin_addr, ready).await {
-        Ok(addr) => tracing::info!(%addr, "importer admin endpoint (/metrics, /healthz) listening"),
-        Err(e) => tracing::warn!(error = %e, "cannot serve the admin endpoint"),
-    }
-    let schedule = tokio::spawn(run_zing_schedule(importer.clone(), shutdown.clone()));
-    let served = serve(importer.clone(), client, shutdown).await;
-    let _ = schedule.await;
-    if !importer.wait_for_jobs(JOB_DRAIN).await {
-        tracing::warn!("import jobs still running at shutdown; they will show as failed and can be run again");
-    }
-    served
 }

@@ -11,6 +11,17 @@ use async_nats::jetstream::kv::{self, Operation};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+/// The bucket could not be read or written (NATS down); a lost compare-and-set race is not an error.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Reading the key failed.
+    #[error("cannot read the lock")]
+    Read(#[from] kv::EntryError),
+    /// A write at the held revision failed: the lock was lost or NATS is down.
+    #[error("cannot write the lock")]
+    Write(#[from] kv::UpdateError),
+}
+
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
@@ -52,27 +63,27 @@ impl KvLock {
     }
 
     /// Takes the lock if it is free or its holder's time has passed; `Ok(None)` when another replica holds it.
-    pub async fn try_acquire(&self) -> Result<Option<Held>, String> {
+    pub async fn try_acquire(&self) -> Result<Option<Held>, LockError> {
         let until = now_ms() + self.ttl.as_millis() as i64;
-        let entry = self.kv.entry(&self.key).await.map_err(|e| e.to_string())?;
+        let entry = self.kv.entry(&self.key).await?;
         let result = match entry {
             Some(e) if e.operation == Operation::Put => {
                 let held = serde_json::from_slice::<LockValue>(&e.value).map(|v| v.until_ms).unwrap_or(0);
                 if held > now_ms() {
                     return Ok(None);
                 }
-                self.kv.update(&self.key, self.value(until), e.revision).await.map_err(|e| e.to_string())
+                self.kv.update(&self.key, self.value(until), e.revision).await.ok()
             }
-            _ => self.kv.create(&self.key, self.value(until)).await.map_err(|e| e.to_string()),
+            _ => self.kv.create(&self.key, self.value(until)).await.ok(),
         };
         // A failed compare-and-set means another replica won the race.
-        Ok(result.ok().map(|revision| Held { revision }))
+        Ok(result.map(|revision| Held { revision }))
     }
 
     /// Extends the lock; an error means it was lost (taken over after this holder stalled past the TTL).
-    pub async fn renew(&self, held: Held) -> Result<Held, String> {
+    pub async fn renew(&self, held: Held) -> Result<Held, LockError> {
         let until = now_ms() + self.ttl.as_millis() as i64;
-        let revision = self.kv.update(&self.key, self.value(until), held.revision).await.map_err(|e| e.to_string())?;
+        let revision = self.kv.update(&self.key, self.value(until), held.revision).await?;
         Ok(Held { revision })
     }
 
@@ -85,10 +96,10 @@ impl KvLock {
 }
 
 /// Claims the run of a schedule due every `interval`: true for exactly one caller per interval.
-pub async fn claim_schedule(kv: &kv::Store, key: &str, interval: Duration) -> Result<bool, String> {
+pub async fn claim_schedule(kv: &kv::Store, key: &str, interval: Duration) -> Result<bool, LockError> {
     let now = now_ms();
     let value = Bytes::from(now.to_string());
-    let entry = kv.entry(key).await.map_err(|e| e.to_string())?;
+    let entry = kv.entry(key).await?;
     let won = match entry {
         Some(e) if e.operation == Operation::Put => {
             let last: i64 = std::str::from_utf8(&e.value).ok().and_then(|s| s.parse().ok()).unwrap_or(0);

@@ -1,6 +1,6 @@
 //! The KiotProxy and ZingProxy list APIs: fetching, and parsing their answers defensively.
 //!
-//! Their shapes are observed, not documented (see `PROVIDERS.md`), so every field is looked up under the names seen
+//! Their shapes are observed, not documented (see `docs/providers.md`), so every field is looked up under the names seen
 //! so far and a missing or odd field is a per-item error, never a panic. A transport error, a non-2xx status or an
 //! answer that is not the expected JSON fails the whole fetch: nothing is written from a partial answer.
 

@@ -3,7 +3,7 @@
 //!
 //! Writes name only the imported fields, so the lease fields (`in_use`, `used_count`, `proxy_used`) are never
 //! touched (the lint in `libs/store` checks that no crate but the lease service names them). New proxies are built
-//! with `ProxyDoc::new`, which gives every other field SPEC.md's default.
+//! with `ProxyDoc::new`, which gives every other field the original design's default.
 
 use std::collections::HashMap;
 

@@ -18,7 +18,7 @@ pub struct LeaseConfig {
     /// `LEASE_MAX_IN_FLIGHT` (default 512): requests handled concurrently by one replica.
     pub max_in_flight: usize,
     /// `LEASE_TTL` (seconds, default 3600; 0 disables): a lease not returned within this time is taken back (its
-    /// holder called back with reason `expired`). SPEC.md's leases never expired, so a consumer that crashed held
+    /// holder called back with reason `expired`). The original's leases never expired, so a consumer that crashed held
     /// its slot until the next rotation.
     pub lease_ttl: Option<Duration>,
     /// `CALLBACK_ALLOW_PRIVATE` (default false): accept consumer callback URLs on private, loopback or link-local

@@ -1,7 +1,7 @@
 //! The in-memory index of leasable proxies, per area.
 //!
 //! Choosing a proxy must not scan the collection per request (on any MongoDB a sorted query over the pool costs
-//! more as the pool grows). The index keeps, per area, the proxies that can take a lease ordered as SPEC.md's query
+//! more as the pool grows). The index keeps, per area, the leasable proxies ordered as the original's query
 //! orders them (`used_count` asc, `last_used_at` asc, nulls first), so a pick is `O(log n)`.
 //!
 //! The index is only a hint: every grant is a guarded write whose filter re-checks all conditions in the database,
@@ -14,7 +14,7 @@ use std::collections::{BTreeSet, HashMap};
 use bson::oid::ObjectId;
 use proxypool_contracts::Area;
 
-/// How long after `next_rotate` a proxy that has been used stays leasable (SPEC.md: `next_rotate > now - 4min`).
+/// How long after `next_rotate` a proxy that has been used stays leasable (the original: `next_rotate > now - 4min`).
 pub const ROTATE_GRACE_MS: i64 = 4 * 60 * 1000;
 
 /// Lease-relevant state of one proxy.
@@ -48,7 +48,7 @@ impl Entry {
         self.is_active && !self.is_rotating && self.in_use < max && self.used_count < max
     }
 
-    /// SPEC.md's time condition: fresh in this rotation cycle, or never used in it.
+    /// The original design's time condition: fresh in this rotation cycle, or never used in it.
     fn within_rotation_window(&self, now_ms: i64) -> bool {
         self.used_count == 0 || self.next_rotate_ms.is_some_and(|n| n > now_ms - ROTATE_GRACE_MS)
     }

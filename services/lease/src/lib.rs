@@ -17,24 +17,54 @@ pub mod metrics;
 pub mod server;
 pub mod service;
 
+use std::net::SocketAddr;
+
 use async_nats::Client;
 use proxypool_settings::shutdown::Shutdown;
 use proxypool_store::Store;
 
 pub use config::LeaseConfig;
+pub use server::ServeError;
 pub use service::LeaseService;
 
-/// Runs the lease service on an existing NATS connection and store until `shutdown` fires.
-pub async fn run(
-    config: LeaseConfig,
+/// The lease service, built from its configuration and connections, ready to [`run`](App::run). `main.rs` and the
+/// tests both start it this way.
+#[derive(Debug)]
+pub struct App {
+    service: LeaseService,
     client: Client,
-    store: Store,
-    shutdown: Shutdown,
-) -> Result<(), server::ServeError> {
-    let service = LeaseService::new(store, config.proxy_use_max, config.webhook_return_proxy, config.instance_id)
+    config: LeaseConfig,
+    admin_addr: SocketAddr,
+}
+
+impl App {
+    /// Builds the service and starts its admin endpoint (`/metrics`, `/healthz`, `/readyz`) on `LEASE_ADMIN_ADDR`.
+    pub async fn build(config: LeaseConfig, client: Client, store: Store) -> Result<Self, ServeError> {
+        let service = LeaseService::new(
+            store,
+            config.proxy_use_max,
+            config.webhook_return_proxy.clone(),
+            config.instance_id.clone(),
+        )
         .allow_private_callbacks(config.callback_allow_private)
         .lease_ttl(config.lease_ttl);
-    let admin = server::serve_admin(&service, &client, config.admin_addr).await.map_err(server::ServeError::Admin)?;
-    tracing::info!(%admin, "lease admin endpoint (/metrics, /healthz, /readyz) listening");
-    server::serve(service, client, config.index_refresh, config.max_in_flight, shutdown).await
+        let admin_addr = server::serve_admin(&service, &client, config.admin_addr).await.map_err(ServeError::Admin)?;
+        tracing::info!(%admin_addr, "lease admin endpoint (/metrics, /healthz, /readyz) listening");
+        Ok(Self { service, client, config, admin_addr })
+    }
+
+    /// Where the admin endpoint listens.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The service (its state: whether the index is loaded, metrics).
+    pub fn service(&self) -> &LeaseService {
+        &self.service
+    }
+
+    /// Serves until `shutdown` fires, then stops taking requests and finishes those in flight.
+    pub async fn run(self, shutdown: Shutdown) -> Result<(), ServeError> {
+        server::serve(self.service, self.client, self.config.index_refresh, self.config.max_in_flight, shutdown).await
+    }
 }

@@ -4,16 +4,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::{Client, Message, Subscriber};
-use bytes::Bytes;
+use async_nats::Client;
+use futures::stream::BoxStream;
 use futures::StreamExt;
+use proxypool_contracts::endpoints::{IndexReload, LeaseAcquire, LeaseCtlClear, LeaseCtlRotated, LeaseRelease};
 use proxypool_contracts::events::ProxyChanged;
-use proxypool_contracts::lease::{AcquireRequest, ReleaseRequest};
+use proxypool_contracts::lease::{AcquireRequest, LeaseGrant, ReleaseOutcome, ReleaseRequest};
 use proxypool_contracts::rotation::{ClearRequest, RotatedRequest};
 use proxypool_contracts::{subjects, ApiError};
-use proxypool_rpc::{encode, parse, ServeOptions};
+use proxypool_rpc::{Router, ServeOptions};
 use proxypool_settings::shutdown::Shutdown;
-use serde::Serialize;
 use tokio::sync::Notify;
 
 use crate::service::{LeaseService, Outcome};
@@ -31,34 +31,14 @@ pub enum ServeError {
     /// The admin endpoint could not listen.
     #[error("cannot listen on LEASE_ADMIN_ADDR: {0}")]
     Admin(#[source] std::io::Error),
-    /// The event subscription could not be made.
-    #[error("cannot subscribe to an event subject: {0}")]
-    Events(#[source] async_nats::SubscribeError),
 }
 
-/// Publishes a change on `proxy.changed` for the other replicas' indexes; a failure is logged, as their periodic
-/// reload heals a missed event.
-async fn announce(client: &Client, event: &ProxyChanged) {
-    match serde_json::to_vec(event) {
-        Ok(body) => {
-            if let Err(e) = client.publish(subjects::PROXY_CHANGED, Bytes::from(body)).await {
-                tracing::warn!(error = %e, "cannot publish proxy.changed");
-            }
-        }
-        Err(e) => tracing::error!(error = %e, "cannot encode proxy.changed"),
-    }
-}
-
-async fn finish<T: Serialize>(client: &Client, result: Result<Outcome<T>, ApiError>) -> Bytes {
-    match result {
-        Ok(outcome) => {
-            // Notices for leases the write took are queued before the reply, so that none is lost.
-            proxypool_rpc::notices::queue(client, &outcome.notices).await;
-            announce(client, &outcome.event).await;
-            encode(Ok(outcome.value))
-        }
-        Err(e) => encode::<T>(Err(e)),
-    }
+async fn finish<T>(client: &Client, result: Result<Outcome<T>, ApiError>) -> Result<T, ApiError> {
+    let outcome = result?;
+    // Notices for leases the write took are queued before the reply, so that none is lost.
+    proxypool_rpc::notices::queue(client, &outcome.notices).await;
+    proxypool_rpc::events::publish(client, &outcome.event).await;
+    Ok(outcome.value)
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` (index loaded, NATS connected) on `addr`; returns the bound address.
@@ -72,7 +52,7 @@ pub async fn serve_admin(
         let (loaded, nats) = (s.is_loaded(), nats());
         Box::pin(async move {
             if !loaded {
-                return Err("the lease index is still loading".to_owned());
+                return Err(proxypool_telemetry::metrics::NotReady("the lease index is still loading"));
             }
             nats.await
         })
@@ -80,88 +60,76 @@ pub async fn serve_admin(
     service.metrics().registry.serve_admin(addr, ready).await
 }
 
-async fn handle(service: LeaseService, client: Client, subject: &'static str, msg: Message) -> Bytes {
-    if subject == subjects::LEASE_ACQUIRE {
-        let allow_private = service.private_callbacks_allowed();
-        let started = std::time::Instant::now();
-        let result = match parse::<AcquireRequest>(&msg.payload).and_then(|r| r.validate(allow_private)) {
-            Ok(req) => {
-                let span = tracing::info_span!("lease.acquire", area = %req.area);
-                tracing::Instrument::instrument(service.acquire(&req), span).await
-            }
-            Err(e) => Err(e),
-        };
-        // A grant stored after the caller was told `service_unavailable` would be a lease nobody holds: undo it.
-        if let Ok(outcome) = &result {
-            if !proxypool_rpc::commit_reply() {
-                return withdraw(&service, &client, &outcome.value).await;
-            }
+async fn acquire(service: LeaseService, client: Client, req: AcquireRequest) -> Result<LeaseGrant, ApiError> {
+    let started = std::time::Instant::now();
+    let req = req.validate(service.private_callbacks_allowed())?;
+    let span = tracing::info_span!("lease.acquire", area = %req.area);
+    let result = tracing::Instrument::instrument(service.acquire(&req), span).await;
+    // A grant stored after the caller was told `service_unavailable` would be a lease nobody holds: undo it.
+    if let Ok(outcome) = &result {
+        if !proxypool_rpc::commit_reply() {
+            return Err(withdraw(&service, &client, &outcome.value).await);
         }
-        match &result {
-            Ok(_) => {
-                service.metrics().lease("granted");
-                service.metrics().duration.observe(started.elapsed().as_secs_f64());
-            }
-            Err(e) if e.code == proxypool_contracts::ErrorCode::NoProxyAvailable => service.metrics().lease("refused"),
-            Err(_) => {}
-        }
-        finish(&client, result).await
-    } else if subject == subjects::LEASE_RELEASE {
-        let result = match parse::<ReleaseRequest>(&msg.payload).and_then(|r| r.validate()) {
-            Ok(req) => {
-                tracing::Instrument::instrument(service.release(&req), tracing::info_span!("lease.release")).await
-            }
-            Err(e) => Err(e),
-        };
-        if result.is_ok() {
-            service.metrics().lease("returned");
-        }
-        finish(&client, result).await
-    } else if subject == subjects::LEASECTL_CLEAR {
-        let result = match parse::<ClearRequest>(&msg.payload) {
-            Ok(req) => service.clear_leases(&req).await,
-            Err(e) => Err(e),
-        };
-        finish(&client, result).await
-    } else {
-        let result = match parse::<RotatedRequest>(&msg.payload) {
-            Ok(req) => service.reset_after_rotation(&req).await,
-            Err(e) => Err(e),
-        };
-        finish(&client, result).await
     }
+    match &result {
+        Ok(_) => {
+            service.metrics().lease("granted");
+            service.metrics().duration.observe(started.elapsed().as_secs_f64());
+        }
+        Err(e) if e.code == proxypool_contracts::ErrorCode::NoProxyAvailable => service.metrics().lease("refused"),
+        Err(_) => {}
+    }
+    finish(&client, result).await
+}
+
+async fn release(service: LeaseService, client: Client, req: ReleaseRequest) -> Result<ReleaseOutcome, ApiError> {
+    let req = req.validate()?;
+    let result = tracing::Instrument::instrument(service.release(&req), tracing::info_span!("lease.release")).await;
+    if result.is_ok() {
+        service.metrics().lease("returned");
+    }
+    finish(&client, result).await
+}
+
+/// The lease service's endpoints.
+fn router(service: &LeaseService, client: &Client) -> Router<(LeaseService, Client)> {
+    Router::new((service.clone(), client.clone()))
+        .on::<LeaseAcquire, _, _>(|(s, c), req| acquire(s, c, req))
+        .on::<LeaseRelease, _, _>(|(s, c), req| release(s, c, req))
+        .on::<LeaseCtlClear, _, _>(
+            |(s, c), req: ClearRequest| async move { finish(&c, s.clear_leases(&req).await).await },
+        )
+        .on::<LeaseCtlRotated, _, _>(|(s, c), req: RotatedRequest| async move {
+            finish(&c, s.reset_after_rotation(&req).await).await
+        })
 }
 
 /// Undoes a grant its caller will never receive, announces the undo, and answers as the caller was answered.
-async fn withdraw(service: &LeaseService, client: &Client, grant: &proxypool_contracts::lease::LeaseGrant) -> Bytes {
+async fn withdraw(service: &LeaseService, client: &Client, grant: &LeaseGrant) -> ApiError {
     match service.withdraw(grant).await {
         Ok(Some(event)) => {
             service.metrics().lease("withdrawn");
             tracing::info!(proxy = %grant.id, "a grant stored past its deadline was withdrawn");
-            announce(client, &event).await;
+            proxypool_rpc::events::publish(client, &event).await;
         }
         Ok(None) => tracing::debug!(proxy = %grant.id, "a late grant was already gone when withdrawn"),
         // The lease stays until LEASE_TTL takes it back.
         Err(e) => tracing::warn!(error = %e, proxy = %grant.id, "cannot withdraw a grant its caller gave up on"),
     }
-    encode::<()>(Err(ApiError::unavailable("the request did not finish in time; retry shortly")))
+    ApiError::unavailable("the request did not finish in time; retry shortly")
 }
 
 /// Applies `proxy.changed` events from other writers to the index.
-async fn listen_events(service: LeaseService, mut events: Subscriber) {
-    while let Some(msg) = events.next().await {
-        match serde_json::from_slice::<ProxyChanged>(&msg.payload) {
-            Ok(event) => {
-                if let Some(id) = service.apply_event(&event) {
-                    let s = service.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = s.refresh_one(id).await {
-                            tracing::warn!(error = %e, proxy = %id, "cannot refresh a changed proxy");
-                        }
-                    });
+async fn listen_events(service: LeaseService, mut events: BoxStream<'static, (ProxyChanged, tracing::Span)>) {
+    while let Some((event, span)) = events.next().await {
+        if let Some(id) = service.apply_event(&event) {
+            let s = service.clone();
+            let refresh = async move {
+                if let Err(e) = s.refresh_one(id).await {
+                    tracing::warn!(error = %e, proxy = %id, "cannot refresh a changed proxy");
                 }
-            }
-            Err(e) => tracing::warn!(error = %e, "ignoring a malformed proxy.changed event"),
+            };
+            tokio::spawn(tracing::Instrument::instrument(refresh, span));
         }
     }
 }
@@ -189,7 +157,7 @@ async fn reap(service: LeaseService, client: Client, mut shutdown: Shutdown) {
         match service.reap_expired().await {
             Ok(outcomes) => {
                 for outcome in outcomes {
-                    finish(&client, Ok::<_, ApiError>(outcome)).await;
+                    let _ = finish(&client, Ok(outcome)).await;
                 }
             }
             Err(e) => tracing::warn!(error = %e, "cannot reap expired leases"),
@@ -199,7 +167,7 @@ async fn reap(service: LeaseService, client: Client, mut shutdown: Shutdown) {
 
 /// Turns `leasectl.reload` broadcasts (sent after bulk imports) into a wake-up of [`maintain_index`]. Several
 /// broadcasts during one reload collapse into one more reload.
-async fn listen_reloads(mut requests: Subscriber, wake: Arc<Notify>) {
+async fn listen_reloads(mut requests: BoxStream<'static, (IndexReload, tracing::Span)>, wake: Arc<Notify>) {
     while requests.next().await.is_some() {
         wake.notify_one();
     }
@@ -248,15 +216,10 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     // Subscribe to changes before the first load, so that no change falls between the load and the subscription,
     // and to requests before reporting loaded, so that a loaded replica is a reachable one.
-    let events = client.subscribe(subjects::PROXY_CHANGED).await.map_err(ServeError::Events)?;
-    let reloads = client.subscribe(subjects::LEASECTL_RELOAD).await.map_err(ServeError::Events)?;
+    let events = proxypool_rpc::events::subscribe::<ProxyChanged>(&client).await?;
+    let reloads = proxypool_rpc::events::subscribe::<IndexReload>(&client).await?;
     let wake = Arc::new(Notify::new());
-    let requests = proxypool_rpc::subscribe(
-        &client,
-        &[subjects::LEASE_ACQUIRE, subjects::LEASE_RELEASE, subjects::LEASECTL_ROTATED, subjects::LEASECTL_CLEAR],
-        subjects::LEASE_QUEUE_GROUP,
-    )
-    .await?;
+    let requests = router(&service, &client).subscribe(&client, subjects::LEASE_QUEUE_GROUP).await?;
     let listener = tokio::spawn(listen_events(service.clone(), events));
     let reload_listener = tokio::spawn(listen_reloads(reloads, wake.clone()));
     let maintenance = tokio::spawn(maintain_index(service.clone(), index_refresh, wake, shutdown.clone()));
@@ -268,14 +231,8 @@ pub async fn serve(
         max_in_flight,
         deadline: REQUEST_DEADLINE,
         metrics: Some(service.metrics().requests.clone()),
-        // Only a grant is refused once its caller has gone; a late release or clear still does its job.
-        caller_deadline: &[subjects::LEASE_ACQUIRE],
     };
-    let (s, c) = (service.clone(), client.clone());
-    proxypool_rpc::run(client, requests, options, shutdown, move |subject, msg| {
-        handle(s.clone(), c.clone(), subject, msg)
-    })
-    .await;
+    requests.run(client, options, shutdown).await;
     listener.abort();
     pool_metrics.abort();
     reload_listener.abort();

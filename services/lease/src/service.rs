@@ -1,6 +1,6 @@
 //! Acquire and release: the only code that writes `in_use`, `used_count`, `proxy_used` and `lease_rev`.
 //!
-//! A grant is one guarded `update_one` by `_id`: its filter re-checks every condition of SPEC.md's lease query, so
+//! A grant is one guarded `update_one` by `_id`: its filter re-checks every condition of the original lease query, so
 //! it either applies the whole lease (counters, record, timestamps) or nothing. Candidates come from the
 //! in-memory [`PoolIndex`]; no request scans the collection. Any number of replicas can run side by side: the
 //! database arbitrates, no mutex is shared.
@@ -46,14 +46,14 @@ struct Inner {
     errors: Mutex<std::collections::HashMap<Area, usize>>,
 }
 
-/// A lease key: 96 random bits as 24 hex characters, the shape of the ObjectId keys SPEC.md used, but not
+/// A lease key: 96 random bits as 24 hex characters, the shape of the ObjectId keys the original used, but not
 /// guessable (an ObjectId is a timestamp, a per-process value and a counter), since the key alone returns a lease.
 fn lease_key() -> String {
     let bytes: [u8; 12] = rand::random();
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// SPEC.md's lease query: the conditions a proxy must meet to take one more lease at `now`.
+/// The original design's lease query: the conditions a proxy must meet to take one more lease at `now`.
 pub fn lease_filter(area: Area, now: DateTime, max: u32) -> Document {
     let max = i64::from(max);
     let window = DateTime::from_millis(now.timestamp_millis() - ROTATE_GRACE_MS);
@@ -75,7 +75,7 @@ pub fn lease_candidates_index() -> mongodb::IndexModel {
         .build()
 }
 
-/// SPEC.md's order of candidates (the original ran this as a sorted `findOneAndUpdate`).
+/// The original design's order of candidates (it ran this as a sorted `findOneAndUpdate`).
 pub fn lease_sort() -> Document {
     doc! { "used_count": 1, "last_used_at": 1 }
 }
@@ -384,7 +384,7 @@ impl LeaseService {
         self.inner.loaded.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// Creates the shared indexes and `lease_candidates`, which serves SPEC.md's lease query (and the index load
+    /// Creates the shared indexes and `lease_candidates`, which serves the original's lease query (and the index load
     /// per area) by its equality prefix: area, is_active, is_rotating. Idempotent.
     ///
     /// The sort keys (`used_count`, `last_used_at`) are left out on purpose: they change on every grant and return,

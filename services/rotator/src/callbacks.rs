@@ -8,122 +8,142 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, AckKind};
 use bson::{doc, oid::ObjectId};
+use prometheus_client::metrics::{counter::Counter, family::Family};
 use proxypool_contracts::callback::{is_public, CallbackNotice};
-use proxypool_contracts::subjects;
+use proxypool_rpc::jetstream::{Delivery, JetStreamError, CALLBACKS};
+use proxypool_rpc::workqueue::{self, Outcome, RunnerOptions};
 use proxypool_settings::shutdown::Shutdown;
 use proxypool_store::Store;
-use tokio::sync::Semaphore;
 
 use crate::config::RotatorConfig;
-use prometheus_client::metrics::{counter::Counter, family::Family};
+use crate::metrics::ResultLabel;
 
-use crate::rotation::{retry_delay, QueueError, ResultLabel};
+/// Why a notice was not delivered.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    /// The URL can never be delivered to (malformed, not http(s), or a private address): not retried.
+    #[error("refused: {0}")]
+    Refused(&'static str),
+    /// The host name does not resolve (it may later).
+    #[error("cannot resolve the host")]
+    Resolve(#[source] std::io::Error),
+    /// The HTTP client could not be built.
+    #[error("cannot build the HTTP client")]
+    Client(#[source] reqwest::Error),
+    /// No answer in time.
+    #[error("timed out")]
+    TimedOut,
+    /// The connection failed.
+    #[error("could not connect")]
+    Connect,
+    /// The consumer answered with an error status.
+    #[error("answered HTTP {0}")]
+    Status(u16),
+}
 
-/// POSTs one notice. `Err` holds the reason.
-pub async fn deliver(notice: &CallbackNotice, config: &RotatorConfig) -> Result<(), String> {
-    let url = reqwest::Url::parse(&notice.callback_url).map_err(|e| format!("bad URL: {e}"))?;
-    if !matches!(url.scheme(), "http" | "https") {
-        return Err("not an http(s) URL".into());
+impl DeliveryError {
+    /// Whether a later attempt may succeed.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, DeliveryError::Refused(_))
     }
-    let host = url.host_str().ok_or("no host")?.to_owned();
+}
+
+/// POSTs one notice.
+pub async fn deliver(notice: &CallbackNotice, config: &RotatorConfig) -> Result<(), DeliveryError> {
+    let url = reqwest::Url::parse(&notice.callback_url).map_err(|_| DeliveryError::Refused("not a valid URL"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(DeliveryError::Refused("not an http(s) URL"));
+    }
+    let host = url.host_str().ok_or(DeliveryError::Refused("the URL has no host"))?.to_owned();
     let port = url.port_or_known_default().unwrap_or(80);
     let mut builder =
         reqwest::Client::builder().timeout(config.callback_timeout).redirect(reqwest::redirect::Policy::none());
     if !config.callback_allow_private {
         let bare = host.trim_start_matches('[').trim_end_matches(']').to_owned();
         let addrs: Vec<_> =
-            tokio::net::lookup_host((bare.as_str(), port)).await.map_err(|e| format!("cannot resolve: {e}"))?.collect();
+            tokio::net::lookup_host((bare.as_str(), port)).await.map_err(DeliveryError::Resolve)?.collect();
         if addrs.is_empty() || addrs.iter().any(|a| !is_public(a.ip())) {
-            return Err("refused: the host resolves to a loopback, private or link-local address".into());
+            return Err(DeliveryError::Refused("the host resolves to a loopback, private or link-local address"));
         }
         // Connect to the addresses just checked, so that a second DNS answer cannot point elsewhere (rebinding).
         builder = builder.resolve_to_addrs(&bare, &addrs);
     }
-    let client = builder.build().map_err(|e| e.to_string())?;
+    let client = builder.build().map_err(DeliveryError::Client)?;
     let body = CallbackNotice { callback_url: String::new(), ..notice.clone() };
     let res = client.post(url).json(&body).send().await.map_err(|e| {
         if e.is_timeout() {
-            "timed out".to_owned()
+            DeliveryError::TimedOut
         } else {
-            "could not connect".to_owned()
+            DeliveryError::Connect
         }
     })?;
     if res.status().is_success() {
         Ok(())
     } else {
-        Err(format!("answered HTTP {}", res.status().as_u16()))
+        Err(DeliveryError::Status(res.status().as_u16()))
     }
 }
 
-/// Pulls and delivers notices until shutdown.
+/// Delivers one notice; a failure is counted on the proxy (`call_webhook_count`).
+async fn handle(
+    notice: CallbackNotice,
+    attempt: i64,
+    config: &RotatorConfig,
+    store: &Store,
+    counter: &Family<ResultLabel, Counter>,
+) -> Outcome {
+    match deliver(&notice, config).await {
+        Ok(()) => {
+            counter.get_or_create(&ResultLabel { result: "succeeded" }).inc();
+            Outcome::Done
+        }
+        Err(e) => {
+            counter.get_or_create(&ResultLabel { result: "failed" }).inc();
+            tracing::warn!(proxy = %notice.proxy_id, attempt, reason = %e, "callback delivery failed");
+            if let Ok(id) = ObjectId::parse_str(&notice.proxy_id) {
+                let inc = doc! { "$inc": { "call_webhook_count": 1 } };
+                if let Err(e) = store.proxies().update_one(doc! { "_id": id }, inc).await {
+                    tracing::warn!(error = %e, "cannot count a failed callback");
+                }
+            }
+            if e.is_retryable() {
+                Outcome::Retry(e.to_string())
+            } else {
+                Outcome::Reject(e.to_string())
+            }
+        }
+    }
+}
+
+/// Pulls and delivers notices until shutdown, then waits (bounded) for the deliveries in flight.
 pub async fn run_senders(
     config: RotatorConfig,
     store: Store,
     nats: async_nats::Client,
     counter: Family<ResultLabel, Counter>,
-    mut shutdown: Shutdown,
-) -> Result<(), QueueError> {
-    let js = jetstream::new(nats);
-    let stream = proxypool_rpc::notices::ensure_stream(&js).await.map_err(QueueError::Setup)?;
-    let consumer: jetstream::consumer::PullConsumer = stream
-        .get_or_create_consumer(
-            subjects::CALLBACK_CONSUMER,
-            jetstream::consumer::pull::Config {
-                durable_name: Some(subjects::CALLBACK_CONSUMER.to_owned()),
-                ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                ack_wait: config.callback_timeout + Duration::from_secs(10),
-                max_deliver: config.callback_max_attempts,
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| QueueError::Setup(e.to_string()))?;
+    shutdown: Shutdown,
+) -> Result<(), JetStreamError> {
+    let js = async_nats::jetstream::new(nats);
+    let ack_wait = config.callback_timeout + Duration::from_secs(10);
+    let delivery = Delivery { ack_wait, max_deliver: config.callback_max_attempts, backoff: false };
+    let consumer = CALLBACKS.ensure_consumer(&js, delivery).await?;
+    let options = RunnerOptions {
+        name: "callback.deliver",
+        concurrency: 16,
+        ack_wait,
+        max_deliver: config.callback_max_attempts,
+        retry_base: config.callback_retry_base,
+        retry_max: Duration::from_secs(600),
+        // A delivery takes at most the callback timeout.
+        drain: config.callback_timeout + Duration::from_secs(1),
+    };
     let config = Arc::new(config);
-    let permits = Arc::new(Semaphore::new(16));
-    loop {
-        let Ok(permit) = permits.clone().acquire_owned().await else { break };
-        let msg = tokio::select! {
-            () = shutdown.wait() => break,
-            next = crate::pull_one(&consumer) => match next { Some(m) => m, None => continue },
-        };
+    workqueue::run(consumer, options, shutdown, move |notice: CallbackNotice, attempt| {
         let (config, store, counter) = (config.clone(), store.clone(), counter.clone());
-        let span = tracing::info_span!("callback.deliver", otel.kind = "consumer");
-        proxypool_telemetry::propagation::continue_from_nats(&span, msg.headers.as_ref());
-        let task = async move {
-            let Ok(notice) = serde_json::from_slice::<CallbackNotice>(&msg.payload) else {
-                let _ = msg.ack_with(AckKind::Term).await;
-                return;
-            };
-            let attempt = msg.info().map(|i| i.delivered).unwrap_or(1);
-            match deliver(&notice, &config).await {
-                Ok(()) => {
-                    counter.get_or_create(&ResultLabel { result: "succeeded" }).inc();
-                    let _ = msg.ack().await;
-                }
-                Err(reason) => {
-                    counter.get_or_create(&ResultLabel { result: "failed" }).inc();
-                    tracing::warn!(proxy = %notice.proxy_id, attempt, reason, "callback delivery failed");
-                    if let Ok(id) = ObjectId::parse_str(&notice.proxy_id) {
-                        let inc = doc! { "$inc": { "call_webhook_count": 1 } };
-                        if let Err(e) = store.proxies().update_one(doc! { "_id": id }, inc).await {
-                            tracing::warn!(error = %e, "cannot count a failed callback");
-                        }
-                    }
-                    let refused = reason.starts_with("refused");
-                    if refused || attempt >= config.callback_max_attempts {
-                        let _ = msg.ack_with(AckKind::Term).await;
-                    } else {
-                        let _ =
-                            msg.ack_with(AckKind::Nak(Some(retry_delay(config.callback_retry_base, attempt)))).await;
-                    }
-                }
-            }
-            drop(permit);
-        };
-        tokio::spawn(tracing::Instrument::instrument(task, span));
-    }
+        async move { handle(notice, attempt, &config, &store, &counter).await }
+    })
+    .await;
     Ok(())
 }
 
@@ -132,11 +152,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn delays_grow_and_are_capped() {
-        let base = Duration::from_secs(2);
-        assert_eq!(retry_delay(base, 1), Duration::from_secs(2));
-        assert_eq!(retry_delay(base, 2), Duration::from_secs(8));
-        assert_eq!(retry_delay(base, 3), Duration::from_secs(32));
-        assert_eq!(retry_delay(base, 30), Duration::from_secs(600));
+    fn refusals_are_final_and_failures_retried() {
+        assert!(!DeliveryError::Refused("x").is_retryable());
+        assert!(DeliveryError::TimedOut.is_retryable());
+        assert!(DeliveryError::Status(500).is_retryable());
     }
 }

@@ -11,209 +11,126 @@
 //! - [`config`]: `RotatorConfig` from the environment.
 //! - [`providers`]: KiotProxy, ZingProxy and generic rotate-response adapters.
 //! - [`check`]: public-IP check through the proxy, region lookup.
-//! - [`rotation`]: claiming, queuing and running jobs.
+//! - [`rotator`]: the shared state, the queue, and the steps both roles use.
+//! - [`scheduler`]: claiming due proxies and queuing their jobs; rotate-now.
+//! - [`worker`]: running one job (drain, rotate, check, store, lease reset) through the work-queue runner.
 //! - [`callbacks`]: delivering notices to consumers whose lease was taken.
+//! - [`metrics`]: Prometheus metrics.
 
 pub mod callbacks;
 pub mod check;
 pub mod config;
+pub mod metrics;
 pub mod providers;
-pub mod rotation;
+pub mod rotator;
+pub mod scheduler;
+pub mod worker;
 
-use std::sync::Arc;
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use futures::StreamExt;
-use proxypool_contracts::rotation::{RotateNowRequest, RotationJob};
+use proxypool_contracts::endpoints::RotateNow;
 use proxypool_contracts::subjects;
-use proxypool_rpc::{encode, parse, ServeOptions};
+use proxypool_rpc::jetstream::JetStreamError;
+use proxypool_rpc::{Router, ServeOptions};
 use proxypool_settings::shutdown::Shutdown;
-use tokio::sync::Semaphore;
+use proxypool_store::Store;
 
 pub use config::{Role, RotatorConfig};
-pub use rotation::Rotator;
+pub use rotator::Rotator;
 
 /// Errors that stop the rotator.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     /// JetStream set-up failed.
     #[error(transparent)]
-    Queue(#[from] rotation::QueueError),
+    Queue(#[from] JetStreamError),
     /// A subscription failed.
     #[error(transparent)]
     Subscribe(#[from] proxypool_rpc::SubscribeError),
+    /// The admin endpoint could not listen.
+    #[error("cannot listen on ROTATOR_ADMIN_ADDR")]
+    Admin(#[source] std::io::Error),
 }
 
-/// Scans on a timer until shutdown.
-pub async fn run_scheduler(rotator: Rotator, mut shutdown: Shutdown) {
-    let mut tick = tokio::time::interval(rotator.config().scan_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = shutdown.wait() => return,
-        }
-        rotator.update_queue_depth().await;
-        match rotator.scan_once().await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(queued = n, "rotation jobs queued"),
-            Err(e) => tracing::warn!(error = %e, "rotation scan failed"),
-        }
-    }
-}
-
-/// Serves admin "rotate now" requests until shutdown.
-pub async fn serve_rotate_now(
+/// The rotator, built from its configuration and connections, ready to [`run`](App::run). `main.rs` and the tests
+/// both start it this way.
+#[derive(Debug)]
+pub struct App {
     rotator: Rotator,
     client: async_nats::Client,
-    shutdown: Shutdown,
-) -> Result<(), RunError> {
-    let options = ServeOptions {
-        queue_group: subjects::ROTATOR_QUEUE_GROUP,
-        max_in_flight: 64,
-        deadline: Duration::from_secs(4),
-        metrics: Some(rotator.metrics().requests.clone()),
-        caller_deadline: &[],
-    };
-    proxypool_rpc::serve(client, &[subjects::ROTATOR_ROTATE_NOW], options, shutdown, move |_, msg| {
-        let rotator = rotator.clone();
-        async move {
-            encode(match parse::<RotateNowRequest>(&msg.payload) {
-                Ok(req) => rotator.rotate_now(&req.proxy_id).await,
-                Err(e) => Err(e),
-            })
+    admin_addr: SocketAddr,
+}
+
+impl App {
+    /// Builds the rotator and starts its admin endpoint on `ROTATOR_ADMIN_ADDR`.
+    pub async fn build(config: RotatorConfig, client: async_nats::Client, store: Store) -> Result<Self, RunError> {
+        let admin = config.admin_addr;
+        let rotator = Rotator::new(config, store, client.clone());
+        let ready = proxypool_telemetry::metrics::nats_ready(client.clone());
+        let admin_addr = rotator.metrics().registry.serve_admin(admin, ready).await.map_err(RunError::Admin)?;
+        tracing::info!(%admin_addr, "rotator admin endpoint (/metrics, /healthz, /readyz) listening");
+        Ok(Self { rotator, client, admin_addr })
+    }
+
+    /// Where the admin endpoint listens.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The rotator.
+    pub fn rotator(&self) -> &Rotator {
+        &self.rotator
+    }
+
+    /// Ensures the queue (retrying while JetStream is unreachable), then runs the configured roles
+    /// (`ROTATOR_ROLE`) until shutdown.
+    pub async fn run(self, mut shutdown: Shutdown) -> Result<(), RunError> {
+        let (rotator, client) = (self.rotator, self.client);
+        while let Err(e) = rotator.ensure_queue().await {
+            tracing::warn!(error = %e, "cannot set up the rotation queue yet; retrying");
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(2)) => {}
+                () = shutdown.wait() => return Ok(()),
+            }
         }
-    })
-    .await?;
-    Ok(())
-}
-
-/// Pulls one message, waiting up to a few seconds; `None` when none came (or on a transient error).
-///
-/// One message per free worker, never a prefetched batch: a message waiting in a local buffer would see its ack
-/// wait run out and be redelivered to another worker while this process still holds it.
-pub async fn pull_one(
-    consumer: &async_nats::jetstream::consumer::PullConsumer,
-) -> Option<async_nats::jetstream::Message> {
-    let batch = consumer.batch().max_messages(1).expires(Duration::from_secs(5)).messages().await;
-    match batch {
-        Ok(mut b) => match b.next().await {
-            Some(Ok(m)) => Some(m),
-            Some(Err(e)) => {
-                tracing::debug!(error = %e, "pull ended without a message");
-                None
-            }
-            None => None,
-        },
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot pull from JetStream");
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            None
+        let role = rotator.config().role;
+        let mut tasks = Vec::new();
+        if matches!(role, Role::All | Role::Scheduler) {
+            tasks.push(tokio::spawn(scheduler::run_scheduler(rotator.clone(), shutdown.clone())));
+            let options = ServeOptions {
+                queue_group: subjects::ROTATOR_QUEUE_GROUP,
+                max_in_flight: 64,
+                deadline: Duration::from_secs(4),
+                metrics: Some(rotator.metrics().requests.clone()),
+            };
+            let router = Router::new(rotator.clone())
+                .on::<RotateNow, _, _>(|r, req| async move { r.rotate_now(&req.proxy_id).await });
+            let (c, s) = (client.clone(), shutdown.clone());
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = router.serve(c, options, s).await {
+                    tracing::error!(error = %e, "rotate-now handler stopped");
+                }
+            }));
         }
-    }
-}
-
-/// Pulls and runs jobs until shutdown, `ROTATOR_WORKERS` at a time. On shutdown it stops pulling and waits for the
-/// jobs in hand; a job cut short is redelivered by JetStream after `ROTATE_ACK_WAIT`.
-pub async fn run_workers(rotator: Rotator, mut shutdown: Shutdown) -> Result<(), RunError> {
-    let consumer = rotator.ensure_queue().await?;
-    let workers = rotator.config().workers;
-
-    let permits = Arc::new(Semaphore::new(workers));
-    loop {
-        let Ok(permit) = permits.clone().acquire_owned().await else { break };
-        let msg = tokio::select! {
-            () = shutdown.wait() => break,
-            next = pull_one(&consumer) => match next { Some(m) => m, None => continue },
-        };
-        let rotator = rotator.clone();
-        // The job continues the trace of the claim that queued it.
-        let span = tracing::info_span!("rotation.job", otel.kind = "consumer", proxy = tracing::field::Empty);
-        proxypool_telemetry::propagation::continue_from_nats(&span, msg.headers.as_ref());
-        tokio::spawn(async move {
-            let job: RotationJob = match serde_json::from_slice(&msg.payload) {
-                Ok(j) => j,
-                Err(e) => {
-                    tracing::error!(error = %e, "dropping a malformed rotation job");
-                    let _ = msg.ack_with(async_nats::jetstream::AckKind::Term).await;
-                    return;
+        if matches!(role, Role::All | Role::Worker) {
+            let (c, st, n, s) = (rotator.config().clone(), rotator.store().clone(), client.clone(), shutdown.clone());
+            let counter = rotator.metrics().callbacks.clone();
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = callbacks::run_senders(c, st, n, counter, s).await {
+                    tracing::error!(error = %e, "callback senders stopped");
                 }
-            };
-            // Keep the job alive while it runs (rotate calls and IP checks can outlast the ack wait), so JetStream
-            // redelivers it only if this process dies.
-            let keepalive_every = (rotator.config().ack_wait / 3).max(Duration::from_millis(200));
-            span.record("proxy", job.proxy_id.as_str());
-            let outcome = {
-                let work = tracing::Instrument::instrument(rotator.process(&job), span.clone());
-                tokio::pin!(work);
-                loop {
-                    tokio::select! {
-                        res = &mut work => break res,
-                        () = tokio::time::sleep(keepalive_every) => {
-                            let _ = msg.ack_with(async_nats::jetstream::AckKind::Progress).await;
-                        }
-                    }
+            }));
+            let (r, s) = (rotator.clone(), shutdown.clone());
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = worker::run_workers(r, s).await {
+                    tracing::error!(error = %e, "workers stopped");
                 }
-            };
-            match outcome {
-                Ok(()) => {
-                    if let Err(e) = msg.ack().await {
-                        tracing::warn!(error = %e, job = %job.job_id, "cannot ack a finished job");
-                    }
-                }
-                Err(e) => {
-                    let attempt = msg.info().map(|i| i.delivered).unwrap_or(1);
-                    let delay = rotation::retry_delay(Duration::from_secs(2), attempt).min(Duration::from_secs(60));
-                    tracing::warn!(error = %e, job = %job.job_id, attempt, retry_in = ?delay, "job failed; it will be redelivered");
-                    let _ = msg.ack_with(async_nats::jetstream::AckKind::Nak(Some(delay))).await;
-                }
-            }
-            drop(permit);
-        });
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        Ok(())
     }
-    let all = u32::try_from(workers).unwrap_or(u32::MAX);
-    if tokio::time::timeout(Duration::from_secs(30), permits.acquire_many(all)).await.is_err() {
-        tracing::warn!("rotation jobs still running at shutdown; JetStream will redeliver them");
-    }
-    Ok(())
-}
-
-/// Runs the configured roles until shutdown.
-pub async fn run(rotator: Rotator, client: async_nats::Client, shutdown: Shutdown) -> Result<(), RunError> {
-    rotator.ensure_queue().await?;
-    let ready = proxypool_telemetry::metrics::nats_ready(client.clone());
-    match rotator.metrics().registry.serve_admin(rotator.config().admin_addr, ready).await {
-        Ok(addr) => tracing::info!(%addr, "rotator admin endpoint (/metrics, /healthz) listening"),
-        Err(e) => tracing::warn!(error = %e, "cannot serve the admin endpoint"),
-    }
-    let role = rotator.config().role;
-    let mut tasks = Vec::new();
-    if matches!(role, Role::All | Role::Scheduler) {
-        tasks.push(tokio::spawn(run_scheduler(rotator.clone(), shutdown.clone())));
-        let (r, c, s) = (rotator.clone(), client.clone(), shutdown.clone());
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = serve_rotate_now(r, c, s).await {
-                tracing::error!(error = %e, "rotate-now handler stopped");
-            }
-        }));
-    }
-    if matches!(role, Role::All | Role::Worker) {
-        let (c, st, n, s) = (rotator.config().clone(), rotator.store().clone(), client.clone(), shutdown.clone());
-        let counter = rotator.metrics().callbacks.clone();
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = callbacks::run_senders(c, st, n, counter, s).await {
-                tracing::error!(error = %e, "callback senders stopped");
-            }
-        }));
-        let (r, s) = (rotator.clone(), shutdown.clone());
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = run_workers(r, s).await {
-                tracing::error!(error = %e, "workers stopped");
-            }
-        }));
-    }
-    for t in tasks {
-        let _ = t.await;
-    }
-    Ok(())
 }

@@ -1,5 +1,5 @@
 //! Provider adapters: how to read a rotate response. Kept in one place so that a provider changing its API is a
-//! one-file fix (see PROVIDERS.md for what was observed of each).
+//! one-file fix (see docs/providers.md for what was observed of each).
 
 use proxypool_store::model::RotateFields;
 use serde_json::Value;

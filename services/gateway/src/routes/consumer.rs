@@ -1,4 +1,4 @@
-//! Consumer routes: lease a proxy and return it (SPEC.md's `/api/get-proxy` and `/webhook/return-proxy/:id`).
+//! Consumer routes: lease a proxy and return it (the original's `/api/get-proxy` and `/webhook/return-proxy/:id`).
 //!
 //! Both forward to the lease service over NATS, so HTTP and NATS consumers get the same answers and codes.
 
@@ -7,8 +7,9 @@ use std::net::SocketAddr;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::HeaderMap;
 use axum::Json;
+use proxypool_contracts::endpoints::{LeaseAcquire, LeaseRelease};
 use proxypool_contracts::lease::{AcquireRequest, LeaseGrant, ReleaseOutcome, ReleaseRequest};
-use proxypool_contracts::{subjects, Area, ObjectIdHex};
+use proxypool_contracts::{Area, ObjectIdHex};
 use serde::Deserialize;
 
 use crate::auth;
@@ -47,7 +48,7 @@ pub async fn get_proxy(
         consumer: Some(ip.to_string()),
         callback_url: q.callback_url.clone(),
     };
-    Ok(Json(state.request(subjects::LEASE_ACQUIRE, &req).await?))
+    Ok(Json(state.call::<LeaseAcquire>(&req).await?))
 }
 
 /// Query of the return webhook.
@@ -77,5 +78,5 @@ pub async fn return_proxy(
     let proxy_id = ObjectIdHex::parse_field("id", Some(&id))?;
     let key = ObjectIdHex::parse_field("key", q.key.as_deref())?;
     let req = ReleaseRequest { proxy_id: Some(proxy_id.to_string()), key: Some(key.to_string()) };
-    Ok(Json(state.request(subjects::LEASE_RELEASE, &req).await?))
+    Ok(Json(state.call::<LeaseRelease>(&req).await?))
 }

@@ -12,8 +12,9 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bson::oid::ObjectId;
+use proxypool_contracts::endpoints::{ImportExcel, ImportKiot, ImportStatus, ImportZing};
 use proxypool_contracts::import::{ExcelImportRequest, ImportJob, JobStatusRequest, ProviderImportRequest};
-use proxypool_contracts::{subjects, ApiError, ErrorCode};
+use proxypool_contracts::{ApiError, Endpoint, ErrorCode};
 use serde::Deserialize;
 use utoipa::{IntoParams, ToSchema};
 
@@ -125,7 +126,7 @@ pub async fn import_excel(
     }
     let job_id = ObjectId::new().to_hex();
     let js = async_nats::jetstream::new(state.nats.clone());
-    let bucket = proxypool_rpc::buckets::uploads(&js).await.map_err(|e| {
+    let bucket = proxypool_rpc::jetstream::ensure_import_uploads(&js).await.map_err(|e| {
         tracing::warn!(error = %e, "cannot open the uploads bucket");
         ApiError::unavailable("the upload store is unreachable; retry shortly")
     })?;
@@ -139,10 +140,7 @@ pub async fn import_excel(
         requested_by: admin.user_id.map(|id| id.to_hex()),
         wait_ms: q.wait_ms(),
     };
-    match state
-        .request_within::<_, ImportJob>(subjects::IMPORT_EXCEL, &req, Some(reply_timeout(&state, req.wait_ms)))
-        .await
-    {
+    match state.call_within::<ImportExcel>(&req, Some(reply_timeout(&state, req.wait_ms))).await {
         Ok(job) => Ok(job_response(job)),
         Err(e) => {
             // Nobody will read it: do not keep the upload until it expires.
@@ -154,14 +152,12 @@ pub async fn import_excel(
     }
 }
 
-async fn provider_import(
-    state: &AppState,
-    admin: &Admin,
-    q: &WaitQuery,
-    subject: &'static str,
-) -> HttpResult<Response> {
+async fn provider_import<E>(state: &AppState, admin: &Admin, q: &WaitQuery) -> HttpResult<Response>
+where
+    E: Endpoint<Request = ProviderImportRequest, Reply = ImportJob>,
+{
     let req = ProviderImportRequest { requested_by: admin.user_id.map(|id| id.to_hex()), wait_ms: q.wait_ms() };
-    let job: ImportJob = state.request_within(subject, &req, Some(reply_timeout(state, req.wait_ms))).await?;
+    let job = state.call_within::<E>(&req, Some(reply_timeout(state, req.wait_ms))).await?;
     Ok(job_response(job))
 }
 
@@ -176,7 +172,7 @@ pub async fn import_kiot(
     admin: Admin,
     Query(q): Query<WaitQuery>,
 ) -> HttpResult<Response> {
-    provider_import(&state, &admin, &q, subjects::IMPORT_KIOT).await
+    provider_import::<ImportKiot>(&state, &admin, &q).await
 }
 
 /// Import the active ZingProxy proxies (provider and `ZingProxy_Pack` created when missing).
@@ -190,7 +186,7 @@ pub async fn import_zing(
     admin: Admin,
     Query(q): Query<WaitQuery>,
 ) -> HttpResult<Response> {
-    provider_import(&state, &admin, &q, subjects::IMPORT_ZING).await
+    provider_import::<ImportZing>(&state, &admin, &q).await
 }
 
 /// An import job: status, counts and row errors.
@@ -204,5 +200,5 @@ pub async fn get_import(
     Path(id): Path<String>,
 ) -> HttpResult<Json<ImportJob>> {
     let id = oid("id", &id)?.to_hex();
-    Ok(Json(state.request(subjects::IMPORT_STATUS, &JobStatusRequest { id }).await?))
+    Ok(Json(state.call::<ImportStatus>(&JobStatusRequest { id }).await?))
 }

@@ -13,8 +13,9 @@ use bson::oid::ObjectId;
 use bson::{doc, DateTime, Document};
 use futures::TryStreamExt;
 use proxypool_contracts::callback::TakenReason;
+use proxypool_contracts::endpoints::{LeaseCtlClear, RotateNow};
 use proxypool_contracts::events::{ChangeReason, ProxyChanged};
-use proxypool_contracts::{subjects, ApiError, Area};
+use proxypool_contracts::{ApiError, Area};
 use proxypool_store::model::{NewProxy, ProxyDoc, DEFAULT_ROTATE_TIME_SECS};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -222,7 +223,7 @@ async fn package_name(state: &AppState, id: ObjectId) -> HttpResult<String> {
 async fn announce(state: &AppState, ids: &[ObjectId], reason: ChangeReason) {
     for id in ids {
         let event = ProxyChanged { proxy_id: id.to_hex(), reason, origin: None, snapshot: None };
-        state.publish(subjects::PROXY_CHANGED, &event).await;
+        state.publish(&event).await;
     }
 }
 
@@ -392,8 +393,7 @@ pub async fn update_proxy(
         // Disabling takes the proxy from its holders: the lease service (the only writer of lease state) drops
         // their leases and calls them back.
         let req = proxypool_contracts::rotation::ClearRequest { proxy_id: id.to_hex() };
-        let cleared: Result<proxypool_contracts::rotation::ClearReply, _> =
-            state.request(subjects::LEASECTL_CLEAR, &req).await;
+        let cleared: Result<proxypool_contracts::rotation::ClearReply, _> = state.call::<LeaseCtlClear>(&req).await;
         if let Err(e) = cleared {
             tracing::warn!(error = %e, proxy = %id, "disabled, but its leases could not be dropped yet");
         }
@@ -510,5 +510,5 @@ pub async fn rotate_proxy(
 ) -> HttpResult<(StatusCode, Json<proxypool_contracts::rotation::RotateNowReply>)> {
     let id = oid("id", &id)?;
     let req = proxypool_contracts::rotation::RotateNowRequest { proxy_id: id.to_hex() };
-    Ok((StatusCode::ACCEPTED, Json(state.request(subjects::ROTATOR_ROTATE_NOW, &req).await?)))
+    Ok((StatusCode::ACCEPTED, Json(state.call::<RotateNow>(&req).await?)))
 }

@@ -8,7 +8,10 @@ use proxypool_contracts::auth::{
     Deleted, ListUsersRequest, LoginReply, LoginRequest, NewUser, RegisterRequest, UpdateUserRequest, UserIdRequest,
     UserPage, UserPatch, UserView,
 };
-use proxypool_contracts::{subjects, ApiError, ErrorCode};
+use proxypool_contracts::endpoints::{
+    AuthLogin, AuthMe, AuthRegister, AuthUsersCreate, AuthUsersDelete, AuthUsersList, AuthUsersUpdate,
+};
+use proxypool_contracts::{ApiError, ErrorCode};
 
 use crate::auth::{Admin, MaybeAdmin};
 use crate::error::HttpResult;
@@ -29,7 +32,7 @@ pub async fn register(
 ) -> HttpResult<(StatusCode, Json<UserView>)> {
     let user: NewUser = body::parse(&bytes)?;
     let caller = admin.map(|a| a.caller()).unwrap_or_default();
-    let view = state.request(subjects::AUTH_REGISTER, &RegisterRequest { user, caller }).await?;
+    let view = state.call::<AuthRegister>(&RegisterRequest { user, caller }).await?;
     Ok((StatusCode::CREATED, Json(view)))
 }
 
@@ -39,7 +42,7 @@ pub async fn register(
         (status = 401, body = crate::openapi::ErrorBody)))]
 pub async fn login(State(state): State<AppState>, bytes: Bytes) -> HttpResult<Json<LoginReply>> {
     let req: LoginRequest = body::parse(&bytes)?;
-    Ok(Json(state.request(subjects::AUTH_LOGIN, &req).await?))
+    Ok(Json(state.call::<AuthLogin>(&req).await?))
 }
 
 /// The user of the bearer token.
@@ -52,7 +55,7 @@ pub async fn me(State(state): State<AppState>, admin: Admin) -> HttpResult<Json<
             ApiError::new(ErrorCode::Unauthorized, "/api/me needs a user's bearer token, not the API key").into()
         );
     };
-    Ok(Json(state.request(subjects::AUTH_ME, &UserIdRequest { id: id.to_hex() }).await?))
+    Ok(Json(state.call::<AuthMe>(&UserIdRequest { id: id.to_hex() }).await?))
 }
 
 /// List users.
@@ -67,7 +70,7 @@ pub async fn list_users(
 ) -> HttpResult<Json<UserPage>> {
     page.resolve()?;
     let req = ListUsersRequest { page: page.page, limit: page.limit };
-    Ok(Json(state.request(subjects::AUTH_USERS_LIST, &req).await?))
+    Ok(Json(state.call::<AuthUsersList>(&req).await?))
 }
 
 /// Create a user.
@@ -82,7 +85,7 @@ pub async fn create_user(
 ) -> HttpResult<(StatusCode, Json<UserView>)> {
     let user: NewUser = body::parse(&bytes)?;
     let req = RegisterRequest { user, caller: admin.caller() };
-    Ok((StatusCode::CREATED, Json(state.request(subjects::AUTH_USERS_CREATE, &req).await?)))
+    Ok((StatusCode::CREATED, Json(state.call::<AuthUsersCreate>(&req).await?)))
 }
 
 /// Update a user's email, username or password.
@@ -99,7 +102,7 @@ pub async fn update_user(
 ) -> HttpResult<Json<UserView>> {
     let id = oid("id", &id)?;
     let patch: UserPatch = body::parse(&bytes)?;
-    Ok(Json(state.request(subjects::AUTH_USERS_UPDATE, &UpdateUserRequest { id: id.to_hex(), patch }).await?))
+    Ok(Json(state.call::<AuthUsersUpdate>(&UpdateUserRequest { id: id.to_hex(), patch }).await?))
 }
 
 /// Delete a user.
@@ -113,5 +116,5 @@ pub async fn delete_user(
     Path(id): Path<String>,
 ) -> HttpResult<Json<Deleted>> {
     let id = oid("id", &id)?;
-    Ok(Json(state.request(subjects::AUTH_USERS_DELETE, &UserIdRequest { id: id.to_hex() }).await?))
+    Ok(Json(state.call::<AuthUsersDelete>(&UserIdRequest { id: id.to_hex() }).await?))
 }

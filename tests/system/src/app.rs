@@ -1,4 +1,5 @@
-//! [`TestApp`]: lease service replica(s) and the gateway, in-process, against real servers.
+//! [`TestApp`]: the services in-process against real servers, each built by its own `App::build` from a
+//! configuration read by its own `from_env`, exactly as its `main.rs` does.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -12,6 +13,7 @@ use proxypool_contracts::lease::{AcquireRequest, LeaseGrant, ReleaseOutcome, Rel
 use proxypool_contracts::{subjects, Area, Reply};
 use proxypool_gateway::GatewayConfig;
 use proxypool_lease::LeaseService;
+use proxypool_settings::env::Env;
 use proxypool_settings::nats::NatsConfig;
 use proxypool_settings::shutdown::{Shutdown, ShutdownTrigger};
 use proxypool_settings::Secret;
@@ -19,12 +21,8 @@ use proxypool_store::model::{NewProxy, PackageDoc, ProviderDoc, ProxyDoc};
 use proxypool_store::{Store, StoreConfig};
 use tokio::task::JoinHandle;
 
-use crate::servers::{MongoServer, NatsServer};
-
-/// The static key every test app uses.
-pub const API_KEY: &str = "test-allowed-api-key-0123456789";
-/// The JWT secret every test app uses.
-pub const JWT_SECRET: &str = "test-jwt-secret-0123456789abcdef";
+use proxypool_test_support::servers::{MongoServer, NatsServer};
+pub use proxypool_test_support::{API_KEY, JWT_SECRET};
 
 /// Options for [`TestApp`].
 #[derive(Debug, Clone)]
@@ -125,7 +123,7 @@ impl TestAppBuilder {
 
     /// Starts the servers and the services.
     pub async fn spawn(self) -> anyhow::Result<TestApp> {
-        crate::init_logs();
+        proxypool_test_support::init_logs();
         let nats_server = if self.nats_auth {
             NatsServer::start_with_config(Some(&test_auth_conf()?))?
         } else {
@@ -171,16 +169,16 @@ impl TestAppBuilder {
             app.start_lease().await?;
         }
         app.start_auth(self.allow_registration, self.bcrypt_cost).await?;
-        let gateway_config = GatewayConfig {
-            port: 0,
-            allowed_api_key: Secret::new(API_KEY.to_owned()),
-            jwt_secret: Secret::new(JWT_SECRET.to_owned()),
-            ip_allowed: self.ip_allowed.iter().filter_map(|s| parse_net(s)).collect(),
-            trusted_proxies: self.trusted_proxies.iter().filter_map(|s| parse_net(s)).collect(),
-            import_max_bytes: self.import_max_bytes,
-            nats: app.nats_config_for("gateway"),
-            store: app.store_config.clone(),
-        };
+        let env = app.env_for(
+            "gateway",
+            &[
+                ("PORT", "0".into()),
+                ("IP_ALLOWED", self.ip_allowed.join(",")),
+                ("TRUSTED_PROXIES", self.trusted_proxies.join(",")),
+                ("IMPORT_MAX_BYTES", self.import_max_bytes.to_string()),
+            ],
+        );
+        let gateway_config = GatewayConfig::from_env(&env)?;
         app.start_gateway(gateway_config).await?;
         Ok(app)
     }
@@ -199,10 +197,6 @@ fn test_auth_conf() -> anyhow::Result<String> {
     let at = text.find("users = [").ok_or_else(|| anyhow::anyhow!("no users list in auth.conf"))? + "users = [".len();
     text.insert_str(at, "\n    { user: test, password: \"test-test-password\" }");
     Ok(text)
-}
-
-fn parse_net(s: &str) -> Option<ipnet::IpNet> {
-    s.parse().ok().or_else(|| s.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
 }
 
 /// A raw NATS request from `nc` (any identity), decoded as a reply envelope.
@@ -332,19 +326,28 @@ impl TestApp {
 
     /// The environment a service binary needs to join this app (NATS, MongoDB, keys), as an operator would set it.
     pub fn service_env(&self) -> Vec<(String, String)> {
-        [
-            ("NATS_URL", self.nats_config.url.clone()),
-            ("MONGODB_URI", self.store_config.uri.expose().clone()),
-            ("MONGODB_DATABASE", self.store_config.database.clone()),
-            ("ALLOWED_API_KEY", API_KEY.to_owned()),
-            ("API_KEY", JWT_SECRET.to_owned()),
-            ("BCRYPT_COST", "4".to_owned()),
-            ("IP_CHECK_URLS", "http://127.0.0.1:9/".to_owned()),
-            ("LOG_WRITE_TO_FILE", "false".to_owned()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect()
+        proxypool_test_support::service_env(
+            &self.nats_config.url,
+            self.store_config.uri.expose(),
+            &self.store_config.database,
+        )
+    }
+
+    /// The environment of `service` in this app: [`TestApp::service_env`], its own NATS identity when the app runs
+    /// with [`TestAppBuilder::nats_auth`], the app's lease settings, an admin endpoint on a free port, then `extra`.
+    pub fn env_for(&self, service: &str, extra: &[(&str, String)]) -> Env {
+        let mut env = self.service_env();
+        if self.nats_auth {
+            env.push(("NATS_USER".into(), service.to_owned()));
+            env.push(("NATS_PASSWORD".into(), format!("{service}-test-password")));
+        }
+        let admin = format!("127.0.0.1:{}", proxypool_test_support::servers::free_port().unwrap_or(0));
+        env.push((format!("{}_ADMIN_ADDR", service.to_uppercase()), admin));
+        env.push(("PROXY_USE_MAX".into(), self.proxy_use_max.to_string()));
+        env.push(("CALLBACK_ALLOW_PRIVATE".into(), self.callback_allow_private.to_string()));
+        env.push(("LEASE_TTL".into(), self.lease_ttl.map_or(0.0, |t| t.as_secs_f64()).to_string()));
+        env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
+        Env::from_pairs(env)
     }
 
     /// A builder with defaults: `PROXY_USE_MAX=3`, one lease replica, `IP_ALLOWED=127.0.0.1`.
@@ -384,7 +387,7 @@ impl TestApp {
         Ok(package.id)
     }
 
-    /// A proxy document in `area` with SPEC.md's defaults.
+    /// A proxy document in `area` with the original design's defaults.
     pub fn new_proxy(&self, area: Area, n: usize) -> ProxyDoc {
         ProxyDoc::new(NewProxy {
             ip: format!("10.{}.{}.{}", (n >> 16) & 255, (n >> 8) & 255, n & 255),
@@ -431,22 +434,22 @@ impl TestApp {
     /// Starts one more lease replica and waits until its index is loaded.
     pub async fn start_lease(&mut self) -> anyhow::Result<()> {
         self.next_instance += 1;
-        let client = self.nats_config_for("lease").connect("test-lease").await?;
-        let store = Store::connect(&self.store_config, "test-lease").await?;
-        let service = LeaseService::new(
-            store,
-            self.proxy_use_max,
-            "http://127.0.0.1:33033/webhook/return-proxy".into(),
-            format!("lease-test-{}", self.next_instance),
-        )
-        .allow_private_callbacks(self.callback_allow_private)
-        .lease_ttl(self.lease_ttl);
+        let env = self.env_for(
+            "lease",
+            &[
+                ("HOSTNAME", format!("lease-test-{}", self.next_instance)),
+                // Events keep the index fresh; the periodic full reload is a safety net the tests do not lean on.
+                ("LEASE_INDEX_REFRESH", "3600".into()),
+            ],
+        );
+        let config = proxypool_lease::LeaseConfig::from_env(&env)?;
+        let client = config.nats.connect("test-lease").await?;
+        let store = Store::connect(&config.store, "test-lease").await?;
+        let app = proxypool_lease::App::build(config, client, store).await?;
+        let (service, admin_addr) = (app.service().clone(), app.admin_addr());
         let (trigger, shutdown) = Shutdown::new();
-        let admin_addr =
-            proxypool_lease::server::serve_admin(&service, &client, SocketAddr::from(([127, 0, 0, 1], 0))).await?;
-        let s = service.clone();
         let handle = tokio::spawn(async move {
-            if let Err(e) = proxypool_lease::server::serve(s, client, Duration::from_secs(3600), 512, shutdown).await {
+            if let Err(e) = app.run(shutdown).await {
                 tracing::error!(error = %e, "lease replica failed");
             }
         });
@@ -462,59 +465,66 @@ impl TestApp {
     }
 
     async fn start_auth(&mut self, allow_registration: bool, cost: u32) -> anyhow::Result<()> {
-        let client = self.nats_config_for("auth").connect("test-auth").await?;
-        let store = Store::connect(&self.store_config, "test-auth").await?;
-        let service = proxypool_auth::AuthService::new(
-            store,
-            Secret::new(JWT_SECRET.to_owned()),
-            cost,
-            allow_registration,
-            proxypool_authn::DEFAULT_TTL,
-        )?;
+        let env = self.env_for(
+            "auth",
+            &[("ALLOW_REGISTRATION", allow_registration.to_string()), ("BCRYPT_COST", cost.to_string())],
+        );
+        let config = proxypool_auth::AuthConfig::from_env(&env)?;
+        let client = config.nats.connect("test-auth").await?;
+        let store = Store::connect(&config.store, "test-auth").await?;
+        let app = proxypool_auth::App::build(config, client, store).await?;
+        self.auth_admin = Some(app.admin_addr());
         let (trigger, shutdown) = Shutdown::new();
-        let (admin, requests) = proxypool_auth::serve_admin(&client, SocketAddr::from(([127, 0, 0, 1], 0))).await?;
-        self.auth_admin = Some(admin);
         let handle = tokio::spawn(async move {
-            if let Err(e) = proxypool_auth::serve(service, client, Some(requests), shutdown).await {
+            if let Err(e) = app.run(shutdown).await {
                 tracing::error!(error = %e, "auth service failed");
             }
         });
         self.auth = Some((trigger, handle));
         // Ready once it answers (any answer: an empty login is refused, which proves the subscription).
+        self.wait_for_answer(subjects::AUTH_LOGIN, "the auth service").await
+    }
+
+    /// Waits until some service answers on `subject` (any answer proves the subscription).
+    async fn wait_for_answer(&self, subject: &'static str, what: &str) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while self.client.request(subjects::AUTH_LOGIN, "{}".into()).await.is_err() {
+        while self.client.request(subject, "{}".into()).await.is_err() {
             if tokio::time::Instant::now() > deadline {
-                bail!("the auth service did not answer within 20 s");
+                bail!("{what} did not answer within 20 s");
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Ok(())
     }
 
-    /// A rotator configuration for tests: fast scans, short waits, the IP check and region lookup on `world`.
-    pub fn rotator_config(&self, world: &crate::fakes::FakeWorld) -> proxypool_rotator::RotatorConfig {
-        proxypool_rotator::RotatorConfig {
-            role: proxypool_rotator::Role::All,
-            scan_interval: Duration::from_millis(200),
-            scan_batch: 500,
-            drain_max: Duration::from_secs(30),
-            lock_ttl: Duration::from_secs(60),
-            http_timeout: Duration::from_secs(3),
-            ip_check_urls: vec![world.ip_url()],
-            ip_check_tries: 2,
-            ip_check_delay: Duration::from_millis(100),
-            ip_region_url: Some(world.region_url()),
-            error_backoff: Duration::from_secs(60),
-            workers: 8,
-            ack_wait: Duration::from_secs(2),
-            max_deliver: 10,
-            callback_timeout: Duration::from_secs(2),
-            callback_max_attempts: 5,
-            callback_retry_base: Duration::from_millis(100),
-            callback_allow_private: true,
-            admin_addr: std::net::SocketAddr::from(([127, 0, 0, 1], crate::servers::free_port().unwrap_or(0))),
-            nats: self.nats_config_for("rotator"),
-            store: self.store_config.clone(),
+    /// A rotator configuration for tests, read by `RotatorConfig::from_env`: fast scans, short waits, the IP check
+    /// and region lookup on `world`.
+    pub fn rotator_config(&self, world: &proxypool_test_support::fakes::FakeWorld) -> proxypool_rotator::RotatorConfig {
+        let env = self.env_for(
+            "rotator",
+            &[
+                ("ROTATE_SCAN_INTERVAL", "0.2".into()),
+                ("ROTATE_SCAN_BATCH", "500".into()),
+                ("ROTATE_DRAIN_MAX", "30".into()),
+                ("ROTATE_LOCK_TTL", "60".into()),
+                ("ROTATE_TIMEOUT", "3".into()),
+                ("IP_CHECK_URLS", world.ip_url()),
+                ("IP_CHECK_TRIES", "2".into()),
+                ("IP_CHECK_DELAY", "0.1".into()),
+                ("IP_REGION_URL", world.region_url()),
+                ("ROTATE_ERROR_BACKOFF", "60".into()),
+                ("ROTATOR_WORKERS", "8".into()),
+                ("ROTATE_ACK_WAIT", "2".into()),
+                ("ROTATE_MAX_DELIVER", "10".into()),
+                ("CALLBACK_TIMEOUT", "2".into()),
+                ("CALLBACK_MAX_ATTEMPTS", "5".into()),
+                ("CALLBACK_RETRY_BASE", "0.1".into()),
+                ("CALLBACK_ALLOW_PRIVATE", "true".into()),
+            ],
+        );
+        match proxypool_rotator::RotatorConfig::from_env(&env) {
+            Ok(c) => c,
+            Err(e) => panic!("the test rotator configuration is invalid: {e}"),
         }
     }
 
@@ -539,11 +549,11 @@ impl TestApp {
                 let setup = async {
                     let client = config.nats.connect("test-rotator").await?;
                     let store = Store::connect(&store_config, "test-rotator").await?;
-                    let rotator = proxypool_rotator::Rotator::new(config, store, client.clone());
-                    rotator.ensure_queue().await.map_err(|e| anyhow::anyhow!("{e}"))?;
-                    anyhow::Ok((rotator, client))
+                    let app = proxypool_rotator::App::build(config, client, store).await?;
+                    app.rotator().ensure_queue().await?;
+                    anyhow::Ok(app)
                 };
-                let (rotator, client) = match setup.await {
+                let app = match setup.await {
                     Ok(v) => v,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
@@ -552,7 +562,7 @@ impl TestApp {
                 };
                 let _ = ready_tx.send(Ok(()));
                 tokio::select! {
-                    res = proxypool_rotator::run(rotator, client, shutdown) => {
+                    res = app.run(shutdown) => {
                         if let Err(e) = res {
                             tracing::error!(error = %e, "rotator failed");
                         }
@@ -566,54 +576,35 @@ impl TestApp {
         ready_rx.await??;
         if matches!(role, proxypool_rotator::Role::All | proxypool_rotator::Role::Scheduler) {
             // Ready once the rotate-now handler answers (an empty request is refused, which proves the subscription).
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-            while self.client.request(subjects::ROTATOR_ROTATE_NOW, "{}".into()).await.is_err() {
-                if tokio::time::Instant::now() > deadline {
-                    bail!("the rotator did not answer within 20 s");
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            self.wait_for_answer(subjects::ROTATOR_ROTATE_NOW, "the rotator").await?;
         }
         Ok(RotatorHandle { admin_addr, trigger, kill: kill_tx, thread })
     }
 
-    /// An importer configuration for tests: no provider integrations (set `kiot`/`zing` to point at fakes), a free
-    /// admin port.
+    /// An importer configuration for tests, read by `ImporterConfig::from_env`: no provider integrations (set
+    /// `kiot`/`zing` to point at fakes), a free admin port.
     pub fn importer_config(&self) -> proxypool_importer::ImporterConfig {
-        proxypool_importer::ImporterConfig {
-            kiot: None,
-            zing: None,
-            http_timeout: Duration::from_secs(3),
-            batch: 1_000,
-            max_rows: 200_000,
-            admin_addr: SocketAddr::from(([127, 0, 0, 1], crate::servers::free_port().unwrap_or(0))),
-            nats: self.nats_config_for("importer"),
-            store: self.store_config.clone(),
+        let env = self.env_for("importer", &[("IMPORT_HTTP_TIMEOUT", "3".into())]);
+        match proxypool_importer::ImporterConfig::from_env(&env) {
+            Ok(c) => c,
+            Err(e) => panic!("the test importer configuration is invalid: {e}"),
         }
     }
 
     /// Starts an importer and waits until it answers.
     pub async fn start_importer(&self, config: proxypool_importer::ImporterConfig) -> anyhow::Result<ImporterHandle> {
         let client = config.nats.connect("test-importer").await?;
-        let store = Store::connect(&self.store_config, "test-importer").await?;
-        let admin_addr = config.admin_addr;
-        let importer = proxypool_importer::Importer::new(config, store, client.clone())?;
-        importer.setup().await.map_err(anyhow::Error::msg)?;
+        let store = Store::connect(&config.store, "test-importer").await?;
+        let app = proxypool_importer::App::build(config, client, store).await?;
+        let (importer, admin_addr) = (app.importer().clone(), app.admin_addr());
         let (trigger, shutdown) = Shutdown::new();
-        let i = importer.clone();
         let handle = tokio::spawn(async move {
-            if let Err(e) = proxypool_importer::run(i, client, shutdown).await {
+            if let Err(e) = app.run(shutdown).await {
                 tracing::error!(error = %e, "importer failed");
             }
         });
         // Ready once it answers (an unknown job is refused, which proves the subscription).
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while self.client.request(subjects::IMPORT_STATUS, "{}".into()).await.is_err() {
-            if tokio::time::Instant::now() > deadline {
-                bail!("the importer did not answer within 20 s");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.wait_for_answer(subjects::IMPORT_STATUS, "the importer").await?;
         Ok(ImporterHandle { importer, admin_addr, trigger, handle })
     }
 
@@ -631,7 +622,7 @@ impl TestApp {
     pub async fn insert_proxy_behind(
         &self,
         area: Area,
-        proxy: &crate::fakes::ForwardProxy,
+        proxy: &proxypool_test_support::fakes::ForwardProxy,
         rotate_url: String,
         f: impl FnOnce(&mut ProxyDoc),
     ) -> anyhow::Result<ObjectId> {
@@ -684,13 +675,13 @@ impl TestApp {
     /// Starts a gateway and waits until it says it is ready, as a load balancer would (its NATS client connects in
     /// the background).
     async fn launch_gateway(&self, config: GatewayConfig) -> anyhow::Result<GatewayHandle> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
         let nats = config.nats.connect("test-gateway").await?;
         let store = Store::connect(&config.store, "test-gateway").await?;
+        let app = proxypool_gateway::App::build(config, nats, store).await?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], app.local_addr()?.port()));
         let (trigger, shutdown) = Shutdown::new();
         let handle = tokio::spawn(async move {
-            if let Err(e) = proxypool_gateway::run(listener, config, nats, store, shutdown).await {
+            if let Err(e) = app.run(shutdown).await {
                 tracing::error!(error = %e, "gateway failed");
             }
         });

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use opentelemetry::trace::{SpanId, TraceId};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SpanData};
 use proxypool_contracts::Area;
-use proxypool_test_support::fakes::{FakeWorld, ForwardProxy};
-use proxypool_test_support::TestApp;
+use proxypool_system_tests::fakes::{FakeWorld, ForwardProxy};
+use proxypool_system_tests::TestApp;
 use reqwest::StatusCode;
 
 type R<T = ()> = anyhow::Result<T>;

@@ -2,14 +2,14 @@
 
 use std::collections::BTreeSet;
 
-use proxypool_test_support::app::API_KEY;
-use proxypool_test_support::TestApp;
+use proxypool_system_tests::app::API_KEY;
+use proxypool_system_tests::TestApp;
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
 type R<T = ()> = anyhow::Result<T>;
 
-/// SPEC.md's routes, plus ours; every one must be documented.
+/// The original design's routes (docs/design.md#http-api), plus ours; every one must be documented.
 const EXPECTED: &[(&str, &str)] = &[
     ("get", "/api/get-proxy"),
     ("post", "/webhook/return-proxy/{id}"),

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use bson::{doc, DateTime};
 use futures::future::join_all;
 use proxypool_contracts::{Area, ErrorCode, Reply};
-use proxypool_test_support::TestApp;
+use proxypool_system_tests::TestApp;
 
 type R<T = ()> = anyhow::Result<T>;
 

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use proxypool_contracts::{Area, Reply};
-use proxypool_test_support::app::{nats_call, API_KEY};
-use proxypool_test_support::TestApp;
+use proxypool_system_tests::app::{nats_call, API_KEY};
+use proxypool_system_tests::TestApp;
 use reqwest::StatusCode;
 use serde_json::Value;
 
@@ -220,23 +220,24 @@ async fn the_gateway_binary_exits_0_on_sigterm_exports_its_spans_and_writes_its_
     let app = TestApp::builder().seed(Area::Vn, 2).spawn().await?;
     let workdir = tempfile::tempdir()?;
     let (collector, exports) = fake_collector().await?;
-    let port = proxypool_test_support::servers::free_port()?;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_proxypool-gateway"))
-        .env_clear()
-        .env("PORT", port.to_string())
-        .env("ALLOWED_API_KEY", API_KEY)
-        .env("API_KEY", proxypool_test_support::app::JWT_SECRET)
-        .env("IP_ALLOWED", "127.0.0.1")
-        .env("NATS_URL", app.nats_server.url())
-        .env("MONGODB_URI", app.mongo_server.uri())
-        .env("MONGODB_DATABASE", &app.store_config.database)
-        .env("LOG_WRITE_TO_FILE", "true")
-        .env("LOG_FORMAT", "json")
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &collector)
-        .current_dir(workdir.path())
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
+    let port = proxypool_system_tests::servers::free_port()?;
+    let mut child =
+        tokio::process::Command::new(proxypool_test_support::process::workspace_binary("proxypool-gateway")?)
+            .env_clear()
+            .env("PORT", port.to_string())
+            .env("ALLOWED_API_KEY", API_KEY)
+            .env("API_KEY", proxypool_system_tests::app::JWT_SECRET)
+            .env("IP_ALLOWED", "127.0.0.1")
+            .env("NATS_URL", app.nats_server.url())
+            .env("MONGODB_URI", app.mongo_server.uri())
+            .env("MONGODB_DATABASE", &app.store_config.database)
+            .env("LOG_WRITE_TO_FILE", "true")
+            .env("LOG_FORMAT", "json")
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &collector)
+            .current_dir(workdir.path())
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
     let base = format!("http://127.0.0.1:{port}");
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while !matches!(app.http.get(format!("{base}/readyz")).send().await, Ok(r) if r.status() == StatusCode::OK) {
@@ -251,7 +252,7 @@ async fn the_gateway_binary_exits_0_on_sigterm_exports_its_spans_and_writes_its_
     assert_eq!(status.code(), Some(0), "exit status after SIGTERM: {status:?}");
     // The spans of the lease were flushed at shutdown.
     assert!(exports.load(Ordering::SeqCst) >= 1, "no OTLP export reached the collector");
-    // SPEC.md's log files: storage/log/, one JSON object per line.
+    // The original design's log files: storage/log/, one JSON object per line.
     let logs: Vec<_> = std::fs::read_dir(workdir.path().join("storage/log"))?.collect::<Result<_, _>>()?;
     let file = logs.first().ok_or_else(|| anyhow::anyhow!("no log file under storage/log/"))?;
     assert!(file.file_name().to_string_lossy().starts_with("proxypool-gateway"), "{:?}", file.file_name());

@@ -25,38 +25,45 @@ use anyhow::Context;
 use bson::oid::ObjectId;
 use bson::{doc, DateTime, Document};
 use futures::StreamExt;
-use proxypool_contracts::lease::{LeaseGrant, ReleaseOutcome};
-use proxypool_contracts::{Area, Reply};
+use proxypool_contracts::endpoints::{LeaseAcquire, LeaseRelease};
+use proxypool_contracts::lease::LeaseGrant;
+use proxypool_contracts::lease::{AcquireRequest, ReleaseRequest};
+use proxypool_contracts::Area;
 use proxypool_lease::service::{grant_update, guard_filter, lease_candidates_index, lease_filter, lease_sort};
-use proxypool_test_support::app::API_KEY;
-use proxypool_test_support::TestApp;
+use proxypool_system_tests::{TestApp, API_KEY};
 
 use crate::measure::{measure, Stats};
 
+/// proxypool's benchmarks, each beside the limits of the parts underneath, measured in the same run.
+#[derive(Debug, clap::Parser)]
+#[command(version, about)]
 struct Args {
-    suite: String,
+    /// Which suite to run.
+    #[arg(long, value_enum, default_value = "lease")]
+    suite: Suite,
+    /// Seconds per cell.
+    #[arg(long, default_value_t = 3.0)]
     secs: f64,
+    /// Pool sizes (proxies), comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [1_000, 10_000])]
     sizes: Vec<usize>,
+    /// Concurrent clients, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 16, 64])]
     concurrency: Vec<usize>,
+    /// Also write the Markdown table to this file.
+    #[arg(long)]
     out: Option<String>,
 }
 
-fn args() -> anyhow::Result<Args> {
-    let mut a =
-        Args { suite: "lease".into(), secs: 3.0, sizes: vec![1_000, 10_000], concurrency: vec![1, 16, 64], out: None };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--secs" => a.secs = value()?.parse()?,
-            "--sizes" => a.sizes = value()?.split(',').map(str::parse).collect::<Result<_, _>>()?,
-            "--concurrency" => a.concurrency = value()?.split(',').map(str::parse).collect::<Result<_, _>>()?,
-            "--out" => a.out = Some(value()?),
-            "--suite" => a.suite = value()?,
-            other => anyhow::bail!("unknown flag {other}"),
-        }
-    }
-    Ok(a)
+/// A benchmark suite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Suite {
+    /// Lease acquire+release over NATS and HTTP.
+    Lease,
+    /// Rotations through the queue.
+    Rotation,
+    /// Spreadsheet imports.
+    Import,
 }
 
 /// One row of the report.
@@ -70,17 +77,19 @@ struct Row {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = args()?;
-    if args.suite == "rotation" || args.suite == "import" {
-        let report =
-            if args.suite == "rotation" { rotation::run(&args.sizes).await? } else { import::run(&args.sizes).await? };
+    let args = <Args as clap::Parser>::parse();
+    if args.suite != Suite::Lease {
+        let report = if args.suite == Suite::Rotation {
+            rotation::run(&args.sizes).await?
+        } else {
+            import::run(&args.sizes).await?
+        };
         println!("{report}");
         if let Some(path) = &args.out {
             std::fs::write(path, &report).with_context(|| format!("cannot write {path}"))?;
         }
         return Ok(());
     }
-    anyhow::ensure!(args.suite == "lease", "--suite is lease, rotation or import");
     let dur = Duration::from_secs_f64(args.secs);
     let mut rows: Vec<Row> = Vec::new();
     let mut push = |what: &str, size: String, clients: usize, stats: Stats, per_op: &'static str| {
@@ -216,7 +225,7 @@ async fn main() -> anyhow::Result<()> {
             .await;
             push("baseline: guarded updates, 64 per bulk write", label.clone(), c, s.scaled(64), "update");
         }
-        // SPEC.md's original lease: one sorted find_one_and_update over the collection.
+        // The original design's lease: one sorted find_one_and_update over the collection.
         {
             let coll = scratch.clone();
             let s = measure(1, dur, move |_| {
@@ -234,7 +243,7 @@ async fn main() -> anyhow::Result<()> {
                 }
             })
             .await;
-            push("baseline: sorted find_one_and_update (SPEC.md)", label.clone(), 1, s, "lease");
+            push("baseline: sorted find_one_and_update (original design)", label.clone(), 1, s, "lease");
         }
         scratch.drop().await?;
 
@@ -244,12 +253,14 @@ async fn main() -> anyhow::Result<()> {
             let s = measure(c, dur, move |w| {
                 let client = client.clone();
                 async move {
-                    let req = serde_json::json!({ "area": "vn", "consumer": format!("bench-{w}") });
-                    let m = client.request("proxypool.v1.lease.acquire", serde_json::to_vec(&req)?.into()).await?;
-                    let g = serde_json::from_slice::<Reply<LeaseGrant>>(&m.payload)?.into_result()?;
-                    let req = serde_json::json!({ "proxy_id": g.id, "key": g.key });
-                    let m = client.request("proxypool.v1.lease.release", serde_json::to_vec(&req)?.into()).await?;
-                    serde_json::from_slice::<Reply<ReleaseOutcome>>(&m.payload)?.into_result()?;
+                    let req = AcquireRequest {
+                        area: Some("vn".into()),
+                        consumer: Some(format!("bench-{w}")),
+                        callback_url: None,
+                    };
+                    let g = proxypool_rpc::call::<LeaseAcquire>(&client, &req).await?;
+                    let req = ReleaseRequest { proxy_id: Some(g.id), key: Some(g.key) };
+                    proxypool_rpc::call::<LeaseRelease>(&client, &req).await?;
                     Ok(())
                 }
             })

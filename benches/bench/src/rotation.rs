@@ -12,8 +12,8 @@ use async_nats::jetstream::{self, context::Publish};
 use bson::{doc, DateTime};
 use futures::StreamExt;
 use proxypool_contracts::Area;
-use proxypool_test_support::fakes::{FakeWorld, ForwardProxy};
-use proxypool_test_support::TestApp;
+use proxypool_system_tests::fakes::{FakeWorld, ForwardProxy};
+use proxypool_system_tests::TestApp;
 
 async fn bare_jetstream(app: &TestApp, n: usize) -> anyhow::Result<(f64, f64)> {
     let js = jetstream::new(app.client.clone());

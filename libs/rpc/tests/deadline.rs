@@ -1,5 +1,4 @@
-//! The deadline contract of `proxypool-rpc`, against a real `nats-server` (these tests live here, beside the server
-//! harness): a request its caller gave up on is not started; a handler past the deadline learns that its caller was
+//! The deadline contract of `proxypool-rpc`'s router, against a real `nats-server`: a request its caller gave up on is not started; a handler past the deadline learns that its caller was
 //! answered `service_unavailable`; a handler that promised its answer in time is waited for.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -7,8 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use proxypool_contracts::{ErrorCode, Reply};
-use proxypool_rpc::{commit_reply, encode, ServeOptions};
+use proxypool_contracts::{Endpoint, ErrorCode, Reply};
+use proxypool_rpc::{commit_reply, Router, ServeOptions};
 use proxypool_settings::shutdown::{Shutdown, ShutdownTrigger};
 use proxypool_test_support::NatsServer;
 
@@ -17,6 +16,37 @@ type R<T = ()> = anyhow::Result<T>;
 // Test-only subjects, outside the product's `proxypool.v1` namespace.
 const PROMISED: &str = "test.rpc.promised";
 const LATE: &str = "test.rpc.late";
+
+/// Commits its answer early, answers late.
+struct Promised;
+impl Endpoint for Promised {
+    const SUBJECT: &'static str = PROMISED;
+    const BOUNDED_BY_CALLER: bool = true;
+    type Request = serde_json::Value;
+    type Reply = String;
+}
+
+/// Commits too late.
+struct Late;
+impl Endpoint for Late {
+    const SUBJECT: &'static str = LATE;
+    const BOUNDED_BY_CALLER: bool = true;
+    type Request = serde_json::Value;
+    type Reply = String;
+}
+
+async fn handle(s: Arc<Seen>, subject: &'static str) -> Result<String, proxypool_contracts::ApiError> {
+    s.started.fetch_add(1, Ordering::SeqCst);
+    let commit_at = if subject == PROMISED { 100 } else { 1_500 };
+    tokio::time::sleep(Duration::from_millis(commit_at)).await;
+    if commit_reply() {
+        s.promised.fetch_add(1, Ordering::SeqCst);
+    } else {
+        s.refused.fetch_add(1, Ordering::SeqCst);
+    }
+    tokio::time::sleep(Duration::from_millis(1_500 - commit_at)).await;
+    Ok(subject.to_owned())
+}
 
 /// Counters kept by the test handler.
 #[derive(Default)]
@@ -30,31 +60,14 @@ struct Seen {
 /// asks to commit at 1.5 s.
 async fn serve(client: async_nats::Client) -> R<(Arc<Seen>, ShutdownTrigger)> {
     let seen = Arc::new(Seen::default());
-    let subs = proxypool_rpc::subscribe(&client, &[PROMISED, LATE], "test-rpc").await?;
-    let options = ServeOptions {
-        queue_group: "test-rpc",
-        max_in_flight: 8,
-        deadline: Duration::from_millis(600),
-        metrics: None,
-        caller_deadline: &[PROMISED, LATE],
-    };
+    let options =
+        ServeOptions { queue_group: "test-rpc", max_in_flight: 8, deadline: Duration::from_millis(600), metrics: None };
+    let router = Router::new(seen.clone())
+        .on::<Promised, _, _>(|s, _| handle(s, PROMISED))
+        .on::<Late, _, _>(|s, _| handle(s, LATE));
+    let subscribed = router.subscribe(&client, "test-rpc").await?;
     let (trigger, shutdown) = Shutdown::new();
-    let s = seen.clone();
-    tokio::spawn(proxypool_rpc::run(client, subs, options, shutdown, move |subject, _msg| {
-        let s = s.clone();
-        async move {
-            s.started.fetch_add(1, Ordering::SeqCst);
-            let commit_at = if subject == PROMISED { 100 } else { 1_500 };
-            tokio::time::sleep(Duration::from_millis(commit_at)).await;
-            if commit_reply() {
-                s.promised.fetch_add(1, Ordering::SeqCst);
-            } else {
-                s.refused.fetch_add(1, Ordering::SeqCst);
-            }
-            tokio::time::sleep(Duration::from_millis(1_500 - commit_at)).await;
-            encode(Ok(subject))
-        }
-    }));
+    tokio::spawn(subscribed.run(client, options, shutdown));
     Ok((seen, trigger))
 }
 

@@ -13,8 +13,8 @@ use bson::doc;
 use proxypool_contracts::Area;
 use proxypool_importer::config::{KiotConfig, ZingConfig};
 use proxypool_settings::Secret;
-use proxypool_test_support::app::API_KEY;
-use proxypool_test_support::TestApp;
+use proxypool_system_tests::app::API_KEY;
+use proxypool_system_tests::TestApp;
 use reqwest::StatusCode;
 use rust_xlsxwriter::Workbook;
 use serde_json::{json, Value};
@@ -448,7 +448,7 @@ async fn a_provider_that_is_down_or_garbled_fails_the_job_and_changes_nothing() 
     let (garbled, _) =
         fake_provider(vec![("/proxies", json!("<html>maintenance</html>"))], "Authorization", "Bearer zing-token")
             .await?;
-    let closed = format!("http://127.0.0.1:{}", proxypool_test_support::servers::free_port()?);
+    let closed = format!("http://127.0.0.1:{}", proxypool_system_tests::servers::free_port()?);
     let mut config = app.importer_config();
     config.kiot = Some(kiot(&closed));
     config.zing = Some(zing(&garbled, None));

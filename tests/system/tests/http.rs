@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use proxypool_contracts::lease::{LeaseGrant, ReleaseOutcome};
 use proxypool_contracts::{Area, ErrorCode, Reply};
-use proxypool_test_support::app::API_KEY;
-use proxypool_test_support::TestApp;
+use proxypool_system_tests::app::API_KEY;
+use proxypool_system_tests::TestApp;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 

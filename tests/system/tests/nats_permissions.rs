@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use proxypool_contracts::lease::{LeaseGrant, ReleaseOutcome};
 use proxypool_contracts::{subjects, Area};
-use proxypool_test_support::app::{nats_call, API_KEY};
-use proxypool_test_support::fakes::{FakeWorld, ForwardProxy};
-use proxypool_test_support::TestApp;
+use proxypool_system_tests::app::{nats_call, API_KEY};
+use proxypool_system_tests::fakes::{FakeWorld, ForwardProxy};
+use proxypool_system_tests::TestApp;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 

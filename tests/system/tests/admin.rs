@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use proxypool_contracts::Area;
-use proxypool_test_support::app::{API_KEY, JWT_SECRET};
-use proxypool_test_support::TestApp;
+use proxypool_system_tests::app::{API_KEY, JWT_SECRET};
+use proxypool_system_tests::TestApp;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 

@@ -15,8 +15,8 @@ use bson::oid::ObjectId;
 use proxypool_contracts::Area;
 use proxypool_store::model::{NewProxy, ProxyDoc};
 use proxypool_store::{Store, StoreConfig};
-use proxypool_test_support::app::API_KEY;
-use proxypool_test_support::TestApp;
+use proxypool_system_tests::TestApp;
+use proxypool_system_tests::API_KEY;
 use serde_json::Value;
 
 const BATCH: usize = 1_000;

@@ -1,0 +1,132 @@
+//! Every request-reply endpoint and every broadcast event, each declared once as a type.
+//!
+//! An [`Endpoint`] ties a subject to its request and reply types, so a caller (`proxypool_rpc::call::<E>`) and a
+//! server (`proxypool_rpc::Router::on::<E>`) cannot disagree on either: the compiler checks both ends against this
+//! one declaration. An [`Event`] does the same for a broadcast subject and its payload.
+//!
+//! The subject strings themselves stay in [`crate::subjects`] (they are also needed for NATS permissions and
+//! docs); this module is the only place that pairs them with types.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::auth::{
+    Deleted, ListUsersRequest, LoginReply, LoginRequest, RegisterRequest, UpdateUserRequest, UserIdRequest, UserPage,
+    UserView,
+};
+use crate::events::ProxyChanged;
+use crate::import::{ExcelImportRequest, ImportJob, JobStatusRequest, ProviderImportRequest};
+use crate::lease::{AcquireRequest, LeaseGrant, ReleaseOutcome, ReleaseRequest};
+use crate::rotation::{ClearReply, ClearRequest, RotateNowReply, RotateNowRequest, RotatedReply, RotatedRequest};
+use crate::subjects;
+
+/// A request-reply endpoint: one subject, one request type, one reply type (inside the [`crate::Reply`] envelope).
+pub trait Endpoint: Send + Sync + 'static {
+    /// The subject the request is sent on.
+    const SUBJECT: &'static str;
+    /// Whether the server refuses to start a request whose caller has already given up (its deadline header has
+    /// passed). True for requests whose late effect would be wrong (a grant nobody receives); false for idempotent
+    /// maintenance whose late run still helps.
+    const BOUNDED_BY_CALLER: bool = false;
+    /// The request body.
+    type Request: Serialize + DeserializeOwned + Send + Sync + 'static;
+    /// The reply body on success.
+    type Reply: Serialize + DeserializeOwned + Send + Sync + 'static;
+}
+
+/// A broadcast event: one subject, one payload type. Every subscriber sees every event (no queue group).
+pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// The subject the event is published on.
+    const SUBJECT: &'static str;
+}
+
+macro_rules! endpoint {
+    ($(#[$doc:meta])* $name:ident, $subject:expr, $req:ty => $reply:ty $(, bounded = $bounded:expr)?) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy)]
+        pub struct $name;
+        impl Endpoint for $name {
+            const SUBJECT: &'static str = $subject;
+            $(const BOUNDED_BY_CALLER: bool = $bounded;)?
+            type Request = $req;
+            type Reply = $reply;
+        }
+    };
+}
+
+endpoint!(
+    /// Lease a proxy (public contract). Bounded by the caller's deadline: a grant its caller gave up on is not made.
+    LeaseAcquire, subjects::LEASE_ACQUIRE, AcquireRequest => LeaseGrant, bounded = true
+);
+endpoint!(
+    /// Return a lease (public contract). Idempotent.
+    LeaseRelease, subjects::LEASE_RELEASE, ReleaseRequest => ReleaseOutcome
+);
+endpoint!(
+    /// Rotator → lease service after a stored rotation: reset the lease state and unlock.
+    LeaseCtlRotated, subjects::LEASECTL_ROTATED, RotatedRequest => RotatedReply
+);
+endpoint!(
+    /// Gateway → lease service when an admin disables a proxy: drop its leases.
+    LeaseCtlClear, subjects::LEASECTL_CLEAR, ClearRequest => ClearReply
+);
+endpoint!(
+    /// Register a user (bootstrap policy applies).
+    AuthRegister, subjects::AUTH_REGISTER, RegisterRequest => UserView
+);
+endpoint!(
+    /// Log in.
+    AuthLogin, subjects::AUTH_LOGIN, LoginRequest => LoginReply
+);
+endpoint!(
+    /// The calling user.
+    AuthMe, subjects::AUTH_ME, UserIdRequest => UserView
+);
+endpoint!(
+    /// List users.
+    AuthUsersList, subjects::AUTH_USERS_LIST, ListUsersRequest => UserPage
+);
+endpoint!(
+    /// Create a user (admin).
+    AuthUsersCreate, subjects::AUTH_USERS_CREATE, RegisterRequest => UserView
+);
+endpoint!(
+    /// Update a user (admin).
+    AuthUsersUpdate, subjects::AUTH_USERS_UPDATE, UpdateUserRequest => UserView
+);
+endpoint!(
+    /// Delete a user (admin).
+    AuthUsersDelete, subjects::AUTH_USERS_DELETE, UserIdRequest => Deleted
+);
+endpoint!(
+    /// Admin: rotate one proxy now.
+    RotateNow, subjects::ROTATOR_ROTATE_NOW, RotateNowRequest => RotateNowReply
+);
+endpoint!(
+    /// Import an uploaded spreadsheet.
+    ImportExcel, subjects::IMPORT_EXCEL, ExcelImportRequest => ImportJob
+);
+endpoint!(
+    /// Import the KiotProxy keys.
+    ImportKiot, subjects::IMPORT_KIOT, ProviderImportRequest => ImportJob
+);
+endpoint!(
+    /// Import the active ZingProxy proxies.
+    ImportZing, subjects::IMPORT_ZING, ProviderImportRequest => ImportJob
+);
+endpoint!(
+    /// The state of an import job.
+    ImportStatus, subjects::IMPORT_STATUS, JobStatusRequest => ImportJob
+);
+
+impl Event for ProxyChanged {
+    const SUBJECT: &'static str = subjects::PROXY_CHANGED;
+}
+
+/// Importer → lease replicas after a bulk import: reload the whole index (one event instead of one per proxy).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexReload {}
+
+impl Event for IndexReload {
+    const SUBJECT: &'static str = subjects::LEASECTL_RELOAD;
+}

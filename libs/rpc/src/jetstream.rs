@@ -1,0 +1,206 @@
+//! Every JetStream stream, durable consumer, key-value bucket and object store of proxypool, declared and ensured
+//! here and nowhere else.
+//!
+//! Each `ensure_*` is idempotent (get or create), so every process that uses a resource ensures it at start and
+//! none depends on another having run first. Names come from [`proxypool_contracts::subjects`].
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::context::Publish;
+use async_nats::jetstream::{self, kv, object_store};
+use proxypool_contracts::subjects;
+use serde::Serialize;
+
+/// A JetStream operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JetStreamError {
+    /// A stream, consumer or bucket could not be created or opened.
+    #[error("cannot set up {what}: {message}")]
+    Setup {
+        /// Which resource.
+        what: &'static str,
+        /// The server's or client's explanation (the client's errors are not `'static` sources in every case).
+        message: String,
+    },
+    /// A message could not be encoded.
+    #[error("cannot encode a message for {subject}")]
+    Encode {
+        /// The subject.
+        subject: &'static str,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A publish was not acknowledged by the stream.
+    #[error("cannot publish on {subject}: {message}")]
+    Publish {
+        /// The subject.
+        subject: &'static str,
+        /// Why.
+        message: String,
+    },
+}
+
+fn setup(what: &'static str) -> impl FnOnce(String) -> JetStreamError {
+    move |message| JetStreamError::Setup { what, message }
+}
+
+/// A WorkQueue stream and its one durable pull consumer: each message is handed to one worker and removed once
+/// acknowledged.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkQueue {
+    /// Stream name.
+    pub stream: &'static str,
+    /// The one subject of the stream.
+    pub subject: &'static str,
+    /// The durable consumer shared by the workers.
+    pub consumer: &'static str,
+    /// What the stream holds, for operators reading `nats stream ls`.
+    pub description: &'static str,
+}
+
+/// Rotation jobs, one per claimed proxy; de-duplicated by job id.
+pub const ROTATIONS: WorkQueue = WorkQueue {
+    stream: subjects::ROTATION_STREAM,
+    subject: subjects::ROTATION_JOBS,
+    consumer: subjects::ROTATION_CONSUMER,
+    description: "proxypool: rotation jobs",
+};
+
+/// Callback notices to consumers whose lease was taken; de-duplicated by lease key and reason.
+pub const CALLBACKS: WorkQueue = WorkQueue {
+    stream: subjects::CALLBACK_STREAM,
+    subject: subjects::CALLBACKS,
+    consumer: subjects::CALLBACK_CONSUMER,
+    description: "proxypool: callback notices waiting for delivery",
+};
+
+/// How a work queue's consumer redelivers.
+#[derive(Debug, Clone, Copy)]
+pub struct Delivery {
+    /// How long a worker may hold a message without acknowledging or reporting progress before it is redelivered.
+    pub ack_wait: Duration,
+    /// Deliveries before a message is given up.
+    pub max_deliver: i64,
+    /// Whether redeliveries after a missed ack back off (ack_wait, 2×, 4×): a message that keeps killing its
+    /// worker is retried more and more slowly.
+    pub backoff: bool,
+}
+
+/// Long enough that a publisher re-sending after a lost ack is de-duplicated.
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(300);
+
+impl WorkQueue {
+    /// Creates (idempotently) the stream.
+    pub async fn ensure_stream(&self, js: &jetstream::Context) -> Result<jetstream::stream::Stream, JetStreamError> {
+        js.get_or_create_stream(jetstream::stream::Config {
+            name: self.stream.to_owned(),
+            description: Some(self.description.to_owned()),
+            subjects: vec![self.subject.to_owned()],
+            retention: jetstream::stream::RetentionPolicy::WorkQueue,
+            duplicate_window: DUPLICATE_WINDOW,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| setup("a work-queue stream")(e.to_string()))
+    }
+
+    /// Creates (idempotently) the stream and its durable consumer.
+    pub async fn ensure_consumer(
+        &self,
+        js: &jetstream::Context,
+        delivery: Delivery,
+    ) -> Result<PullConsumer, JetStreamError> {
+        let stream = self.ensure_stream(js).await?;
+        let backoff = if delivery.backoff {
+            // The server requires fewer back-off steps than deliveries.
+            (0..delivery.max_deliver.saturating_sub(1).min(3))
+                .map(|i| delivery.ack_wait.saturating_mul(1 << i))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        stream
+            .get_or_create_consumer(
+                self.consumer,
+                jetstream::consumer::pull::Config {
+                    durable_name: Some(self.consumer.to_owned()),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: delivery.ack_wait,
+                    max_deliver: delivery.max_deliver,
+                    backoff,
+                    max_ack_pending: 10_000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| setup("a work-queue consumer")(e.to_string()))
+    }
+
+    /// Publishes one message with `id` as its JetStream message id (de-duplicated within the window) and the
+    /// current trace context, and waits for the stream's acknowledgement: when this returns `Ok`, the message is
+    /// stored.
+    pub async fn publish<T: Serialize>(
+        &self,
+        js: &jetstream::Context,
+        id: &str,
+        message: &T,
+    ) -> Result<(), JetStreamError> {
+        let subject = self.subject;
+        let body = serde_json::to_vec(message).map_err(|source| JetStreamError::Encode { subject, source })?;
+        let failed = |e: String| JetStreamError::Publish { subject, message: e };
+        // The trace context first: `headers` replaces the map, `message_id` adds to it.
+        let publish = Publish::build()
+            .payload(body.into())
+            .headers(proxypool_telemetry::propagation::nats_headers())
+            .message_id(id);
+        js.send_publish(subject, publish)
+            .await
+            .map_err(|e| failed(e.to_string()))?
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Messages pending or in hand, as the consumer reports them.
+    pub async fn depth(&self, js: &jetstream::Context) -> Option<u64> {
+        let mut consumer: PullConsumer = js.get_consumer_from_stream(self.consumer, self.stream).await.ok()?;
+        let info = consumer.info().await.ok()?;
+        Some(info.num_pending.saturating_add(u64::try_from(info.num_ack_pending).unwrap_or(0)))
+    }
+}
+
+/// Longest an uploaded spreadsheet is kept: an upload whose import never read it (importer down) expires.
+pub const UPLOAD_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// Opens the object store of uploaded spreadsheets, creating it when missing.
+pub async fn ensure_import_uploads(js: &jetstream::Context) -> Result<object_store::ObjectStore, JetStreamError> {
+    if let Ok(store) = js.get_object_store(subjects::IMPORT_UPLOADS_BUCKET).await {
+        return Ok(store);
+    }
+    js.create_object_store(object_store::Config {
+        bucket: subjects::IMPORT_UPLOADS_BUCKET.to_owned(),
+        description: Some("proxypool: spreadsheets waiting for their import".to_owned()),
+        max_age: UPLOAD_MAX_AGE,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| setup("the import uploads object store")(e.to_string()))
+}
+
+/// Opens the importer's key-value bucket of locks (one import at a time; the ZingProxy schedule), creating it when
+/// missing.
+pub async fn ensure_import_locks(js: &jetstream::Context) -> Result<kv::Store, JetStreamError> {
+    if let Ok(store) = js.get_key_value(subjects::IMPORT_LOCKS_BUCKET).await {
+        return Ok(store);
+    }
+    js.create_key_value(kv::Config {
+        bucket: subjects::IMPORT_LOCKS_BUCKET.to_owned(),
+        description: "proxypool: importer locks and schedule".to_owned(),
+        history: 1,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| setup("the importer locks bucket")(e.to_string()))
+}

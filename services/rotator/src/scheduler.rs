@@ -1,0 +1,130 @@
+//! The scheduler: claims due proxies (and expired locks) and queues their rotation jobs; admin "rotate now".
+
+use bson::oid::ObjectId;
+use bson::{doc, DateTime, Document};
+use futures::TryStreamExt;
+use proxypool_contracts::rotation::{RotateNowReply, RotationJob};
+use proxypool_contracts::{ApiError, ErrorCode};
+use proxypool_rpc::jetstream::{JetStreamError, ROTATIONS};
+use proxypool_settings::shutdown::Shutdown;
+use proxypool_store::model::ProxyStatus;
+
+use crate::rotator::{JobError, Rotator};
+
+impl Rotator {
+    /// Claims the proxy matching `filter` (which must pin `_id`) and queues its job. `None` if another claimed it.
+    /// Each claim starts a trace (one rotation is one trace: claim, job, rotate call, IP check, lease reset).
+    #[tracing::instrument(name = "rotation.claim", skip(self, filter), fields(proxy = %id))]
+    async fn claim(&self, id: ObjectId, mut filter: Document) -> Result<Option<String>, JobError> {
+        let now = DateTime::now();
+        let job_id = format!("{}-{}", id.to_hex(), now.timestamp_millis());
+        filter.insert("_id", id);
+        let update = doc! { "$set": {
+            "is_rotating": true, "rotating_since": now, "rotation_job": &job_id,
+            "status": i32::from(ProxyStatus::Processing), "updatedAt": now,
+        }};
+        let res = self.inner.store.proxies().update_one(filter, update).await?;
+        if res.matched_count == 0 {
+            return Ok(None);
+        }
+        // The lock stops new leases at once (the lease guard requires is_rotating=false); tell the lease index.
+        self.announce(id).await;
+        let job = RotationJob { proxy_id: id.to_hex(), job_id: job_id.clone() };
+        if let Err(e) = self.enqueue(&job).await {
+            // The lock stays; the lock TTL hands the proxy to a later scan.
+            tracing::warn!(error = %e, proxy = %id, "claimed but not queued; the lock will expire");
+            return Ok(None);
+        }
+        Ok(Some(job_id))
+    }
+
+    /// Publishes a job with its id as the JetStream message id, and waits for the stream's ack.
+    pub async fn enqueue(&self, job: &RotationJob) -> Result<(), JetStreamError> {
+        ROTATIONS.publish(&self.inner.js, &job.job_id, job).await
+    }
+    async fn ids(&self, filter: Document, limit: i64) -> Result<Vec<(ObjectId, Option<DateTime>)>, JobError> {
+        let docs: Vec<Document> = self
+            .inner
+            .store
+            .proxies()
+            .clone_with_type::<Document>()
+            .find(filter)
+            .projection(doc! { "_id": 1, "rotating_since": 1 })
+            .limit(limit)
+            .await?
+            .try_collect()
+            .await?;
+        Ok(docs
+            .iter()
+            .filter_map(|d| Some((d.get_object_id("_id").ok()?, d.get_datetime("rotating_since").ok().copied())))
+            .collect())
+    }
+
+    /// One scheduler pass: claims and queues due proxies, and takes over locks older than the lock TTL. Returns how
+    /// many jobs were queued.
+    ///
+    /// The original's rule is "active, not rotating, `next_rotate` passed, and (`is_error` or `used_count > 0` or
+    /// `in_use = 0`)"; since `used_count >= in_use`, the parenthesis always holds, so due means active, unlocked and
+    /// past `next_rotate`. Active leases are not a reason to skip: the job drains them first.
+    pub async fn scan_once(&self) -> Result<usize, JobError> {
+        let c = &self.inner.config;
+        let now = DateTime::now();
+        let due = doc! { "is_active": true, "is_rotating": false, "next_rotate": { "$lte": now } };
+        let mut queued = 0;
+        for (id, _) in self.ids(due.clone(), c.scan_batch).await? {
+            if self.claim(id, due.clone()).await?.is_some() {
+                queued += 1;
+            }
+        }
+        let cutoff = DateTime::from_millis(now.timestamp_millis() - i64::try_from(c.lock_ttl.as_millis()).unwrap_or(0));
+        let stale = doc! { "is_rotating": true, "rotating_since": { "$lt": cutoff } };
+        for (id, since) in self.ids(stale, c.scan_batch).await? {
+            // Pin the old lock time, so that of several schedulers only one takes it over.
+            if self.claim(id, doc! { "is_rotating": true, "rotating_since": since }).await?.is_some() {
+                tracing::warn!(proxy = %id, "took over an expired rotation lock");
+                queued += 1;
+            }
+        }
+        Ok(queued)
+    }
+
+    /// Admin "rotate now": claims one proxy whatever its schedule and queues its job.
+    pub async fn rotate_now(&self, proxy_id: &str) -> Result<RotateNowReply, ApiError> {
+        let id = ObjectId::parse_str(proxy_id)
+            .map_err(|_| ApiError::invalid("id", "must be a 24-character hexadecimal ObjectId"))?;
+        let unavailable = |e: JobError| {
+            tracing::warn!(error = %e, "rotate-now failed");
+            ApiError::unavailable("the database is unreachable; retry shortly")
+        };
+        match self.claim(id, doc! { "is_rotating": false, "is_active": true }).await.map_err(unavailable)? {
+            Some(job_id) => Ok(RotateNowReply { job_id }),
+            None => {
+                let doc =
+                    self.inner.store.proxies().find_one(doc! { "_id": id }).await.map_err(|e| unavailable(e.into()))?;
+                Err(match doc {
+                    None => ApiError::not_found(format!("proxy {id} not found")),
+                    Some(d) if !d.is_active => ApiError::new(ErrorCode::Conflict, "the proxy is disabled"),
+                    Some(_) => ApiError::new(ErrorCode::Conflict, "the proxy is already rotating"),
+                })
+            }
+        }
+    }
+}
+
+/// Scans on a timer until shutdown.
+pub async fn run_scheduler(rotator: Rotator, mut shutdown: Shutdown) {
+    let mut tick = tokio::time::interval(rotator.config().scan_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.wait() => return,
+        }
+        rotator.update_queue_depth().await;
+        match rotator.scan_once().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(queued = n, "rotation jobs queued"),
+            Err(e) => tracing::warn!(error = %e, "rotation scan failed"),
+        }
+    }
+}

@@ -123,6 +123,15 @@ impl Event for ProxyChanged {
     const SUBJECT: &'static str = subjects::PROXY_CHANGED;
 }
 
+/// A catalogue change (see [`subjects::CATALOG_CHANGED`]): the same payload as `proxy.changed`, stored in a stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct CatalogChanged(pub ProxyChanged);
+
+impl Event for CatalogChanged {
+    const SUBJECT: &'static str = subjects::CATALOG_CHANGED;
+}
+
 /// Importer → lease replicas after a bulk import: reload the whole index (one event instead of one per proxy).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IndexReload {}

@@ -19,6 +19,13 @@ pub const LEASE_ALL: &str = "proxypool.v1.lease.*";
 /// index of leasable proxies fresh.
 pub const PROXY_CHANGED: &str = "proxypool.v1.proxy.changed";
 
+/// Changes to the catalogue (a proxy created, edited, enabled, disabled, deleted, imported, locked or unlocked for
+/// rotation) by every writer other than the lease service, captured by the [`CATALOG_STREAM`] so that a lease replica
+/// can tell whether it has applied every change acknowledged so far (see `LeaseService::catch_up`).
+pub const CATALOG_CHANGED: &str = "proxypool.v1.catalog.changed";
+/// The stream of [`CATALOG_CHANGED`] events (limits retention: kept for an hour).
+pub const CATALOG_STREAM: &str = "PROXYPOOL_CATALOG";
+
 /// Queue group shared by all lease-service replicas, so each request is handled once.
 pub const LEASE_QUEUE_GROUP: &str = "proxypool-lease";
 

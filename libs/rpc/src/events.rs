@@ -50,3 +50,22 @@ pub async fn subscribe<E: Event>(
         })
         .boxed())
 }
+
+/// Publishes a catalogue change durably (see [`proxypool_contracts::subjects::CATALOG_CHANGED`]), creating the stream
+/// when missing. A failure is logged: the write it reports is stored, and the lease replicas' periodic reload heals a
+/// lost event.
+pub async fn publish_catalog(client: &Client, event: proxypool_contracts::events::ProxyChanged) {
+    let js = async_nats::jetstream::new(client.clone());
+    let event = proxypool_contracts::endpoints::CatalogChanged(event);
+    let mut result = crate::jetstream::publish_event(&js, &event).await;
+    if result.is_err() {
+        // The stream may not exist yet (first start): create it and try once more.
+        if crate::jetstream::ensure_catalog(&js).await.is_ok() {
+            result = crate::jetstream::publish_event(&js, &event).await;
+        }
+    }
+    if let Err(e) = result {
+        proxypool_telemetry::metrics::dependency_error("nats");
+        tracing::warn!(error = %e, proxy = %event.0.proxy_id, "cannot publish a catalogue change");
+    }
+}

@@ -171,6 +171,48 @@ impl WorkQueue {
     }
 }
 
+/// How long catalogue changes are kept: far longer than any replica is behind, short enough to stay small.
+const CATALOG_MAX_AGE: Duration = Duration::from_secs(3600);
+
+/// Creates (idempotently) the stream of catalogue changes.
+pub async fn ensure_catalog(js: &jetstream::Context) -> Result<jetstream::stream::Stream, JetStreamError> {
+    js.get_or_create_stream(jetstream::stream::Config {
+        name: subjects::CATALOG_STREAM.to_owned(),
+        description: Some("proxypool: catalogue changes, in order, for the lease replicas".to_owned()),
+        subjects: vec![subjects::CATALOG_CHANGED.to_owned()],
+        max_age: CATALOG_MAX_AGE,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| setup("the catalogue stream")(e.to_string()))
+}
+
+/// The sequence of the last catalogue change stored (0 when none).
+pub async fn catalog_last_sequence(js: &jetstream::Context) -> Result<u64, JetStreamError> {
+    let stream =
+        js.get_stream(subjects::CATALOG_STREAM).await.map_err(|e| setup("the catalogue stream")(e.to_string()))?;
+    Ok(stream.cached_info().state.last_sequence)
+}
+
+/// Publishes a durable event `E` on a stream that captures its subject, with the trace context, and waits for the
+/// stream's acknowledgement; returns the stream sequence it was stored at.
+pub async fn publish_event<E: proxypool_contracts::Event>(
+    js: &jetstream::Context,
+    event: &E,
+) -> Result<u64, JetStreamError> {
+    let subject = E::SUBJECT;
+    let body = serde_json::to_vec(event).map_err(|source| JetStreamError::Encode { subject, source })?;
+    let failed = |e: String| JetStreamError::Publish { subject, message: e };
+    let publish = Publish::build().payload(body.into()).headers(proxypool_telemetry::propagation::nats_headers());
+    let ack = js
+        .send_publish(subject, publish)
+        .await
+        .map_err(|e| failed(e.to_string()))?
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    Ok(ack.sequence)
+}
+
 /// Longest an uploaded spreadsheet is kept: an upload whose import never read it (importer down) expires.
 pub const UPLOAD_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 

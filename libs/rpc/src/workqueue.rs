@@ -156,7 +156,13 @@ where
             next = pull_one(&consumer) => match next { Some(m) => m, None => continue },
         };
         // The handler continues the trace of the publisher that queued the message.
-        let span = tracing::info_span!("workqueue.handle", queue = options.name, otel.kind = "consumer");
+        // Named after the queue in the trace (`rotation.job`, `callback.deliver`).
+        let span = tracing::info_span!(
+            "workqueue.handle",
+            otel.name = options.name,
+            queue = options.name,
+            otel.kind = "consumer"
+        );
         proxypool_telemetry::propagation::continue_from_nats(&span, message.headers.as_ref());
         let decoded = serde_json::from_slice::<T>(&message.payload);
         let guard = AckGuard { message: Some(message), delay: options.retry_base };

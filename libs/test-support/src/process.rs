@@ -49,9 +49,11 @@ pub async fn assert_stops_cleanly(bin: &str, admin_var: &str) -> anyhow::Result<
     let mut nats = crate::NatsServer::start()?;
     let mongo = crate::MongoServer::start()?;
     for nats_down in [false, true] {
-        let admin = format!("127.0.0.1:{}", crate::servers::free_port()?);
+        let port = crate::servers::free_port()?;
+        let admin = format!("127.0.0.1:{port}");
         let mut env = crate::service_env(&nats.url(), &mongo.uri(), "proxypool_binary_test");
-        env.push((admin_var.to_owned(), admin.clone()));
+        // The gateway's `PORT` is a port (it serves /readyz with the API); the others' admin variables an address.
+        env.push((admin_var.to_owned(), if admin_var == "PORT" { port.to_string() } else { admin.clone() }));
         let started = std::time::Instant::now();
         let nats = &mut nats;
         let status = run_until_ready_then_sigterm(bin, &env, &format!("http://{admin}/readyz"), || {

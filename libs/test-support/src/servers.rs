@@ -104,6 +104,19 @@ impl Supervised {
     }
 }
 
+impl Supervised {
+    /// SIGKILL to the server and its watchdog at once, as a crash or an OOM kill would end it.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if let Some(g) = i32::try_from(child.id()).ok().filter(|g| *g > 1).map(nix::unistd::Pid::from_raw) {
+                let _ = nix::sys::signal::killpg(g, nix::sys::signal::Signal::SIGKILL);
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 impl Drop for Supervised {
     fn drop(&mut self) {
         self.stop();
@@ -156,9 +169,14 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.proc.port)
     }
 
-    /// Kills the server (fault tests).
+    /// Stops the server (fault tests).
     pub fn stop(&mut self) {
         self.proc.stop();
+    }
+
+    /// Kills the server with SIGKILL (fault tests): no goodbye to its clients.
+    pub fn kill(&mut self) {
+        self.proc.kill();
     }
 
     /// Starts it again on the same port and storage.

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use async_nats::Client;
-use proxypool_contracts::{ApiError, Endpoint, Event};
+use proxypool_contracts::{ApiError, Endpoint};
 use proxypool_store::Store;
 
 use crate::config::GatewayConfig;
@@ -38,11 +38,5 @@ impl AppState {
         // Always an explicit timeout, so that it travels as the request's deadline.
         let timeout = Some(timeout.unwrap_or(self.config.nats.request_timeout));
         Ok(proxypool_rpc::call_within::<E>(&self.nats, req, timeout).await?)
-    }
-
-    /// Publishes an event; a failure is logged, not returned, because the write it reports is already durable and
-    /// the lease index heals on its next reload.
-    pub async fn publish<E: Event>(&self, event: &E) {
-        proxypool_rpc::events::publish(&self.nats, event).await;
     }
 }

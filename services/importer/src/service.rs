@@ -414,7 +414,7 @@ impl Importer {
             for id in changed {
                 let event =
                     ProxyChanged { proxy_id: id.to_hex(), reason: ChangeReason::Updated, origin: None, snapshot: None };
-                proxypool_rpc::events::publish(nats, &event).await;
+                proxypool_rpc::events::publish_catalog(nats, event).await;
             }
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), nats.flush()).await;

@@ -5,12 +5,14 @@
 //! in MongoDB (see [`service`]).
 //!
 //! # Layout
+//! - [`catalog`]: following the catalogue stream; catching up before refusing a lease.
 //! - [`config`]: `LeaseConfig` from the environment.
 //! - [`index`]: the in-memory index of leasable proxies per area.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`service`]: acquire and release against MongoDB.
 //! - [`server`]: subscriptions, handlers, index maintenance, graceful stop.
 
+pub mod catalog;
 pub mod config;
 pub mod index;
 pub mod metrics;

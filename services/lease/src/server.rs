@@ -217,6 +217,22 @@ pub async fn serve(
     // Subscribe to changes before the first load, so that no change falls between the load and the subscription,
     // and to requests before reporting loaded, so that a loaded replica is a reachable one.
     let events = proxypool_rpc::events::subscribe::<ProxyChanged>(&client).await?;
+    let catalog = loop {
+        match crate::catalog::follow(&service, &client).await {
+            Ok((cursor, follower)) => {
+                service.set_catalog(cursor);
+                break tokio::spawn(crate::catalog::run_until(follower, shutdown.clone()));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot follow the catalogue yet; retrying");
+                let mut s = shutdown.clone();
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    () = s.wait() => return Ok(()),
+                }
+            }
+        }
+    };
     let reloads = proxypool_rpc::events::subscribe::<IndexReload>(&client).await?;
     let wake = Arc::new(Notify::new());
     let requests = router(&service, &client).subscribe(&client, subjects::LEASE_QUEUE_GROUP).await?;
@@ -234,6 +250,7 @@ pub async fn serve(
     };
     requests.run(client, options, shutdown).await;
     listener.abort();
+    catalog.abort();
     pool_metrics.abort();
     reload_listener.abort();
     maintenance.abort();

@@ -44,6 +44,8 @@ struct Inner {
     metrics: crate::metrics::LeaseMetrics,
     /// Active proxies in error per area, as of the last full load (the index does not track `is_error`).
     errors: Mutex<std::collections::HashMap<Area, usize>>,
+    /// How far this replica has followed the catalogue (set once serving starts).
+    catalog: std::sync::OnceLock<crate::catalog::Cursor>,
 }
 
 /// A lease key: 96 random bits as 24 hex characters, the shape of the ObjectId keys the original used, but not
@@ -269,8 +271,14 @@ impl LeaseService {
                 lease_ttl: None,
                 metrics: crate::metrics::LeaseMetrics::new(),
                 errors: Mutex::new(std::collections::HashMap::new()),
+                catalog: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// Records the catalogue cursor (once, when serving starts).
+    pub fn set_catalog(&self, cursor: crate::catalog::Cursor) {
+        let _ = self.inner.catalog.set(cursor);
     }
 
     fn index(&self) -> MutexGuard<'_, PoolIndex> {
@@ -470,13 +478,24 @@ impl LeaseService {
         if !self.is_loaded() {
             return Err(ApiError::unavailable("the lease index is still loading; retry shortly"));
         }
+        let mut caught_up = false;
         for _ in 0..MAX_ATTEMPTS {
             // Under a request deadline (see `proxypool_rpc::still_wanted`), stop before a write nobody will receive.
             if !proxypool_rpc::still_wanted() {
                 return Err(ApiError::unavailable("the request did not finish in time; retry shortly"));
             }
             let now = DateTime::now();
-            let Some((id, before)) = self.index().pick(req.area, now.timestamp_millis()) else {
+            let picked = self.index().pick(req.area, now.timestamp_millis());
+            let Some((id, before)) = picked else {
+                // A change acknowledged to an admin (a proxy created or enabled) may not have reached this replica
+                // yet: catch up with the catalogue once, then look again.
+                if !caught_up {
+                    caught_up = true;
+                    if let Some(cursor) = self.inner.catalog.get() {
+                        cursor.catch_up().await;
+                        continue;
+                    }
+                }
                 return Err(ApiError::new(
                     ErrorCode::NoProxyAvailable,
                     format!("no proxy in area {} can take another lease right now", req.area),

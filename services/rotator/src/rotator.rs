@@ -109,7 +109,7 @@ impl Rotator {
     /// Tells the lease replicas that a proxy changed.
     pub(crate) async fn announce(&self, id: ObjectId) {
         let event = ProxyChanged { proxy_id: id.to_hex(), reason: ChangeReason::Updated, origin: None, snapshot: None };
-        proxypool_rpc::events::publish(&self.inner.nats, &event).await;
+        proxypool_rpc::events::publish_catalog(&self.inner.nats, event).await;
     }
 
     pub(crate) async fn load(&self, id: ObjectId) -> Result<Option<ProxyDoc>, JobError> {

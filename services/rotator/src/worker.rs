@@ -228,7 +228,7 @@ pub async fn run_workers(rotator: Rotator, shutdown: Shutdown) -> Result<(), Jet
     };
     workqueue::run(consumer, options, shutdown, move |job: RotationJob, attempt| {
         let rotator = rotator.clone();
-        let span = tracing::info_span!("rotation.job", proxy = %job.proxy_id, job = %job.job_id, attempt);
+        let span = tracing::info_span!("rotation.process", proxy = %job.proxy_id, job = %job.job_id, attempt);
         tracing::Instrument::instrument(
             async move {
                 match rotator.process(&job).await {

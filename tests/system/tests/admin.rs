@@ -466,3 +466,40 @@ async fn lease_fields_cannot_be_written_and_disabling_stops_leases() -> R {
     app.shutdown().await;
     Ok(())
 }
+
+/// Regression: an admin created a proxy (201) and a consumer leased at once: 5 of 20 such leases answered 503
+/// `no_proxy_available` while the lease replicas had not yet applied the change. Once a create or an enable has
+/// answered, the next lease sees it, whichever of two replicas serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_created_or_enabled_proxy_can_be_leased_at_once_on_any_replica() -> R {
+    // One lease per proxy, and no other proxy in the area: each lease can only be the proxy just written.
+    let app = TestApp::builder().proxy_use_max(1).lease_instances(2).spawn().await?;
+    let a = Some(API_KEY);
+    let pack = app.package_id.to_hex();
+    for i in 0..20 {
+        let disabled = i % 4 == 3;
+        let body = json!({"ip": format!("192.0.2.{}", i + 1), "port": 8080, "area": "global", "is_active": !disabled,
+            "rotate_url": format!("http://rotate.example/{i}"), "proxy_package_id": pack});
+        let (s, p) = call(&app, Method::POST, "/api/proxies", a, Some(body)).await?;
+        assert_eq!(s, StatusCode::CREATED, "{p}");
+        let id = p["id"].as_str().unwrap_or_default().to_owned();
+        if disabled {
+            let path = format!("/api/proxies/{id}");
+            let (s, p) = call(&app, Method::PUT, &path, a, Some(json!({"is_active": true}))).await?;
+            assert_eq!(s, StatusCode::OK, "{p}");
+        }
+        let res = app.http_get_proxy("global").await?;
+        let status = res.status();
+        let lease: Value = res.json().await?;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "lease {i} right after the {} answered: {lease}",
+            if disabled { "enable" } else { "create" }
+        );
+        assert_eq!(lease["id"], id.as_str());
+    }
+    app.assert_invariants().await?;
+    app.shutdown().await;
+    Ok(())
+}

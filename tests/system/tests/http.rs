@@ -279,6 +279,29 @@ async fn admin_creates_a_proxy_that_can_be_leased() -> R {
 
 /// Asks for a lease until one is granted, within 30 s of `dependency` coming back; every refusal meanwhile must be a
 /// retryable 503.
+/// Regression: after nats-server was killed and restarted on the same port, the first lease came 7-9 s after NATS was
+/// back (the client's reconnect back-off had grown while the server was down). Now within 2 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leasing_resumes_within_2_s_of_nats_coming_back_after_sigkill() -> R {
+    let mut app = TestApp::builder().seed(Area::Vn, 1).proxy_use_max(50).spawn().await?;
+    assert_eq!(app.http_get_proxy("vn").await?.status(), StatusCode::OK);
+    app.nats_server.kill();
+    // Long enough for a growing back-off to pass several seconds.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    app.nats_server.restart()?;
+    let back = Instant::now();
+    loop {
+        if app.http_get_proxy("vn").await?.status() == StatusCode::OK {
+            break;
+        }
+        assert!(back.elapsed() < Duration::from_secs(2), "no lease within 2 s of NATS being back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("first lease {:?} after NATS was back", back.elapsed());
+    app.shutdown().await;
+    Ok(())
+}
+
 async fn wait_for_lease(app: &TestApp, dependency: &str) -> R {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

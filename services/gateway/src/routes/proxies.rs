@@ -223,7 +223,8 @@ async fn package_name(state: &AppState, id: ObjectId) -> HttpResult<String> {
 async fn announce(state: &AppState, ids: &[ObjectId], reason: ChangeReason) {
     for id in ids {
         let event = ProxyChanged { proxy_id: id.to_hex(), reason, origin: None, snapshot: None };
-        state.publish(&event).await;
+        // Durable and acknowledged before the admin is answered, so that the next lease on any replica sees it.
+        proxypool_rpc::events::publish_catalog(&state.nats, event).await;
     }
 }
 

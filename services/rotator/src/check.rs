@@ -25,7 +25,16 @@ pub async fn public_ip(
     tries: u32,
     delay: Duration,
     timeout: Duration,
-) -> Result<IpAddr, String> {
+) -> Result<IpAddr, IpCheckError> {
+    check(addr, urls, tries, delay, timeout).await.map_err(IpCheckError)
+}
+
+/// The public IP could not be read through the proxy; the text (the last reason) is stored as its `response`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct IpCheckError(pub String);
+
+async fn check(addr: &Address, urls: &[String], tries: u32, delay: Duration, timeout: Duration) -> Result<IpAddr, String> {
     let mut proxy = reqwest::Proxy::all(format!("http://{}:{}", addr.ip, addr.port))
         .map_err(|e| format!("bad proxy address: {e}"))?;
     if !addr.username.is_empty() {

@@ -28,6 +28,11 @@ pub enum Adapter {
     Generic(Option<RotateFields>),
 }
 
+/// A rotate answer the adapter could not accept; the text is stored as the proxy's `response`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct RotateAnswerError(pub String);
+
 impl Adapter {
     /// The adapter for a provider, by its name (`KiotProxy`, `ZingProxy`, anything else).
     pub fn for_provider(name: &str, fields: Option<RotateFields>) -> Self {
@@ -39,7 +44,11 @@ impl Adapter {
     }
 
     /// Reads the new address from a rotate response. `Err` holds a reason fit for the admin API.
-    pub fn parse(&self, status: u16, body: &str, current: &Address) -> Result<Address, String> {
+    pub fn parse(&self, status: u16, body: &str, current: &Address) -> Result<Address, RotateAnswerError> {
+        self.read(status, body, current).map_err(RotateAnswerError)
+    }
+
+    fn read(&self, status: u16, body: &str, current: &Address) -> Result<Address, String> {
         if !(200..300).contains(&status) {
             return Err(format!("rotate URL answered HTTP {status}"));
         }
@@ -128,7 +137,7 @@ mod tests {
             Ok(("9.9.9.9".into(), 8080))
         );
         let refused = r#"{"success":false,"code":429,"message":"wait 59s"}"#;
-        assert!(Adapter::Kiot.parse(200, refused, &current()).err().unwrap_or_default().contains("wait 59s"));
+        assert!(Adapter::Kiot.parse(200, refused, &current()).err().unwrap_or_default().0.contains("wait 59s"));
         assert!(Adapter::Kiot.parse(200, "<html>", &current()).is_err());
         assert!(Adapter::Kiot.parse(502, ok, &current()).is_err());
     }

@@ -123,7 +123,7 @@ impl Rotator {
         };
         let ip = check::public_ip(&addr, &c.ip_check_urls, c.ip_check_tries, c.ip_check_delay, c.http_timeout)
             .await
-            .map_err(|reason| (500, reason))?;
+            .map_err(|reason| (500, reason.0))?;
         let region = match &c.ip_region_url {
             Some(url) => check::region(url, ip, c.http_timeout).await,
             None => None,

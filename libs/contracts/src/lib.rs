@@ -5,7 +5,7 @@
 //!
 //! # Layout
 //! - [`subjects`]: subject names and queue groups.
-//! - [`domain`]: validated input types ([`Area`], [`ObjectIdHex`]) that inner code can trust.
+//! - [`domain`]: validated input types ([`Area`], [`ObjectIdHex`], [`Pagination`]) that inner code can trust.
 //! - [`reply`]: the reply envelope and the typed error shared by NATS replies and HTTP bodies.
 //! - [`lease`]: lease acquire/release requests and replies.
 //! - [`events`]: broadcast events (`proxy.changed`).
@@ -24,5 +24,5 @@ pub mod reply;
 pub mod rotation;
 pub mod subjects;
 
-pub use domain::{Area, ObjectIdHex};
+pub use domain::{Area, ObjectIdHex, Pagination};
 pub use reply::{ApiError, ErrorCode, Reply};

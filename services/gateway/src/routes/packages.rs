@@ -112,10 +112,6 @@ pub struct PackageQuery {
     pub provider: Option<String>,
     /// Only active (true) or inactive (false) packages.
     pub active: Option<bool>,
-    /// Page.
-    pub page: Option<u64>,
-    /// Page size.
-    pub limit: Option<i64>,
 }
 
 async fn provider_exists(state: &AppState, id: ObjectId) -> HttpResult<()> {
@@ -127,7 +123,7 @@ async fn provider_exists(state: &AppState, id: ObjectId) -> HttpResult<()> {
 }
 
 /// List packages.
-#[utoipa::path(get, path = "/api/proxy_packages", tag = "packages", params(PackageQuery),
+#[utoipa::path(get, path = "/api/proxy_packages", tag = "packages", params(PackageQuery, Page),
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = Paged<PackageView>), (status = 400, body = crate::openapi::ErrorBody),
         (status = 401, body = crate::openapi::ErrorBody)))]
@@ -135,6 +131,7 @@ pub async fn list_packages(
     State(state): State<AppState>,
     _admin: Admin,
     Query(q): Query<PackageQuery>,
+    Query(page): Query<Page>,
 ) -> HttpResult<Json<Paged<PackageView>>> {
     let mut filter = doc! {};
     if let Some(p) = filter_id("provider", q.provider.as_deref())? {
@@ -143,7 +140,6 @@ pub async fn list_packages(
     if let Some(a) = q.active {
         filter.insert("is_active", a);
     }
-    let page = Page { page: q.page, limit: q.limit };
     Ok(Json(list(&state.store.packages(), filter, &page, PackageView::from).await?))
 }
 

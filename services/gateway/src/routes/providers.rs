@@ -139,14 +139,10 @@ impl From<ProviderDoc> for ProviderView {
 pub struct ProviderQuery {
     /// Only active (true) or inactive (false) providers.
     pub active: Option<bool>,
-    /// Page.
-    pub page: Option<u64>,
-    /// Page size.
-    pub limit: Option<i64>,
 }
 
 /// List providers.
-#[utoipa::path(get, path = "/api/proxy_providers", tag = "providers", params(ProviderQuery),
+#[utoipa::path(get, path = "/api/proxy_providers", tag = "providers", params(ProviderQuery, Page),
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = Paged<ProviderView>), (status = 400, body = crate::openapi::ErrorBody),
         (status = 401, body = crate::openapi::ErrorBody)))]
@@ -154,12 +150,12 @@ pub async fn list_providers(
     State(state): State<AppState>,
     _admin: Admin,
     Query(q): Query<ProviderQuery>,
+    Query(page): Query<Page>,
 ) -> HttpResult<Json<Paged<ProviderView>>> {
     let mut filter = doc! {};
     if let Some(a) = q.active {
         filter.insert("is_active", a);
     }
-    let page = Page { page: q.page, limit: q.limit };
     Ok(Json(list(&state.store.providers(), filter, &page, ProviderView::from).await?))
 }
 

@@ -242,14 +242,10 @@ pub struct ProxyQuery {
     pub active: Option<bool>,
     /// In error (true) or healthy (false).
     pub error: Option<bool>,
-    /// Page.
-    pub page: Option<u64>,
-    /// Page size.
-    pub limit: Option<i64>,
 }
 
 /// List proxies.
-#[utoipa::path(get, path = "/api/proxies", tag = "proxies", params(ProxyQuery),
+#[utoipa::path(get, path = "/api/proxies", tag = "proxies", params(ProxyQuery, Page),
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = Paged<ProxyView>), (status = 400, body = crate::openapi::ErrorBody),
         (status = 401, body = crate::openapi::ErrorBody)))]
@@ -257,6 +253,7 @@ pub async fn list_proxies(
     State(state): State<AppState>,
     _admin: Admin,
     Query(q): Query<ProxyQuery>,
+    Query(page): Query<Page>,
 ) -> HttpResult<Json<Paged<ProxyView>>> {
     let mut filter = doc! {};
     if let Some(area) = q.area.as_deref() {
@@ -289,7 +286,6 @@ pub async fn list_proxies(
         filter.insert("is_error", e);
     }
     let full = q.get_full.unwrap_or(false);
-    let page = Page { page: q.page, limit: q.limit };
     Ok(Json(list(&state.store.proxies(), filter, &page, |d| ProxyView::of(d, full)).await?))
 }
 

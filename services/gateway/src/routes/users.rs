@@ -65,8 +65,8 @@ pub async fn list_users(
     _admin: Admin,
     Query(page): Query<Page>,
 ) -> HttpResult<Json<UserPage>> {
-    page.resolve()?;
-    let req = ListUsersRequest { page: page.page, limit: page.limit };
+    let page = page.resolve()?;
+    let req = ListUsersRequest { page: Some(page.page), limit: Some(page.limit) };
     Ok(Json(state.request(subjects::AUTH_USERS_LIST, &req).await?))
 }
 

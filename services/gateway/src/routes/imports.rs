@@ -170,7 +170,9 @@ async fn provider_import(
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, description = "Finished", body = ImportJob),
         (status = 202, description = "Accepted; poll the Location", body = ImportJob),
-        (status = 401, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)))]
+        (status = 401, body = crate::openapi::ErrorBody),
+        (status = 409, description = "not_configured: KIOT_API_KEY is not set; not retryable", body = crate::openapi::ErrorBody),
+        (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn import_kiot(
     State(state): State<AppState>,
     admin: Admin,
@@ -184,7 +186,9 @@ pub async fn import_kiot(
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, description = "Finished", body = ImportJob),
         (status = 202, description = "Accepted; poll the Location", body = ImportJob),
-        (status = 401, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)))]
+        (status = 401, body = crate::openapi::ErrorBody),
+        (status = 409, description = "not_configured: ZING_PROXY_TOKEN is not set; not retryable", body = crate::openapi::ErrorBody),
+        (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn import_zing(
     State(state): State<AppState>,
     admin: Admin,

@@ -50,6 +50,8 @@ pub enum ErrorCode {
     Forbidden,
     /// The proxy, lease key or record does not exist. HTTP 404.
     NotFound,
+    /// The route exists but not with this HTTP method (HTTP only). HTTP 405.
+    MethodNotAllowed,
     /// The write conflicts with existing data (duplicate, children still attached). HTTP 409.
     Conflict,
     /// The upload is larger than the configured limit (`IMPORT_MAX_BYTES`). HTTP 413.
@@ -78,6 +80,7 @@ impl ErrorCode {
             ErrorCode::Unauthorized => 401,
             ErrorCode::Forbidden => 403,
             ErrorCode::NotFound => 404,
+            ErrorCode::MethodNotAllowed => 405,
             ErrorCode::Conflict | ErrorCode::NotConfigured => 409,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::NoProxyAvailable | ErrorCode::ServiceUnavailable => 503,

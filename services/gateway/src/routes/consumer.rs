@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 
-use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::extract::{ConnectInfo, State};
 use axum::http::HeaderMap;
 use axum::Json;
 use proxypool_contracts::lease::{AcquireRequest, LeaseGrant, ReleaseOutcome, ReleaseRequest};
@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 use crate::auth;
 use crate::error::HttpResult;
+use crate::extract::{Path, Query};
 use crate::state::AppState;
 
 /// Query of `GET /api/get-proxy`.

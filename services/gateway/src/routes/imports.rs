@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use axum::extract::{Multipart, Path, Query, State};
+use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -19,6 +19,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::Admin;
 use crate::error::{HttpError, HttpResult};
+use crate::extract::{Multipart, Path, Query};
 use crate::routes::common::oid;
 use crate::state::AppState;
 
@@ -89,7 +90,7 @@ pub async fn import_excel(
     State(state): State<AppState>,
     admin: Admin,
     Query(q): Query<WaitQuery>,
-    mut form: Multipart,
+    Multipart(mut form): Multipart,
 ) -> HttpResult<Response> {
     let limit = state.config.import_max_bytes;
     let multipart_error = |e: axum::extract::multipart::MultipartError| -> HttpError {
@@ -170,7 +171,7 @@ async fn provider_import(
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, description = "Finished", body = ImportJob),
         (status = 202, description = "Accepted; poll the Location", body = ImportJob),
-        (status = 401, body = crate::openapi::ErrorBody),
+        (status = 400, body = crate::openapi::ErrorBody), (status = 401, body = crate::openapi::ErrorBody),
         (status = 409, description = "not_configured: KIOT_API_KEY is not set; not retryable", body = crate::openapi::ErrorBody),
         (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn import_kiot(
@@ -186,7 +187,7 @@ pub async fn import_kiot(
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, description = "Finished", body = ImportJob),
         (status = 202, description = "Accepted; poll the Location", body = ImportJob),
-        (status = 401, body = crate::openapi::ErrorBody),
+        (status = 400, body = crate::openapi::ErrorBody), (status = 401, body = crate::openapi::ErrorBody),
         (status = 409, description = "not_configured: ZING_PROXY_TOKEN is not set; not retryable", body = crate::openapi::ErrorBody),
         (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn import_zing(
@@ -201,7 +202,8 @@ pub async fn import_zing(
 #[utoipa::path(get, path = "/api/imports/{id}", tag = "imports",
     params(("id" = String, Path, description = "Job id")), security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = ImportJob), (status = 400, body = crate::openapi::ErrorBody),
-        (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody)))]
+        (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody),
+        (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn get_import(
     State(state): State<AppState>,
     _admin: Admin,

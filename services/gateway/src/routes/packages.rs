@@ -1,7 +1,6 @@
 //! `/api/proxy_packages`: list, create, update, delete, bulk-delete. A package needs an existing provider.
 
-use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use bson::oid::ObjectId;
@@ -13,7 +12,8 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::Admin;
 use crate::error::HttpResult;
-use crate::routes::body;
+use crate::extract::{Path, Query};
+use crate::routes::body::Body;
 use crate::routes::common::{
     db_error, delete_checked, filter_id, iso, list, non_empty, oid, price, BulkDelete, DeleteResult, Page, Paged,
 };
@@ -126,7 +126,7 @@ async fn provider_exists(state: &AppState, id: ObjectId) -> HttpResult<()> {
 #[utoipa::path(get, path = "/api/proxy_packages", tag = "packages", params(PackageQuery, Page),
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = Paged<PackageView>), (status = 400, body = crate::openapi::ErrorBody),
-        (status = 401, body = crate::openapi::ErrorBody)))]
+        (status = 401, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn list_packages(
     State(state): State<AppState>,
     _admin: Admin,
@@ -147,13 +147,13 @@ pub async fn list_packages(
 #[utoipa::path(post, path = "/api/proxy_packages", tag = "packages", request_body = CreatePackage,
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 201, body = PackageView), (status = 400, body = crate::openapi::ErrorBody),
-        (status = 401, body = crate::openapi::ErrorBody), (status = 409, body = crate::openapi::ErrorBody)))]
+        (status = 401, body = crate::openapi::ErrorBody), (status = 409, body = crate::openapi::ErrorBody),
+        (status = 413, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn create_package(
     State(state): State<AppState>,
     admin: Admin,
-    bytes: Bytes,
+    Body(b): Body<CreatePackage>,
 ) -> HttpResult<(StatusCode, Json<PackageView>)> {
-    let b: CreatePackage = body::parse(&bytes)?;
     let provider = oid("proxy_provider_id", &b.proxy_provider_id)?;
     let now = DateTime::now();
     let d = PackageDoc {
@@ -179,15 +179,15 @@ pub async fn create_package(
     params(("id" = String, Path, description = "Package id")), security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = PackageView), (status = 400, body = crate::openapi::ErrorBody),
         (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody),
-        (status = 409, body = crate::openapi::ErrorBody)))]
+        (status = 409, body = crate::openapi::ErrorBody), (status = 413, body = crate::openapi::ErrorBody),
+        (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn update_package(
     State(state): State<AppState>,
     admin: Admin,
     Path(id): Path<String>,
-    bytes: Bytes,
+    Body(b): Body<UpdatePackage>,
 ) -> HttpResult<Json<PackageView>> {
     let id = oid("id", &id)?;
-    let b: UpdatePackage = body::parse(&bytes)?;
     let mut set = doc! { "updatedAt": DateTime::now(), "updated_by": admin.user_id };
     if let Some(v) = &b.code {
         set.insert("code", non_empty("code", v, 200)?);
@@ -236,7 +236,7 @@ pub async fn update_package(
     params(("id" = String, Path, description = "Package id")), security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = DeleteResult), (status = 400, body = crate::openapi::ErrorBody),
         (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody),
-        (status = 409, body = crate::openapi::ErrorBody)))]
+        (status = 409, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn delete_package(
     State(state): State<AppState>,
     _admin: Admin,
@@ -252,13 +252,14 @@ pub async fn delete_package(
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = DeleteResult), (status = 400, body = crate::openapi::ErrorBody),
         (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody),
-        (status = 409, body = crate::openapi::ErrorBody)))]
+        (status = 409, body = crate::openapi::ErrorBody), (status = 413, body = crate::openapi::ErrorBody),
+        (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn bulk_delete_packages(
     State(state): State<AppState>,
     _admin: Admin,
-    bytes: Bytes,
+    Body(b): Body<BulkDelete>,
 ) -> HttpResult<Json<DeleteResult>> {
-    let ids = body::parse::<BulkDelete>(&bytes)?.ids()?;
+    let ids = b.ids()?;
     let s = &state.store;
     Ok(Json(delete_checked(&s.packages(), &ids, &s.proxies(), "proxy_package_id", "package").await?))
 }

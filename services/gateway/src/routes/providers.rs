@@ -1,7 +1,6 @@
 //! `/api/proxy_providers`: list, create, update, delete, bulk-delete.
 
-use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use bson::oid::ObjectId;
@@ -13,7 +12,8 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::Admin;
 use crate::error::HttpResult;
-use crate::routes::body;
+use crate::extract::{Path, Query};
+use crate::routes::body::Body;
 use crate::routes::common::{
     db_error, delete_checked, iso, list, non_empty, oid, BulkDelete, DeleteResult, Page, Paged,
 };
@@ -145,7 +145,7 @@ pub struct ProviderQuery {
 #[utoipa::path(get, path = "/api/proxy_providers", tag = "providers", params(ProviderQuery, Page),
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = Paged<ProviderView>), (status = 400, body = crate::openapi::ErrorBody),
-        (status = 401, body = crate::openapi::ErrorBody)))]
+        (status = 401, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn list_providers(
     State(state): State<AppState>,
     _admin: Admin,
@@ -163,13 +163,13 @@ pub async fn list_providers(
 #[utoipa::path(post, path = "/api/proxy_providers", tag = "providers", request_body = CreateProvider,
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 201, body = ProviderView), (status = 400, body = crate::openapi::ErrorBody),
-        (status = 401, body = crate::openapi::ErrorBody), (status = 409, body = crate::openapi::ErrorBody)))]
+        (status = 401, body = crate::openapi::ErrorBody), (status = 409, body = crate::openapi::ErrorBody),
+        (status = 413, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn create_provider(
     State(state): State<AppState>,
     admin: Admin,
-    bytes: Bytes,
+    Body(b): Body<CreateProvider>,
 ) -> HttpResult<(StatusCode, Json<ProviderView>)> {
-    let b: CreateProvider = body::parse(&bytes)?;
     let now = DateTime::now();
     let d = ProviderDoc {
         id: ObjectId::new(),
@@ -192,15 +192,15 @@ pub async fn create_provider(
     params(("id" = String, Path, description = "Provider id")), security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = ProviderView), (status = 400, body = crate::openapi::ErrorBody),
         (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody),
-        (status = 409, body = crate::openapi::ErrorBody)))]
+        (status = 409, body = crate::openapi::ErrorBody), (status = 413, body = crate::openapi::ErrorBody),
+        (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn update_provider(
     State(state): State<AppState>,
     admin: Admin,
     Path(id): Path<String>,
-    bytes: Bytes,
+    Body(b): Body<UpdateProvider>,
 ) -> HttpResult<Json<ProviderView>> {
     let id = oid("id", &id)?;
-    let b: UpdateProvider = body::parse(&bytes)?;
     let mut set = doc! { "updatedAt": DateTime::now(), "updated_by": admin.user_id };
     if let Some(v) = &b.name {
         set.insert("name", non_empty("name", v, 200)?);
@@ -232,7 +232,7 @@ pub async fn update_provider(
     params(("id" = String, Path, description = "Provider id")), security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = DeleteResult), (status = 400, body = crate::openapi::ErrorBody),
         (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody),
-        (status = 409, body = crate::openapi::ErrorBody)))]
+        (status = 409, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn delete_provider(
     State(state): State<AppState>,
     _admin: Admin,
@@ -248,13 +248,14 @@ pub async fn delete_provider(
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = DeleteResult), (status = 400, body = crate::openapi::ErrorBody),
         (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody),
-        (status = 409, body = crate::openapi::ErrorBody)))]
+        (status = 409, body = crate::openapi::ErrorBody), (status = 413, body = crate::openapi::ErrorBody),
+        (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn bulk_delete_providers(
     State(state): State<AppState>,
     _admin: Admin,
-    bytes: Bytes,
+    Body(b): Body<BulkDelete>,
 ) -> HttpResult<Json<DeleteResult>> {
-    let ids = body::parse::<BulkDelete>(&bytes)?.ids()?;
+    let ids = b.ids()?;
     let s = &state.store;
     Ok(Json(delete_checked(&s.providers(), &ids, &s.packages(), "proxy_provider_id", "provider").await?))
 }

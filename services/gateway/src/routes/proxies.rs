@@ -5,8 +5,7 @@
 //! because the lease service's guarded write re-checks `is_active` in the database, disabling a proxy stops new
 //! leases at once.
 
-use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use bson::oid::ObjectId;
@@ -21,7 +20,8 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::Admin;
 use crate::error::{HttpError, HttpResult};
-use crate::routes::body;
+use crate::extract::{Path, Query};
+use crate::routes::body::Body;
 use crate::routes::common::{
     db_error, filter_id, http_url, iso, list, non_empty, oid, BulkDelete, DeleteResult, Page, Paged,
 };
@@ -248,7 +248,7 @@ pub struct ProxyQuery {
 #[utoipa::path(get, path = "/api/proxies", tag = "proxies", params(ProxyQuery, Page),
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = Paged<ProxyView>), (status = 400, body = crate::openapi::ErrorBody),
-        (status = 401, body = crate::openapi::ErrorBody)))]
+        (status = 401, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn list_proxies(
     State(state): State<AppState>,
     _admin: Admin,
@@ -293,13 +293,13 @@ pub async fn list_proxies(
 #[utoipa::path(post, path = "/api/proxies", tag = "proxies", request_body = CreateProxy,
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 201, body = ProxyView), (status = 400, body = crate::openapi::ErrorBody),
-        (status = 401, body = crate::openapi::ErrorBody), (status = 409, body = crate::openapi::ErrorBody)))]
+        (status = 401, body = crate::openapi::ErrorBody), (status = 409, body = crate::openapi::ErrorBody),
+        (status = 413, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn create_proxy(
     State(state): State<AppState>,
     admin: Admin,
-    bytes: Bytes,
+    Body(b): Body<CreateProxy>,
 ) -> HttpResult<(StatusCode, Json<ProxyView>)> {
-    let b: CreateProxy = body::parse(&bytes)?;
     let new = NewProxy {
         ip: non_empty("ip", &b.ip, 255)?,
         port: port(b.port)?,
@@ -327,15 +327,15 @@ pub async fn create_proxy(
 #[utoipa::path(put, path = "/api/proxies/{id}", tag = "proxies", request_body = UpdateProxy,
     params(("id" = String, Path, description = "Proxy id")), security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = ProxyView), (status = 400, body = crate::openapi::ErrorBody),
-        (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody)))]
+        (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody),
+        (status = 413, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn update_proxy(
     State(state): State<AppState>,
     admin: Admin,
     Path(id): Path<String>,
-    bytes: Bytes,
+    Body(b): Body<UpdateProxy>,
 ) -> HttpResult<Json<ProxyView>> {
     let id = oid("id", &id)?;
-    let b: UpdateProxy = body::parse(&bytes)?;
     let mut set = doc! { "updatedAt": DateTime::now(), "updated_by": admin.user_id };
     if let Some(v) = &b.ip {
         set.insert("ip", non_empty("ip", v, 255)?);
@@ -434,7 +434,8 @@ async fn delete_ids(state: &AppState, ids: &[ObjectId]) -> HttpResult<DeleteResu
 #[utoipa::path(delete, path = "/api/proxies/{id}", tag = "proxies",
     params(("id" = String, Path, description = "Proxy id")), security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = DeleteResult), (status = 400, body = crate::openapi::ErrorBody),
-        (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody)))]
+        (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody),
+        (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn delete_proxy(
     State(state): State<AppState>,
     _admin: Admin,
@@ -448,13 +449,14 @@ pub async fn delete_proxy(
 #[utoipa::path(post, path = "/api/proxies/bulk-delete", tag = "proxies", request_body = BulkDelete,
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = DeleteResult), (status = 400, body = crate::openapi::ErrorBody),
-        (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody)))]
+        (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody),
+        (status = 413, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn bulk_delete_proxies(
     State(state): State<AppState>,
     _admin: Admin,
-    bytes: Bytes,
+    Body(b): Body<BulkDelete>,
 ) -> HttpResult<Json<DeleteResult>> {
-    let ids = body::parse::<BulkDelete>(&bytes)?.ids()?;
+    let ids = b.ids()?;
     Ok(Json(delete_ids(&state, &ids).await?))
 }
 
@@ -473,13 +475,13 @@ pub struct DropProxies {
 #[utoipa::path(post, path = "/api/proxies/drop", tag = "proxies", request_body = DropProxies,
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = DeleteResult), (status = 400, body = crate::openapi::ErrorBody),
-        (status = 401, body = crate::openapi::ErrorBody)))]
+        (status = 401, body = crate::openapi::ErrorBody), (status = 413, body = crate::openapi::ErrorBody),
+        (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn drop_proxies(
     State(state): State<AppState>,
     _admin: Admin,
-    bytes: Bytes,
+    Body(b): Body<DropProxies>,
 ) -> HttpResult<Json<DeleteResult>> {
-    let b: DropProxies = body::parse(&bytes)?;
     if b.confirm != DROP_CONFIRMATION {
         return Err(ApiError::invalid("confirm", format!("must be exactly {DROP_CONFIRMATION:?}")).into());
     }

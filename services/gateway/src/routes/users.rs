@@ -1,7 +1,6 @@
 //! Auth routes, forwarded to the auth service over NATS: register, login, me, users CRUD.
 
-use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use proxypool_contracts::auth::{
@@ -12,7 +11,8 @@ use proxypool_contracts::{subjects, ApiError, ErrorCode};
 
 use crate::auth::{Admin, MaybeAdmin};
 use crate::error::HttpResult;
-use crate::routes::body;
+use crate::extract::{Path, Query};
+use crate::routes::body::Body;
 use crate::routes::common::{oid, Page};
 use crate::state::AppState;
 
@@ -21,13 +21,13 @@ use crate::state::AppState;
 #[utoipa::path(post, path = "/api/register", tag = "auth", request_body = NewUser,
     security((), ("bearer" = []), ("api_key" = [])),
     responses((status = 201, body = UserView), (status = 400, body = crate::openapi::ErrorBody),
-        (status = 401, body = crate::openapi::ErrorBody), (status = 409, body = crate::openapi::ErrorBody)))]
+        (status = 401, body = crate::openapi::ErrorBody), (status = 409, body = crate::openapi::ErrorBody),
+        (status = 413, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn register(
     State(state): State<AppState>,
     MaybeAdmin(admin): MaybeAdmin,
-    bytes: Bytes,
+    Body(user): Body<NewUser>,
 ) -> HttpResult<(StatusCode, Json<UserView>)> {
-    let user: NewUser = body::parse(&bytes)?;
     let caller = admin.map(|a| a.caller()).unwrap_or_default();
     let view = state.request(subjects::AUTH_REGISTER, &RegisterRequest { user, caller }).await?;
     Ok((StatusCode::CREATED, Json(view)))
@@ -36,16 +36,16 @@ pub async fn register(
 /// Log in with email and password; returns a JWT valid for 14 days.
 #[utoipa::path(post, path = "/api/login", tag = "auth", request_body = LoginRequest, security(()),
     responses((status = 200, body = LoginReply), (status = 400, body = crate::openapi::ErrorBody),
-        (status = 401, body = crate::openapi::ErrorBody)))]
-pub async fn login(State(state): State<AppState>, bytes: Bytes) -> HttpResult<Json<LoginReply>> {
-    let req: LoginRequest = body::parse(&bytes)?;
+        (status = 401, body = crate::openapi::ErrorBody), (status = 413, body = crate::openapi::ErrorBody),
+        (status = 503, body = crate::openapi::ErrorBody)))]
+pub async fn login(State(state): State<AppState>, Body(req): Body<LoginRequest>) -> HttpResult<Json<LoginReply>> {
     Ok(Json(state.request(subjects::AUTH_LOGIN, &req).await?))
 }
 
 /// The user of the bearer token.
 #[utoipa::path(get, path = "/api/me", tag = "auth", security(("bearer" = [])),
     responses((status = 200, body = UserView), (status = 401, body = crate::openapi::ErrorBody),
-        (status = 404, body = crate::openapi::ErrorBody)))]
+        (status = 404, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn me(State(state): State<AppState>, admin: Admin) -> HttpResult<Json<UserView>> {
     let Some(id) = admin.user_id else {
         return Err(
@@ -59,7 +59,7 @@ pub async fn me(State(state): State<AppState>, admin: Admin) -> HttpResult<Json<
 #[utoipa::path(get, path = "/api/users/users", tag = "users", params(Page),
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = UserPage), (status = 400, body = crate::openapi::ErrorBody),
-        (status = 401, body = crate::openapi::ErrorBody)))]
+        (status = 401, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn list_users(
     State(state): State<AppState>,
     _admin: Admin,
@@ -74,13 +74,13 @@ pub async fn list_users(
 #[utoipa::path(post, path = "/api/users/users", tag = "users", request_body = NewUser,
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 201, body = UserView), (status = 400, body = crate::openapi::ErrorBody),
-        (status = 401, body = crate::openapi::ErrorBody), (status = 409, body = crate::openapi::ErrorBody)))]
+        (status = 401, body = crate::openapi::ErrorBody), (status = 409, body = crate::openapi::ErrorBody),
+        (status = 413, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn create_user(
     State(state): State<AppState>,
     admin: Admin,
-    bytes: Bytes,
+    Body(user): Body<NewUser>,
 ) -> HttpResult<(StatusCode, Json<UserView>)> {
-    let user: NewUser = body::parse(&bytes)?;
     let req = RegisterRequest { user, caller: admin.caller() };
     Ok((StatusCode::CREATED, Json(state.request(subjects::AUTH_USERS_CREATE, &req).await?)))
 }
@@ -90,15 +90,15 @@ pub async fn create_user(
     params(("id" = String, Path, description = "User id")), security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = UserView), (status = 400, body = crate::openapi::ErrorBody),
         (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody),
-        (status = 409, body = crate::openapi::ErrorBody)))]
+        (status = 409, body = crate::openapi::ErrorBody), (status = 413, body = crate::openapi::ErrorBody),
+        (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn update_user(
     State(state): State<AppState>,
     _admin: Admin,
     Path(id): Path<String>,
-    bytes: Bytes,
+    Body(patch): Body<UserPatch>,
 ) -> HttpResult<Json<UserView>> {
     let id = oid("id", &id)?;
-    let patch: UserPatch = body::parse(&bytes)?;
     Ok(Json(state.request(subjects::AUTH_USERS_UPDATE, &UpdateUserRequest { id: id.to_hex(), patch }).await?))
 }
 
@@ -106,7 +106,8 @@ pub async fn update_user(
 #[utoipa::path(delete, path = "/api/users/users/{id}", tag = "users",
     params(("id" = String, Path, description = "User id")), security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = Deleted), (status = 400, body = crate::openapi::ErrorBody),
-        (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody)))]
+        (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody),
+        (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn delete_user(
     State(state): State<AppState>,
     _admin: Admin,

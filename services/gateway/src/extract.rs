@@ -2,14 +2,16 @@
 //! answered with the JSON error envelope naming the field, never with axum's plain-text 400.
 //!
 //! Use these instead of `axum::extract::{Query, Path, Multipart}`; JSON bodies go through
-//! [`crate::routes::body::Body`].
+//! [`crate::routes::body::Body`]. Path ids are parsed here too, into [`Id`], so handlers never see a malformed one.
 
 use axum::extract::path::ErrorKind;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
-use proxypool_contracts::ApiError;
+use bson::oid::ObjectId;
+use proxypool_contracts::{ApiError, ObjectIdHex};
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
 
 use crate::error::HttpError;
 
@@ -65,6 +67,29 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T>
             }),
             Err(e) => Err(ApiError::internal(format!("path parameters unavailable: {e}")).into()),
         }
+    }
+}
+
+/// A record id in a path (`/api/proxies/{id}`): a 24-character hexadecimal ObjectId, validated when the path is
+/// extracted (`Path<Id>`), so a malformed one is a 400 naming the parameter before the handler runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Id(pub ObjectId);
+
+impl<'de> Deserialize<'de> for Id {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Id;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a 24-character hexadecimal ObjectId")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Id, E> {
+                // The message is the reason only: the extractor prefixes the parameter's name.
+                let hex = ObjectIdHex::parse_field("", Some(v)).map_err(|e| E::custom(e.message.trim_start()))?;
+                ObjectId::parse_str(hex.as_str()).map(Id).map_err(|_| E::custom("is not a valid ObjectId"))
+            }
+        }
+        d.deserialize_str(V)
     }
 }
 

@@ -394,3 +394,58 @@ async fn unparsable_queries_paths_and_bodies_are_json_errors_naming_the_field() 
     app.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_ids_are_parsed_by_the_extractor_and_consumers_are_authenticated_first() -> R {
+    let app = TestApp::builder().seed(Area::Vn, 1).spawn().await?;
+    let routes = [
+        ("POST", "/webhook/return-proxy/{id}?key=65a1b2c3d4e5f60718293a4b"),
+        ("PUT", "/api/proxies/{id}"),
+        ("DELETE", "/api/proxies/{id}"),
+        ("POST", "/api/proxies/{id}/rotate"),
+        ("PUT", "/api/proxy_packages/{id}"),
+        ("DELETE", "/api/proxy_packages/{id}"),
+        ("PUT", "/api/proxy_providers/{id}"),
+        ("DELETE", "/api/proxy_providers/{id}"),
+        ("PUT", "/api/users/users/{id}"),
+        ("DELETE", "/api/users/users/{id}"),
+        ("GET", "/api/imports/{id}"),
+    ];
+    for (method, route) in routes {
+        for bad in ["xyz", "65a1b2c3d4e5f60718293a4", "65a1b2c3d4e5f60718293a4z", "%FF%FE"] {
+            let m = reqwest::Method::from_bytes(method.as_bytes())?;
+            // A malformed body too: the id is refused first, before the body is read.
+            let req = app.http.request(m, app.url(&route.replace("{id}", bad))).header("Authorization", API_KEY);
+            let (status, e) = envelope(req.body("{")).await?;
+            assert_eq!(
+                (status, e["field"].as_str()),
+                (StatusCode::BAD_REQUEST, Some("id")),
+                "{method} {route} {bad}: {e}"
+            );
+        }
+    }
+    // A well-formed id that names nothing gets past the extractor to the handler.
+    let res = app.http_return("65a1b2c3d4e5f60718293a4b", "65a1b2c3d4e5f60718293a4b").await?;
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+
+    // Consumer credentials are checked before anything else is read: no key is a 401 whatever the input.
+    let (status, e) = envelope(app.http.get(app.url("/api/get-proxy?area=mars&area=vn"))).await?;
+    assert_eq!((status, e["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("unauthorized")), "{e}");
+    let (status, _) = envelope(app.http.post(app.url("/webhook/return-proxy/xyz"))).await?;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    app.shutdown().await;
+
+    // And a client outside IP_ALLOWED is a 403 whatever the input.
+    let app = TestApp::builder().ip_allowed(&["10.0.0.0/8"]).seed(Area::Vn, 1).spawn().await?;
+    let key = |r: reqwest::RequestBuilder| r.header("Authorization", API_KEY);
+    for req in [
+        key(app.http.get(app.url("/api/get-proxy?area=vn"))),
+        key(app.http.get(app.url("/api/get-proxy?area=mars&area=vn"))),
+        key(app.http.post(app.url("/webhook/return-proxy/xyz"))),
+    ] {
+        let (status, e) = envelope(req).await?;
+        assert_eq!((status, e["code"].as_str()), (StatusCode::FORBIDDEN, Some("forbidden")), "{e}");
+    }
+    app.shutdown().await;
+    Ok(())
+}

@@ -2,18 +2,15 @@
 //!
 //! Both forward to the lease service over NATS, so HTTP and NATS consumers get the same answers and codes.
 
-use std::net::SocketAddr;
-
-use axum::extract::{ConnectInfo, State};
-use axum::http::HeaderMap;
+use axum::extract::State;
 use axum::Json;
 use proxypool_contracts::lease::{AcquireRequest, LeaseGrant, ReleaseOutcome, ReleaseRequest};
 use proxypool_contracts::{subjects, Area, ObjectIdHex};
 use serde::Deserialize;
 
-use crate::auth;
+use crate::auth::Consumer;
 use crate::error::HttpResult;
-use crate::extract::{Path, Query};
+use crate::extract::{Id, Path, Query};
 use crate::state::AppState;
 
 /// Query of `GET /api/get-proxy`.
@@ -36,12 +33,9 @@ pub struct GetProxyQuery {
 #[tracing::instrument(skip_all, fields(area = q.area.as_deref().unwrap_or("")))]
 pub async fn get_proxy(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    Consumer { ip }: Consumer,
     Query(q): Query<GetProxyQuery>,
 ) -> HttpResult<Json<LeaseGrant>> {
-    let c = &state.config;
-    let ip = auth::check_consumer(peer, &headers, c.allowed_api_key.expose(), &c.ip_allowed, &c.trusted_proxies)?;
     let area = Area::parse_field("area", q.area.as_deref())?;
     let req = AcquireRequest {
         area: Some(area.as_str().to_owned()),
@@ -68,15 +62,11 @@ pub struct ReturnQuery {
 #[tracing::instrument(skip_all)]
 pub async fn return_proxy(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
+    _consumer: Consumer,
+    Path(Id(id)): Path<Id>,
     Query(q): Query<ReturnQuery>,
 ) -> HttpResult<Json<ReleaseOutcome>> {
-    let c = &state.config;
-    auth::check_consumer(peer, &headers, c.allowed_api_key.expose(), &c.ip_allowed, &c.trusted_proxies)?;
-    let proxy_id = ObjectIdHex::parse_field("id", Some(&id))?;
     let key = ObjectIdHex::parse_field("key", q.key.as_deref())?;
-    let req = ReleaseRequest { proxy_id: Some(proxy_id.to_string()), key: Some(key.to_string()) };
+    let req = ReleaseRequest { proxy_id: Some(id.to_hex()), key: Some(key.to_string()) };
     Ok(Json(state.request(subjects::LEASE_RELEASE, &req).await?))
 }

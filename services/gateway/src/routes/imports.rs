@@ -19,8 +19,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::Admin;
 use crate::error::{HttpError, HttpResult};
-use crate::extract::{Multipart, Path, Query};
-use crate::routes::common::oid;
+use crate::extract::{Id, Multipart, Path, Query};
 use crate::state::AppState;
 
 /// The longest the gateway waits for a job to finish before answering 202.
@@ -207,8 +206,8 @@ pub async fn import_zing(
 pub async fn get_import(
     State(state): State<AppState>,
     _admin: Admin,
-    Path(id): Path<String>,
+    Path(Id(id)): Path<Id>,
 ) -> HttpResult<Json<ImportJob>> {
-    let id = oid("id", &id)?.to_hex();
+    let id = id.to_hex();
     Ok(Json(state.request(subjects::IMPORT_STATUS, &JobStatusRequest { id }).await?))
 }

@@ -12,7 +12,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::Admin;
 use crate::error::HttpResult;
-use crate::extract::{Path, Query};
+use crate::extract::{Id, Path, Query};
 use crate::routes::body::Body;
 use crate::routes::common::{
     db_error, delete_checked, filter_id, iso, list, non_empty, oid, price, BulkDelete, DeleteResult, Page, Paged,
@@ -184,10 +184,9 @@ pub async fn create_package(
 pub async fn update_package(
     State(state): State<AppState>,
     admin: Admin,
-    Path(id): Path<String>,
+    Path(Id(id)): Path<Id>,
     Body(b): Body<UpdatePackage>,
 ) -> HttpResult<Json<PackageView>> {
-    let id = oid("id", &id)?;
     let mut set = doc! { "updatedAt": DateTime::now(), "updated_by": admin.user_id };
     if let Some(v) = &b.code {
         set.insert("code", non_empty("code", v, 200)?);
@@ -240,9 +239,8 @@ pub async fn update_package(
 pub async fn delete_package(
     State(state): State<AppState>,
     _admin: Admin,
-    Path(id): Path<String>,
+    Path(Id(id)): Path<Id>,
 ) -> HttpResult<Json<DeleteResult>> {
-    let id = oid("id", &id)?;
     let s = &state.store;
     Ok(Json(delete_checked(&s.packages(), &[id], &s.proxies(), "proxy_package_id", "package").await?))
 }

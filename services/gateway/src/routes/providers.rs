@@ -12,11 +12,9 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::Admin;
 use crate::error::HttpResult;
-use crate::extract::{Path, Query};
+use crate::extract::{Id, Path, Query};
 use crate::routes::body::Body;
-use crate::routes::common::{
-    db_error, delete_checked, iso, list, non_empty, oid, BulkDelete, DeleteResult, Page, Paged,
-};
+use crate::routes::common::{db_error, delete_checked, iso, list, non_empty, BulkDelete, DeleteResult, Page, Paged};
 use crate::state::AppState;
 
 const DUPLICATE: &str = "a provider with this name, account or domain";
@@ -197,10 +195,9 @@ pub async fn create_provider(
 pub async fn update_provider(
     State(state): State<AppState>,
     admin: Admin,
-    Path(id): Path<String>,
+    Path(Id(id)): Path<Id>,
     Body(b): Body<UpdateProvider>,
 ) -> HttpResult<Json<ProviderView>> {
-    let id = oid("id", &id)?;
     let mut set = doc! { "updatedAt": DateTime::now(), "updated_by": admin.user_id };
     if let Some(v) = &b.name {
         set.insert("name", non_empty("name", v, 200)?);
@@ -236,9 +233,8 @@ pub async fn update_provider(
 pub async fn delete_provider(
     State(state): State<AppState>,
     _admin: Admin,
-    Path(id): Path<String>,
+    Path(Id(id)): Path<Id>,
 ) -> HttpResult<Json<DeleteResult>> {
-    let id = oid("id", &id)?;
     let s = &state.store;
     Ok(Json(delete_checked(&s.providers(), &[id], &s.packages(), "proxy_provider_id", "provider").await?))
 }

@@ -20,7 +20,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::Admin;
 use crate::error::{HttpError, HttpResult};
-use crate::extract::{Path, Query};
+use crate::extract::{Id, Path, Query};
 use crate::routes::body::Body;
 use crate::routes::common::{
     db_error, filter_id, http_url, iso, list, non_empty, oid, BulkDelete, DeleteResult, Page, Paged,
@@ -332,10 +332,9 @@ pub async fn create_proxy(
 pub async fn update_proxy(
     State(state): State<AppState>,
     admin: Admin,
-    Path(id): Path<String>,
+    Path(Id(id)): Path<Id>,
     Body(b): Body<UpdateProxy>,
 ) -> HttpResult<Json<ProxyView>> {
-    let id = oid("id", &id)?;
     let mut set = doc! { "updatedAt": DateTime::now(), "updated_by": admin.user_id };
     if let Some(v) = &b.ip {
         set.insert("ip", non_empty("ip", v, 255)?);
@@ -439,9 +438,8 @@ async fn delete_ids(state: &AppState, ids: &[ObjectId]) -> HttpResult<DeleteResu
 pub async fn delete_proxy(
     State(state): State<AppState>,
     _admin: Admin,
-    Path(id): Path<String>,
+    Path(Id(id)): Path<Id>,
 ) -> HttpResult<Json<DeleteResult>> {
-    let id = oid("id", &id)?;
     Ok(Json(delete_ids(&state, &[id]).await?))
 }
 
@@ -504,9 +502,8 @@ pub async fn drop_proxies(
 pub async fn rotate_proxy(
     State(state): State<AppState>,
     _admin: Admin,
-    Path(id): Path<String>,
+    Path(Id(id)): Path<Id>,
 ) -> HttpResult<(StatusCode, Json<proxypool_contracts::rotation::RotateNowReply>)> {
-    let id = oid("id", &id)?;
     let req = proxypool_contracts::rotation::RotateNowRequest { proxy_id: id.to_hex() };
     Ok((StatusCode::ACCEPTED, Json(state.request(subjects::ROTATOR_ROTATE_NOW, &req).await?)))
 }

@@ -11,9 +11,9 @@ use proxypool_contracts::{subjects, ApiError, ErrorCode};
 
 use crate::auth::{Admin, MaybeAdmin};
 use crate::error::HttpResult;
-use crate::extract::{Path, Query};
+use crate::extract::{Id, Path, Query};
 use crate::routes::body::Body;
-use crate::routes::common::{oid, Page};
+use crate::routes::common::Page;
 use crate::state::AppState;
 
 /// Register a user. The first user registers freely; after that an admin token (or `ALLOW_REGISTRATION=true`) is
@@ -95,10 +95,9 @@ pub async fn create_user(
 pub async fn update_user(
     State(state): State<AppState>,
     _admin: Admin,
-    Path(id): Path<String>,
+    Path(Id(id)): Path<Id>,
     Body(patch): Body<UserPatch>,
 ) -> HttpResult<Json<UserView>> {
-    let id = oid("id", &id)?;
     Ok(Json(state.request(subjects::AUTH_USERS_UPDATE, &UpdateUserRequest { id: id.to_hex(), patch }).await?))
 }
 
@@ -111,8 +110,7 @@ pub async fn update_user(
 pub async fn delete_user(
     State(state): State<AppState>,
     _admin: Admin,
-    Path(id): Path<String>,
+    Path(Id(id)): Path<Id>,
 ) -> HttpResult<Json<Deleted>> {
-    let id = oid("id", &id)?;
     Ok(Json(state.request(subjects::AUTH_USERS_DELETE, &UserIdRequest { id: id.to_hex() }).await?))
 }

@@ -88,9 +88,7 @@ impl axum::extract::FromRequestParts<crate::state::AppState> for Consumer {
         // Present whenever the server runs through `crate::run` (`into_make_service_with_connect_info`).
         let Some(axum::extract::ConnectInfo(peer)) = parts.extensions.get::<axum::extract::ConnectInfo<SocketAddr>>()
         else {
-            return Err(HttpError(proxypool_contracts::ApiError::internal(
-                "the peer address of the request is unknown",
-            )));
+            return Err(proxypool_contracts::ApiError::internal("the peer address of the request is unknown").into());
         };
         let c = &state.config;
         let ip = check_consumer(*peer, &parts.headers, c.allowed_api_key.expose(), &c.ip_allowed, &c.trusted_proxies)?;

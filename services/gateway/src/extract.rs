@@ -23,7 +23,7 @@ pub fn invalid_at(path: &str, reason: &str, fallback: &str) -> HttpError {
     let field = if path.is_empty() || path == "." { named.unwrap_or_else(|| fallback.to_owned()) } else { path.into() };
     // Drop serde's "at line x column y" suffix: the field name is the useful part.
     let reason = reason.split(" at line ").next().unwrap_or(reason);
-    HttpError(ApiError::invalid(&field, format!("is invalid: {reason}")))
+    ApiError::invalid(&field, format!("is invalid: {reason}")).into()
 }
 
 /// A query string deserialized into `T`; a bad value is a 400 naming its parameter (`?page=abc` → `page`).
@@ -113,11 +113,11 @@ mod tests {
 
     #[test]
     fn messages_name_the_field() {
-        let e = invalid_at("", "duplicate field `page`", "query").0;
+        let e = invalid_at("", "duplicate field `page`", "query").error;
         assert_eq!(e.field.as_deref(), Some("page"));
-        let e = invalid_at("wait", "provided string was not `true` or `false`", "query").0;
+        let e = invalid_at("wait", "provided string was not `true` or `false`", "query").error;
         assert_eq!(e.field.as_deref(), Some("wait"));
-        let e = invalid_at("", "expected value at line 1 column 1", "body").0;
+        let e = invalid_at("", "expected value at line 1 column 1", "body").error;
         assert_eq!((e.field.as_deref(), e.message.as_str()), (Some("body"), "body is invalid: expected value"));
     }
 }

@@ -50,10 +50,10 @@ async fn bounded(req: axum::extract::Request, next: axum::middleware::Next) -> a
     let limit = if upload { UPLOAD_TIMEOUT } else { REQUEST_TIMEOUT };
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(res) => res,
-        Err(_) => {
-            error::HttpError(proxypool_contracts::ApiError::unavailable("the request took too long; retry shortly"))
-                .into_response()
-        }
+        Err(_) => error::HttpError::from(proxypool_contracts::ApiError::unavailable(
+            "the request took too long; retry shortly",
+        ))
+        .into_response(),
     }
 }
 

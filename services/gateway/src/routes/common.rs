@@ -11,9 +11,11 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::error::{HttpError, HttpResult};
 
-/// Maps a database error; `what` names the record for a duplicate.
+/// Maps a database error; `what` names the record for a duplicate. The driver's error goes with it as the cause,
+/// logged once with the response (see [`crate::error`]).
 pub fn db_error(e: impl Into<StoreError>, what: &str) -> HttpError {
-    HttpError(e.into().into_api(what))
+    let e = e.into();
+    HttpError::from(e.to_api(what)).with_cause(e)
 }
 
 /// BSON time → chrono.

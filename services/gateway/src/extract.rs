@@ -93,6 +93,22 @@ impl<'de> Deserialize<'de> for Id {
     }
 }
 
+impl utoipa::PartialSchema for Id {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .pattern(Some(OBJECT_ID_PATTERN))
+            .description(Some("A 24-character hexadecimal ObjectId"))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Id {}
+
+/// The pattern of an ObjectId in hex, for the OpenAPI document of id fields (`#[schema(pattern = ...)]` takes a
+/// literal: keep those in step).
+pub const OBJECT_ID_PATTERN: &str = "^[0-9a-fA-F]{24}$";
+
 /// A `multipart/form-data` body; a request that is not one is a 400 naming `file` (the only form field we take).
 #[derive(Debug)]
 pub struct Multipart(pub axum::extract::Multipart);

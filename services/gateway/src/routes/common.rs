@@ -122,6 +122,7 @@ where
 #[serde(deny_unknown_fields)]
 pub struct BulkDelete {
     /// Ids to delete (at most 10,000).
+    #[schema(inline, value_type = Vec<crate::extract::Id>, min_items = 1, max_items = 10000)]
     pub ids: Vec<String>,
 }
 

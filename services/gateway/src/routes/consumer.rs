@@ -17,10 +17,12 @@ use crate::state::AppState;
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct GetProxyQuery {
-    /// `vn` or `global`.
+    /// `vn` or `global` (required; read as text so that a bad one is refused with the valid values).
+    #[param(value_type = Area, required = true)]
     pub area: Option<String>,
     /// Optional URL notified (POST, JSON) if the lease is taken: rotation after the drain timeout, proxy disabled or
     /// deleted. Loopback, private and link-local targets are refused unless `CALLBACK_ALLOW_PRIVATE=true`.
+    #[param(format = "uri")]
     pub callback_url: Option<String>,
 }
 
@@ -50,12 +52,13 @@ pub async fn get_proxy(
 #[into_params(parameter_in = Query)]
 pub struct ReturnQuery {
     /// The lease key.
+    #[param(pattern = "^[0-9a-fA-F]{24}$")]
     pub key: Option<String>,
 }
 
 /// Return a lease (static key + IP allow list).
 #[utoipa::path(post, path = "/webhook/return-proxy/{id}", tag = "consumer",
-    params(("id" = String, Path, description = "Proxy id"), ReturnQuery), security(("api_key" = [])),
+    params(("id" = inline(crate::extract::Id), Path, description = "Proxy id"), ReturnQuery), security(("api_key" = [])),
     responses((status = 200, body = ReleaseOutcome), (status = 400, body = crate::openapi::ErrorBody),
         (status = 401, body = crate::openapi::ErrorBody), (status = 403, body = crate::openapi::ErrorBody),
         (status = 404, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)))]

@@ -194,7 +194,7 @@ pub async fn import_zing(
 
 /// An import job: status, counts and row errors.
 #[utoipa::path(get, path = "/api/imports/{id}", tag = "imports",
-    params(("id" = String, Path, description = "Job id")), security(("bearer" = []), ("api_key" = [])),
+    params(("id" = inline(crate::extract::Id), Path, description = "Job id")), security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = ImportJob), (status = 400, body = crate::openapi::ErrorBody),
         (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody),
         (status = 503, body = crate::openapi::ErrorBody)))]

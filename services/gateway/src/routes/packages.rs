@@ -33,6 +33,7 @@ pub struct CreatePackage {
     #[serde(default)]
     pub note: String,
     /// Parent provider; must exist.
+    #[schema(pattern = "^[0-9a-fA-F]{24}$")]
     pub proxy_provider_id: String,
     /// Active, default true.
     #[serde(default)]
@@ -52,6 +53,7 @@ pub struct UpdatePackage {
     /// Note.
     pub note: Option<String>,
     /// Provider; must exist.
+    #[schema(pattern = "^[0-9a-fA-F]{24}$")]
     pub proxy_provider_id: Option<String>,
     /// Active.
     pub is_active: Option<bool>,
@@ -109,6 +111,7 @@ impl From<PackageDoc> for PackageView {
 #[into_params(parameter_in = Query)]
 pub struct PackageQuery {
     /// Only packages of this provider id.
+    #[param(pattern = "^[0-9a-fA-F]{24}$")]
     pub provider: Option<String>,
     /// Only active (true) or inactive (false) packages.
     pub active: Option<bool>,
@@ -176,7 +179,7 @@ pub async fn create_package(
 
 /// Update a package.
 #[utoipa::path(put, path = "/api/proxy_packages/{id}", tag = "packages", request_body = UpdatePackage,
-    params(("id" = String, Path, description = "Package id")), security(("bearer" = []), ("api_key" = [])),
+    params(("id" = inline(crate::extract::Id), Path, description = "Package id")), security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = PackageView), (status = 400, body = crate::openapi::ErrorBody),
         (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody),
         (status = 409, body = crate::openapi::ErrorBody), (status = 413, body = crate::openapi::ErrorBody),
@@ -232,7 +235,7 @@ pub async fn update_package(
 
 /// Delete a package (409 while proxies refer to it).
 #[utoipa::path(delete, path = "/api/proxy_packages/{id}", tag = "packages",
-    params(("id" = String, Path, description = "Package id")), security(("bearer" = []), ("api_key" = [])),
+    params(("id" = inline(crate::extract::Id), Path, description = "Package id")), security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = DeleteResult), (status = 400, body = crate::openapi::ErrorBody),
         (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody),
         (status = 409, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)))]

@@ -187,7 +187,7 @@ pub async fn create_provider(
 
 /// Update a provider.
 #[utoipa::path(put, path = "/api/proxy_providers/{id}", tag = "providers", request_body = UpdateProvider,
-    params(("id" = String, Path, description = "Provider id")), security(("bearer" = []), ("api_key" = [])),
+    params(("id" = inline(crate::extract::Id), Path, description = "Provider id")), security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = ProviderView), (status = 400, body = crate::openapi::ErrorBody),
         (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody),
         (status = 409, body = crate::openapi::ErrorBody), (status = 413, body = crate::openapi::ErrorBody),
@@ -226,7 +226,7 @@ pub async fn update_provider(
 
 /// Delete a provider (409 while packages refer to it).
 #[utoipa::path(delete, path = "/api/proxy_providers/{id}", tag = "providers",
-    params(("id" = String, Path, description = "Provider id")), security(("bearer" = []), ("api_key" = [])),
+    params(("id" = inline(crate::extract::Id), Path, description = "Provider id")), security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = DeleteResult), (status = 400, body = crate::openapi::ErrorBody),
         (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody),
         (status = 409, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)))]

@@ -34,6 +34,7 @@ pub struct CreateProxy {
     /// IP or hostname.
     pub ip: String,
     /// Port, 1–65535.
+    #[schema(minimum = 1)]
     pub port: u16,
     /// Username.
     #[serde(default)]
@@ -44,6 +45,7 @@ pub struct CreateProxy {
     /// `vn` or `global`.
     pub area: Area,
     /// Rotate URL (absolute http(s)).
+    #[schema(format = "uri")]
     pub rotate_url: String,
     /// Seconds between rotations, default 60.
     #[serde(default)]
@@ -61,6 +63,7 @@ pub struct CreateProxy {
     #[serde(default)]
     pub expired_at: Option<chrono::DateTime<chrono::Utc>>,
     /// Parent package; must exist.
+    #[schema(pattern = "^[0-9a-fA-F]{24}$")]
     pub proxy_package_id: String,
 }
 
@@ -79,6 +82,7 @@ pub struct UpdateProxy {
     /// Area.
     pub area: Option<Area>,
     /// Rotate URL.
+    #[schema(format = "uri")]
     pub rotate_url: Option<String>,
     /// Seconds between rotations.
     pub rotate_time: Option<i64>,
@@ -91,6 +95,7 @@ pub struct UpdateProxy {
     /// Subscription expiry.
     pub expired_at: Option<chrono::DateTime<chrono::Utc>>,
     /// Parent package; must exist (its name is copied).
+    #[schema(pattern = "^[0-9a-fA-F]{24}$")]
     pub proxy_package_id: Option<String>,
 }
 
@@ -233,10 +238,13 @@ pub struct ProxyQuery {
     /// Include passwords and auth tokens.
     pub get_full: Option<bool>,
     /// `vn` or `global`.
+    #[param(value_type = Option<Area>)]
     pub area: Option<String>,
     /// Package id.
+    #[param(pattern = "^[0-9a-fA-F]{24}$")]
     pub package: Option<String>,
     /// Provider id (proxies of its packages).
+    #[param(pattern = "^[0-9a-fA-F]{24}$")]
     pub provider: Option<String>,
     /// Enabled (true) or disabled (false).
     pub active: Option<bool>,
@@ -325,7 +333,7 @@ pub async fn create_proxy(
 
 /// Update a proxy (never its lease state).
 #[utoipa::path(put, path = "/api/proxies/{id}", tag = "proxies", request_body = UpdateProxy,
-    params(("id" = String, Path, description = "Proxy id")), security(("bearer" = []), ("api_key" = [])),
+    params(("id" = inline(crate::extract::Id), Path, description = "Proxy id")), security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = ProxyView), (status = 400, body = crate::openapi::ErrorBody),
         (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody),
         (status = 413, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)))]
@@ -431,7 +439,7 @@ async fn delete_ids(state: &AppState, ids: &[ObjectId]) -> HttpResult<DeleteResu
 
 /// Delete a proxy.
 #[utoipa::path(delete, path = "/api/proxies/{id}", tag = "proxies",
-    params(("id" = String, Path, description = "Proxy id")), security(("bearer" = []), ("api_key" = [])),
+    params(("id" = inline(crate::extract::Id), Path, description = "Proxy id")), security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = DeleteResult), (status = 400, body = crate::openapi::ErrorBody),
         (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody),
         (status = 503, body = crate::openapi::ErrorBody)))]
@@ -494,7 +502,7 @@ pub async fn drop_proxies(
 
 /// Queue an immediate rotation of a proxy (drains its leases first).
 #[utoipa::path(post, path = "/api/proxies/{id}/rotate", tag = "proxies",
-    params(("id" = String, Path, description = "Proxy id")), security(("bearer" = []), ("api_key" = [])),
+    params(("id" = inline(crate::extract::Id), Path, description = "Proxy id")), security(("bearer" = []), ("api_key" = [])),
     responses((status = 202, body = proxypool_contracts::rotation::RotateNowReply),
         (status = 400, body = crate::openapi::ErrorBody), (status = 401, body = crate::openapi::ErrorBody),
         (status = 404, body = crate::openapi::ErrorBody), (status = 409, body = crate::openapi::ErrorBody),

@@ -87,7 +87,7 @@ pub async fn create_user(
 
 /// Update a user's email, username or password.
 #[utoipa::path(put, path = "/api/users/users/{id}", tag = "users", request_body = UserPatch,
-    params(("id" = String, Path, description = "User id")), security(("bearer" = []), ("api_key" = [])),
+    params(("id" = inline(crate::extract::Id), Path, description = "User id")), security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = UserView), (status = 400, body = crate::openapi::ErrorBody),
         (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody),
         (status = 409, body = crate::openapi::ErrorBody), (status = 413, body = crate::openapi::ErrorBody),
@@ -103,7 +103,7 @@ pub async fn update_user(
 
 /// Delete a user.
 #[utoipa::path(delete, path = "/api/users/users/{id}", tag = "users",
-    params(("id" = String, Path, description = "User id")), security(("bearer" = []), ("api_key" = [])),
+    params(("id" = inline(crate::extract::Id), Path, description = "User id")), security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = Deleted), (status = 400, body = crate::openapi::ErrorBody),
         (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody),
         (status = 503, body = crate::openapi::ErrorBody)))]

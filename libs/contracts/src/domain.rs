@@ -95,6 +95,47 @@ impl fmt::Display for ObjectIdHex {
     }
 }
 
+/// A validated page of a list: the one place the bounds of `page` and `limit` live, for the gateway's list routes
+/// and the auth service's user list alike.
+///
+/// `page` is bounded so that the number of documents skipped, `(page - 1) * limit`, always fits MongoDB's signed
+/// 64-bit `skip` (an unbounded `u64` page made the driver fail with a 500); a million pages of 500 is far past any
+/// pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pagination {
+    /// 1-based page.
+    pub page: u64,
+    /// Page size.
+    pub limit: i64,
+}
+
+impl Pagination {
+    /// The largest `page` accepted.
+    pub const MAX_PAGE: u64 = 1_000_000;
+    /// The largest `limit` accepted.
+    pub const MAX_LIMIT: i64 = 500;
+    /// `limit` when none is given.
+    pub const DEFAULT_LIMIT: i64 = 20;
+
+    /// Validates a requested page (default 1) and limit (default 20); the error names `page` or `limit`.
+    pub fn parse(page: Option<u64>, limit: Option<i64>) -> Result<Self, ApiError> {
+        let page = page.unwrap_or(1);
+        let limit = limit.unwrap_or(Self::DEFAULT_LIMIT);
+        if !(1..=Self::MAX_PAGE).contains(&page) {
+            return Err(ApiError::invalid("page", format!("must be between 1 and {}", Self::MAX_PAGE)));
+        }
+        if !(1..=Self::MAX_LIMIT).contains(&limit) {
+            return Err(ApiError::invalid("limit", format!("must be between 1 and {}", Self::MAX_LIMIT)));
+        }
+        Ok(Self { page, limit })
+    }
+
+    /// Documents to skip: at most `(MAX_PAGE - 1) * MAX_LIMIT`, well inside `i64`.
+    pub fn skip(self) -> u64 {
+        (self.page - 1).saturating_mul(self.limit.unsigned_abs())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,6 +150,26 @@ mod tests {
         assert_eq!(e.and_then(|e| e.field.as_deref()), Some("area"));
         assert!(Area::parse_field("area", None).is_err());
         assert!(Area::parse_field("area", Some("VN ")).is_err(), "areas are lowercase on the wire");
+    }
+
+    #[test]
+    fn pagination_is_bounded_and_names_the_field() {
+        assert_eq!(Pagination::parse(None, None).ok(), Some(Pagination { page: 1, limit: 20 }));
+        let max = Pagination::parse(Some(Pagination::MAX_PAGE), Some(Pagination::MAX_LIMIT));
+        let max = max.map(Pagination::skip).unwrap_or_default();
+        assert!(i64::try_from(max).is_ok(), "the largest skip fits MongoDB's i64");
+        for (page, limit, field) in [
+            (Some(0), None, "page"),
+            (Some(9_223_372_036_854_775_808), None, "page"),
+            (Some(u64::MAX), None, "page"),
+            (None, Some(0), "limit"),
+            (None, Some(-1), "limit"),
+            (None, Some(501), "limit"),
+        ] {
+            let e = Pagination::parse(page, limit).err();
+            assert_eq!(e.as_ref().map(|e| e.code), Some(ErrorCode::InvalidInput));
+            assert_eq!(e.as_ref().and_then(|e| e.field.as_deref()), Some(field), "{page:?} {limit:?}");
+        }
     }
 
     #[test]

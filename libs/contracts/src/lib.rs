@@ -6,7 +6,7 @@
 //! # Layout
 //! - [`subjects`]: subject names and queue groups.
 //! - [`endpoints`]: every request-reply endpoint (subject + request + reply) and event (subject + payload) as a type.
-//! - [`domain`]: validated input types ([`Area`], [`ObjectIdHex`]) that inner code can trust.
+//! - [`domain`]: validated input types ([`Area`], [`ObjectIdHex`], [`Pagination`]) that inner code can trust.
 //! - [`reply`]: the reply envelope and the typed error shared by NATS replies and HTTP bodies.
 //! - [`lease`]: lease acquire/release requests and replies.
 //! - [`events`]: broadcast events (`proxy.changed`).
@@ -26,6 +26,6 @@ pub mod reply;
 pub mod rotation;
 pub mod subjects;
 
-pub use domain::{Area, ObjectIdHex};
+pub use domain::{Area, ObjectIdHex, Pagination};
 pub use endpoints::{Endpoint, Event};
 pub use reply::{ApiError, ErrorCode, Reply};

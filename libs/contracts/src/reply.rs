@@ -50,10 +50,20 @@ pub enum ErrorCode {
     Forbidden,
     /// The proxy, lease key or record does not exist. HTTP 404.
     NotFound,
+    /// The route exists but not with this HTTP method (HTTP only). HTTP 405.
+    MethodNotAllowed,
     /// The write conflicts with existing data (duplicate, children still attached). HTTP 409.
     Conflict,
     /// The upload is larger than the configured limit (`IMPORT_MAX_BYTES`). HTTP 413.
     PayloadTooLarge,
+    /// The request needs an integration this deployment has not configured (e.g. the KiotProxy import without
+    /// `KIOT_API_KEY`). HTTP 409, not retryable.
+    ///
+    /// 409 rather than 503 or 501: the request is well formed and the server is healthy, but it conflicts with the
+    /// deployment's current state, which only an operator can change; once the token is set the same request
+    /// succeeds. A 5xx would page the on-call and make clients and proxies retry a request that cannot succeed,
+    /// and `Retry-After` (which 503 carried) promised that it might.
+    NotConfigured,
     /// No proxy in the area can take another lease right now; retry later. HTTP 503 with `Retry-After`.
     NoProxyAvailable,
     /// A dependency (NATS, MongoDB, the lease service) is unreachable; retry later. HTTP 503 with `Retry-After`.
@@ -70,7 +80,8 @@ impl ErrorCode {
             ErrorCode::Unauthorized => 401,
             ErrorCode::Forbidden => 403,
             ErrorCode::NotFound => 404,
-            ErrorCode::Conflict => 409,
+            ErrorCode::MethodNotAllowed => 405,
+            ErrorCode::Conflict | ErrorCode::NotConfigured => 409,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::NoProxyAvailable | ErrorCode::ServiceUnavailable => 503,
             ErrorCode::Internal => 500,
@@ -134,6 +145,11 @@ impl ApiError {
         Self::new(ErrorCode::ServiceUnavailable, message)
     }
 
+    /// `not_configured`: the integration behind the request is switched off in this deployment.
+    pub fn not_configured(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::NotConfigured, message)
+    }
+
     /// `internal`.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::Internal, message)
@@ -156,5 +172,8 @@ mod tests {
         let none = ApiError::new(ErrorCode::NoProxyAvailable, "x");
         assert_eq!(none.retry_after_secs, Some(1));
         assert_eq!(none.code.http_status(), 503);
+        let off = ApiError::not_configured("x");
+        assert_eq!((off.code.http_status(), off.retry_after_secs), (409, None), "not retryable");
+        assert_eq!(serde_json::to_value(off.code).ok(), Some(serde_json::json!("not_configured")));
     }
 }

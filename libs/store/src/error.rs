@@ -20,17 +20,26 @@ impl StoreError {
     /// The reply a caller gets: unreachable → retryable `service_unavailable`, a unique-index refusal → `conflict`
     /// ("`what` already exists"), anything else → `internal`, logged with its cause.
     pub fn into_api(self, what: &str) -> proxypool_contracts::ApiError {
+        match &self {
+            StoreError::Unavailable(e) => tracing::warn!(error = %e, "database unavailable"),
+            StoreError::Duplicate(_) => {}
+            StoreError::Other(e) => tracing::error!(error = ?e, "database error"),
+        }
+        self.to_api(what)
+    }
+
+    /// [`StoreError::into_api`] without the log line, for a caller that logs the error itself with this one as
+    /// its cause (the gateway logs each failed request once).
+    pub fn to_api(&self, what: &str) -> proxypool_contracts::ApiError {
         use proxypool_contracts::{ApiError, ErrorCode};
         match self {
-            StoreError::Unavailable(e) => {
+            StoreError::Unavailable(_) => {
                 proxypool_telemetry::metrics::dependency_error("mongodb");
-                tracing::warn!(error = %e, "database unavailable");
                 ApiError::unavailable("the database is unreachable; retry shortly")
             }
             StoreError::Duplicate(_) => ApiError::new(ErrorCode::Conflict, format!("{what} already exists")),
-            StoreError::Other(e) => {
+            StoreError::Other(_) => {
                 proxypool_telemetry::metrics::dependency_error("mongodb");
-                tracing::error!(error = ?e, "database error");
                 ApiError::internal("unexpected database error")
             }
         }

@@ -187,17 +187,10 @@ impl AuthService {
 
     /// A page of users.
     pub async fn list(&self, req: ListUsersRequest) -> Result<UserPage, ApiError> {
-        let page = req.page.unwrap_or(1);
-        let limit = req.limit.unwrap_or(20);
-        if page == 0 {
-            return Err(ApiError::invalid("page", "must be at least 1"));
-        }
-        if !(1..=500).contains(&limit) {
-            return Err(ApiError::invalid("limit", "must be between 1 and 500"));
-        }
+        let p = proxypool_contracts::Pagination::parse(req.page, req.limit)?;
+        let (page, limit, skip) = (p.page, p.limit, p.skip());
         let users = self.store.users();
         let total = users.count_documents(doc! {}).await.map_err(db)?;
-        let skip = (page - 1).saturating_mul(u64::try_from(limit).unwrap_or(20));
         let docs: Vec<UserDoc> = users
             .find(doc! {})
             .sort(doc! { "_id": 1 })

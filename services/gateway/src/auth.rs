@@ -70,6 +70,32 @@ pub fn check_consumer(
     Ok(ip)
 }
 
+/// An authenticated consumer (the static key and an allowed client IP, per [`check_consumer`]), extracted before
+/// anything else of the request is read, so that a caller without credentials learns nothing from validation errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Consumer {
+    /// The client's IP (see the module doc), recorded on its leases.
+    pub ip: IpAddr,
+}
+
+impl axum::extract::FromRequestParts<crate::state::AppState> for Consumer {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &crate::state::AppState,
+    ) -> Result<Self, Self::Rejection> {
+        // Present whenever the server runs through `crate::run` (`into_make_service_with_connect_info`).
+        let Some(axum::extract::ConnectInfo(peer)) = parts.extensions.get::<axum::extract::ConnectInfo<SocketAddr>>()
+        else {
+            return Err(proxypool_contracts::ApiError::internal("the peer address of the request is unknown").into());
+        };
+        let c = &state.config;
+        let ip = check_consumer(*peer, &parts.headers, c.allowed_api_key.expose(), &c.ip_allowed, &c.trusted_proxies)?;
+        Ok(Consumer { ip })
+    }
+}
+
 /// An authenticated admin: a user with a valid JWT, or a machine client with the static key.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Admin {

@@ -8,6 +8,7 @@
 //! - [`config`]: `GatewayConfig` from the environment.
 //! - [`auth`]: static key (constant time), client IP and `TRUSTED_PROXIES`.
 //! - [`error`]: the one HTTP error type.
+//! - [`extract`]: `Query`, `Path` and `Multipart` extractors whose rejection is that error type.
 //! - [`metrics`]: Prometheus metrics and the HTTP span.
 //! - [`state`]: handler state and the typed NATS calls.
 //! - [`routes`]: the handlers, one module per resource.
@@ -16,6 +17,7 @@
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod extract;
 pub mod metrics;
 pub mod openapi;
 pub mod routes;
@@ -48,11 +50,22 @@ async fn bounded(req: axum::extract::Request, next: axum::middleware::Next) -> a
     let limit = if upload { UPLOAD_TIMEOUT } else { REQUEST_TIMEOUT };
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(res) => res,
-        Err(_) => {
-            error::HttpError(proxypool_contracts::ApiError::unavailable("the request took too long; retry shortly"))
-                .into_response()
-        }
+        Err(_) => error::HttpError::from(proxypool_contracts::ApiError::unavailable(
+            "the request took too long; retry shortly",
+        ))
+        .into_response(),
     }
+}
+
+/// The JSON `not_found` of a path no route serves (axum's default is an empty body).
+async fn no_route(method: axum::http::Method, uri: axum::http::Uri) -> error::HttpError {
+    proxypool_contracts::ApiError::not_found(format!("no route {method} {}", uri.path())).into()
+}
+
+/// The JSON `method_not_allowed` of a route called with a method it does not serve.
+async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> error::HttpError {
+    let code = proxypool_contracts::ErrorCode::MethodNotAllowed;
+    proxypool_contracts::ApiError::new(code, format!("{} does not take {method}", uri.path())).into()
 }
 
 /// The router with every route, and the OpenAPI document built from the same handler annotations.
@@ -60,10 +73,10 @@ async fn bounded(req: axum::extract::Request, next: axum::middleware::Next) -> a
 /// `upload_limit` bounds the body of the spreadsheet upload route (every other route keeps axum's 2 MB default).
 pub fn router_and_doc(upload_limit: usize) -> (Router<AppState>, utoipa::openapi::OpenApi) {
     use routes::{consumer, health, imports, packages, providers, proxies, users};
-    use utoipa::OpenApi;
+    use utoipa::{Modify, OpenApi};
     use utoipa_axum::router::OpenApiRouter;
     use utoipa_axum::routes;
-    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+    let (router, mut doc) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
         .routes(routes!(consumer::get_proxy))
@@ -92,7 +105,9 @@ pub fn router_and_doc(upload_limit: usize) -> (Router<AppState>, utoipa::openapi
         .routes(routes!(imports::import_kiot))
         .routes(routes!(imports::import_zing))
         .routes(routes!(imports::get_import))
-        .split_for_parts()
+        .split_for_parts();
+    openapi::InternalError.modify(&mut doc);
+    (router, doc)
 }
 
 /// The router with every route, `/openapi.json` and the Swagger UI at `/swagger`.
@@ -111,6 +126,9 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
         .merge(metrics.registry.router())
         .merge(swagger)
+        // Last, so that they cover every route merged above.
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
 }
 
 /// The gateway, built from its configuration and connections with its listener bound, ready to

@@ -40,6 +40,36 @@ impl Modify for Security {
     }
 }
 
+/// Adds the one answer every operation can give whatever it does, `500 internal` (a bug, logged with its cause),
+/// so that each handler's `responses(...)` lists only what depends on the route. Runs in [`crate::router_and_doc`]
+/// once the paths are in; an operation that documents its own 500 keeps it.
+pub struct InternalError;
+
+impl Modify for InternalError {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let internal = ResponseBuilder::new()
+            .description("internal: a bug or unexpected state; logged with its cause")
+            .content("application/json", ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody"))).build())
+            .build();
+        for item in openapi.paths.paths.values_mut() {
+            let ops = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.options,
+                &mut item.head,
+                &mut item.patch,
+                &mut item.trace,
+            ];
+            for op in ops.into_iter().flatten() {
+                op.responses.responses.entry("500".to_owned()).or_insert_with(|| internal.clone().into());
+            }
+        }
+    }
+}
+
 /// Document metadata; paths are added by the router (see [`crate::router`]).
 #[derive(OpenApi)]
 #[openapi(

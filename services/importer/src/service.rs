@@ -190,10 +190,10 @@ impl Importer {
             ImportKind::Kiot if self.inner.config.kiot.is_some() => Source::Kiot,
             ImportKind::Zing if self.inner.config.zing.is_some() => Source::Zing,
             ImportKind::Kiot => {
-                return Err(ApiError::unavailable("the KiotProxy import is not configured (KIOT_API_KEY)"))
+                return Err(ApiError::not_configured("the KiotProxy import is not configured (KIOT_API_KEY)"))
             }
             ImportKind::Zing => {
-                return Err(ApiError::unavailable("the ZingProxy import is not configured (ZING_PROXY_TOKEN)"))
+                return Err(ApiError::not_configured("the ZingProxy import is not configured (ZING_PROXY_TOKEN)"))
             }
             ImportKind::Excel => return Err(ApiError::invalid("kind", "is not a provider")),
         };

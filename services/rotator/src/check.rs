@@ -34,7 +34,13 @@ pub async fn public_ip(
 #[error("{0}")]
 pub struct IpCheckError(pub String);
 
-async fn check(addr: &Address, urls: &[String], tries: u32, delay: Duration, timeout: Duration) -> Result<IpAddr, String> {
+async fn check(
+    addr: &Address,
+    urls: &[String],
+    tries: u32,
+    delay: Duration,
+    timeout: Duration,
+) -> Result<IpAddr, String> {
     let mut proxy = reqwest::Proxy::all(format!("http://{}:{}", addr.ip, addr.port))
         .map_err(|e| format!("bad proxy address: {e}"))?;
     if !addr.username.is_empty() {

@@ -503,3 +503,35 @@ async fn a_created_or_enabled_proxy_can_be_leased_at_once_on_any_replica() -> R 
     app.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_pages_out_of_range_are_400_naming_the_field() -> R {
+    let app = TestApp::builder().seed(Area::Vn, 1).spawn().await?;
+    let lists = ["/api/proxies", "/api/proxy_providers", "/api/proxy_packages", "/api/users/users"];
+    for list in lists {
+        // A page whose skip does not fit MongoDB's i64 used to reach the driver and come back as a 500.
+        for (query, field) in [
+            ("page=9223372036854775808", "page"),
+            ("page=1000001", "page"),
+            ("page=0", "page"),
+            ("limit=0", "limit"),
+            ("limit=501", "limit"),
+            ("limit=-3", "limit"),
+        ] {
+            let (s, e) = call(&app, Method::GET, &format!("{list}?{query}"), Some(API_KEY), None).await?;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{list}?{query}: {e}");
+            assert_eq!(e["error"]["code"], "invalid_input", "{list}?{query}: {e}");
+            assert_eq!(e["error"]["field"], field, "{list}?{query}: {e}");
+        }
+        // The largest page is served (empty), with its number echoed.
+        let (s, body) = call(&app, Method::GET, &format!("{list}?page=1000000&limit=500"), Some(API_KEY), None).await?;
+        assert_eq!(s, StatusCode::OK, "{list}: {body}");
+        assert_eq!(body["data"], json!([]), "{list}: {body}");
+        assert_eq!(body["page"], 1_000_000, "{list}: {body}");
+    }
+    // Filters and the page are read from the same query string.
+    let (s, body) = call(&app, Method::GET, "/api/proxies?area=vn&page=1&limit=1", Some(API_KEY), None).await?;
+    assert_eq!((s, body["data"].as_array().map(Vec::len), body["total"].as_u64()), (StatusCode::OK, Some(1), Some(1)));
+    app.shutdown().await;
+    Ok(())
+}

@@ -364,3 +364,114 @@ async fn dependencies_down_give_fast_503_and_readyz_says_so() -> R {
     app.shutdown().await;
     Ok(())
 }
+
+/// Status and `error` object of a request, asserting that the body is the JSON error envelope.
+async fn envelope(req: reqwest::RequestBuilder) -> R<(StatusCode, Value)> {
+    let res = req.send().await?;
+    let status = res.status();
+    let ctype = res.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    let text = res.text().await?;
+    assert!(ctype.starts_with("application/json"), "{status} {ctype}: {text}");
+    let body: Value = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{e}: {text}"))?;
+    let e = body["error"].clone();
+    assert!(e["code"].is_string() && e["message"].is_string(), "{status}: {text}");
+    Ok((status, e))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unparsable_queries_paths_and_bodies_are_json_errors_naming_the_field() -> R {
+    let app = TestApp::builder().seed(Area::Vn, 1).spawn().await?;
+    let get = |path: &str| app.http.get(app.url(path)).header("Authorization", API_KEY);
+    let post = |path: &str| app.http.post(app.url(path)).header("Authorization", API_KEY);
+    for (req, field) in [
+        (get("/api/proxies?page=abc"), "page"),
+        (get("/api/proxies?page=18446744073709551616"), "page"),
+        (get("/api/proxies?active=maybe"), "active"),
+        (get("/api/proxy_providers?limit=1.5"), "limit"),
+        (get("/api/users/users?page=-1"), "page"),
+        (get("/api/get-proxy?area=vn&area=global"), "area"),
+        (post("/api/proxies/import-kiot?wait=null"), "wait"),
+        (post("/api/proxies/import-zing?wait=yes"), "wait"),
+        (post("/webhook/return-proxy/65a1b2c3d4e5f60718293a4b?key=a&key=b"), "key"),
+        (post("/api/proxies").body("{\"ip\": 5}"), "ip"),
+        (post("/api/proxies").body("not json"), "body"),
+        // Not a multipart form.
+        (post("/api/proxies/import").json(&json!({"file": "x"})), "file"),
+    ] {
+        let (status, e) = envelope(req).await?;
+        assert_eq!((status, e["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_input")), "{e}");
+        assert_eq!(e["field"], field, "{e}");
+    }
+    // A body over the 2 MB limit is a 413 in the envelope, not axum's plain text.
+    let big = format!("{{\"ip\": \"{}\"}}", "a".repeat(3 << 20));
+    // On a client of its own: the server answers before reading the whole body and then closes the connection, which
+    // a pooled connection would carry into the next request.
+    let own = reqwest::Client::new();
+    let (status, e) = envelope(own.post(app.url("/api/proxies")).header("Authorization", API_KEY).body(big)).await?;
+    assert_eq!((status, e["code"].as_str()), (StatusCode::PAYLOAD_TOO_LARGE, Some("payload_too_large")), "{e}");
+    // Unknown routes and wrong methods too.
+    let (status, e) = envelope(get("/api/nowhere")).await?;
+    assert_eq!((status, e["code"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")), "{e}");
+    let (status, e) = envelope(app.http.patch(app.url("/api/proxies")).header("Authorization", API_KEY)).await?;
+    assert_eq!((status, e["code"].as_str()), (StatusCode::METHOD_NOT_ALLOWED, Some("method_not_allowed")), "{e}");
+    // Authentication is still checked before the query is read.
+    let (status, _) = envelope(app.http.get(app.url("/api/proxies?page=abc"))).await?;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    app.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_ids_are_parsed_by_the_extractor_and_consumers_are_authenticated_first() -> R {
+    let app = TestApp::builder().seed(Area::Vn, 1).spawn().await?;
+    let routes = [
+        ("POST", "/webhook/return-proxy/{id}?key=65a1b2c3d4e5f60718293a4b"),
+        ("PUT", "/api/proxies/{id}"),
+        ("DELETE", "/api/proxies/{id}"),
+        ("POST", "/api/proxies/{id}/rotate"),
+        ("PUT", "/api/proxy_packages/{id}"),
+        ("DELETE", "/api/proxy_packages/{id}"),
+        ("PUT", "/api/proxy_providers/{id}"),
+        ("DELETE", "/api/proxy_providers/{id}"),
+        ("PUT", "/api/users/users/{id}"),
+        ("DELETE", "/api/users/users/{id}"),
+        ("GET", "/api/imports/{id}"),
+    ];
+    for (method, route) in routes {
+        for bad in ["xyz", "65a1b2c3d4e5f60718293a4", "65a1b2c3d4e5f60718293a4z", "%FF%FE"] {
+            let m = reqwest::Method::from_bytes(method.as_bytes())?;
+            // A malformed body too: the id is refused first, before the body is read.
+            let req = app.http.request(m, app.url(&route.replace("{id}", bad))).header("Authorization", API_KEY);
+            let (status, e) = envelope(req.body("{")).await?;
+            assert_eq!(
+                (status, e["field"].as_str()),
+                (StatusCode::BAD_REQUEST, Some("id")),
+                "{method} {route} {bad}: {e}"
+            );
+        }
+    }
+    // A well-formed id that names nothing gets past the extractor to the handler.
+    let res = app.http_return("65a1b2c3d4e5f60718293a4b", "65a1b2c3d4e5f60718293a4b").await?;
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+
+    // Consumer credentials are checked before anything else is read: no key is a 401 whatever the input.
+    let (status, e) = envelope(app.http.get(app.url("/api/get-proxy?area=mars&area=vn"))).await?;
+    assert_eq!((status, e["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("unauthorized")), "{e}");
+    let (status, _) = envelope(app.http.post(app.url("/webhook/return-proxy/xyz"))).await?;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    app.shutdown().await;
+
+    // And a client outside IP_ALLOWED is a 403 whatever the input.
+    let app = TestApp::builder().ip_allowed(&["10.0.0.0/8"]).seed(Area::Vn, 1).spawn().await?;
+    let key = |r: reqwest::RequestBuilder| r.header("Authorization", API_KEY);
+    for req in [
+        key(app.http.get(app.url("/api/get-proxy?area=vn"))),
+        key(app.http.get(app.url("/api/get-proxy?area=mars&area=vn"))),
+        key(app.http.post(app.url("/webhook/return-proxy/xyz"))),
+    ] {
+        let (status, e) = envelope(req).await?;
+        assert_eq!((status, e["code"].as_str()), (StatusCode::FORBIDDEN, Some("forbidden")), "{e}");
+    }
+    app.shutdown().await;
+    Ok(())
+}

@@ -535,3 +535,24 @@ async fn the_sample_spreadsheet_in_docs_imports_and_lists() -> R {
     app.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_import_without_its_token_is_a_409_not_configured_without_retry_after() -> R {
+    let app = TestApp::builder().spawn().await?;
+    // The test importer has neither KIOT_API_KEY nor ZING_PROXY_TOKEN.
+    let _importer = app.start_importer(app.importer_config()).await?;
+    for (path, var) in [("/api/proxies/import-kiot", "KIOT_API_KEY"), ("/api/proxies/import-zing", "ZING_PROXY_TOKEN")]
+    {
+        let res = app.http.post(app.url(path)).header("Authorization", API_KEY).send().await?;
+        let status = res.status();
+        // Retrying cannot help until an operator sets the token, so nothing may suggest a retry.
+        assert!(res.headers().get("retry-after").is_none(), "{path}");
+        let body: Value = res.json().await?;
+        assert_eq!(status, StatusCode::CONFLICT, "{path}: {body}");
+        assert_eq!(body["error"]["code"], "not_configured", "{path}: {body}");
+        assert!(body["error"].get("retry_after_secs").is_none(), "{path}: {body}");
+        assert!(body["error"]["message"].as_str().unwrap_or_default().contains(var), "{path}: {body}");
+    }
+    app.shutdown().await;
+    Ok(())
+}

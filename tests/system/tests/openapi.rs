@@ -45,6 +45,11 @@ const EXPECTED: &[(&str, &str)] = &[
     ("get", "/readyz"),
 ];
 
+/// The statuses an operation documents.
+fn documented_statuses(op: &Value) -> BTreeSet<u16> {
+    op["responses"].as_object().into_iter().flatten().filter_map(|(k, _)| k.parse().ok()).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_document_lists_every_route_and_the_server_serves_every_documented_one() -> R {
     let app = TestApp::builder().spawn().await?;
@@ -78,6 +83,85 @@ async fn the_document_lists_every_route_and_the_server_serves_every_documented_o
             // A 404 must be ours (a JSON error naming what was not found), not the router's.
             let body: Value = res.json().await.unwrap_or(Value::Null);
             assert_eq!(body["error"]["code"], "not_found", "{method} {path} is not routed");
+        }
+    }
+
+    // Every status an operation can answer is documented. What it can answer follows from its shape: a path id
+    // can be malformed (400) or unknown (404); a query can fail to parse (400); a JSON body can be malformed (400)
+    // or over the 2 MB limit (413); a required credential can be missing (401); consumers can be outside
+    // IP_ALLOWED (403); every route but the liveness probe is bounded in time and depends on NATS or MongoDB (503);
+    // any route can fail with a bug (500).
+    for (path, item) in doc["paths"].as_object().into_iter().flatten() {
+        for (method, op) in item.as_object().into_iter().flatten() {
+            let documented = documented_statuses(op);
+            let params = op["parameters"].as_array().cloned().unwrap_or_default();
+            let mut required = vec![500];
+            if path.contains('{') {
+                required.extend([400, 404]);
+            }
+            if params.iter().any(|p| p["in"] == "query") {
+                required.push(400);
+            }
+            if let Some(body) = op.get("requestBody") {
+                required.push(400);
+                if body["content"].get("application/json").is_some() {
+                    required.push(413);
+                }
+            }
+            let security = op["security"].as_array().cloned().unwrap_or_default();
+            let optional = security.iter().any(|s| s.as_object().is_some_and(|o| o.is_empty()));
+            if !security.is_empty() && !optional {
+                required.push(401);
+            }
+            if op["tags"].as_array().is_some_and(|t| t.iter().any(|t| t == "consumer")) {
+                required.push(403);
+            }
+            if path != "/healthz" {
+                required.push(503);
+            }
+            for status in required {
+                assert!(documented.contains(&status), "{method} {path} can answer {status} but does not document it");
+            }
+        }
+    }
+
+    // Probes: what the server answers to a bad id, no credentials, a bad query value or an oversized body is
+    // documented for that operation, and is the JSON error envelope.
+    for (path, item) in doc["paths"].as_object().into_iter().flatten() {
+        for (method, op) in item.as_object().into_iter().flatten() {
+            let documented = documented_statuses(op);
+            let m = Method::from_bytes(method.to_uppercase().as_bytes())?;
+            let good = path.replace("{id}", "65a1b2c3d4e5f60718293a4b");
+            let json_body = op["requestBody"]["content"].get("application/json").is_some();
+            let query: Vec<String> = op["parameters"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| p["in"] == "query")
+                .filter_map(|p| p["name"].as_str().map(|n| format!("{n}=not-valid")))
+                .collect();
+            let mut probes = vec![
+                ("no credentials", app.http.request(m.clone(), app.url(&good))),
+                ("bad id", app.http.request(m.clone(), app.url(&path.replace("{id}", "not-an-id")))),
+                ("bad query", app.http.request(m.clone(), app.url(&format!("{good}?{}", query.join("&"))))),
+            ];
+            if json_body {
+                let big = format!("{{\"x\": \"{}\"}}", "a".repeat(3 << 20));
+                // A client of its own: the server answers before reading the whole body and closes the connection,
+                // which a pooled connection would carry into the next probe.
+                let own = reqwest::Client::new();
+                probes.push(("oversized body", own.request(m.clone(), app.url(&good)).body(big)));
+            }
+            for (what, req) in probes {
+                let req = if what == "no credentials" { req } else { req.header("Authorization", API_KEY) };
+                let res = req.send().await?;
+                let status = res.status().as_u16();
+                assert!(documented.contains(&status), "{method} {path} ({what}) answered {status}, not documented");
+                if status >= 400 && path != "/readyz" {
+                    let body: Value = res.json().await.unwrap_or(Value::Null);
+                    assert!(body["error"]["code"].is_string(), "{method} {path} ({what}): {status} {body}");
+                }
+            }
         }
     }
 

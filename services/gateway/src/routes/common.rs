@@ -4,16 +4,18 @@ use bson::oid::ObjectId;
 use bson::{doc, DateTime, Document};
 use chrono::{TimeZone, Utc};
 use futures::TryStreamExt;
-use proxypool_contracts::{ApiError, ErrorCode, ObjectIdHex};
+use proxypool_contracts::{ApiError, ErrorCode, ObjectIdHex, Pagination};
 use proxypool_store::StoreError;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::error::{HttpError, HttpResult};
 
-/// Maps a database error; `what` names the record for a duplicate.
+/// Maps a database error; `what` names the record for a duplicate. The driver's error goes with it as the cause,
+/// logged once with the response (see [`crate::error`]).
 pub fn db_error(e: impl Into<StoreError>, what: &str) -> HttpError {
-    HttpError(e.into().into_api(what))
+    let e = e.into();
+    HttpError::from(e.to_api(what)).with_cause(e)
 }
 
 /// BSON time → chrono.
@@ -56,28 +58,23 @@ pub fn price(v: f64) -> Result<f64, HttpError> {
     }
 }
 
-/// Pagination query of list routes.
+/// Pagination query of list routes (`?page=&limit=`), extracted on its own beside each route's filters so that the
+/// bounds are declared and checked in one place ([`Pagination`]).
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct Page {
-    /// 1-based page, default 1.
+    /// 1-based page, default 1, at most 1000000.
+    #[param(minimum = 1, maximum = 1000000)]
     pub page: Option<u64>,
     /// Page size, default 20, at most 500.
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
 }
 
 impl Page {
-    /// `(page, limit)` validated.
-    pub fn resolve(&self) -> Result<(u64, i64), HttpError> {
-        let page = self.page.unwrap_or(1);
-        let limit = self.limit.unwrap_or(20);
-        if page == 0 {
-            return Err(ApiError::invalid("page", "must be at least 1").into());
-        }
-        if !(1..=500).contains(&limit) {
-            return Err(ApiError::invalid("limit", "must be between 1 and 500").into());
-        }
-        Ok((page, limit))
+    /// `(page, limit)` validated; a value out of range is a 400 naming `page` or `limit`.
+    pub fn resolve(&self) -> Result<Pagination, HttpError> {
+        Ok(Pagination::parse(self.page, self.limit)?)
     }
 }
 
@@ -104,9 +101,9 @@ pub async fn list<T, V>(
 where
     T: serde::de::DeserializeOwned + Send + Sync,
 {
-    let (p, limit) = page.resolve()?;
+    let pg = page.resolve()?;
+    let (p, limit, skip) = (pg.page, pg.limit, pg.skip());
     let total = coll.count_documents(filter.clone()).await.map_err(|e| db_error(e, "record"))?;
-    let skip = (p - 1).saturating_mul(u64::try_from(limit).unwrap_or(20));
     let docs: Vec<T> = coll
         .find(filter)
         .sort(doc! { "_id": 1 })
@@ -125,6 +122,7 @@ where
 #[serde(deny_unknown_fields)]
 pub struct BulkDelete {
     /// Ids to delete (at most 10,000).
+    #[schema(inline, value_type = Vec<crate::extract::Id>, min_items = 1, max_items = 10000)]
     pub ids: Vec<String>,
 }
 

@@ -1,29 +1,29 @@
-//! Consumer routes: lease a proxy and return it (the original's `/api/get-proxy` and `/webhook/return-proxy/:id`).
+//! Consumer routes: lease a proxy and return it (the original design's `/api/get-proxy` and `/webhook/return-proxy/:id`).
 //!
 //! Both forward to the lease service over NATS, so HTTP and NATS consumers get the same answers and codes.
 
-use std::net::SocketAddr;
-
-use axum::extract::{ConnectInfo, Path, Query, State};
-use axum::http::HeaderMap;
+use axum::extract::State;
 use axum::Json;
 use proxypool_contracts::endpoints::{LeaseAcquire, LeaseRelease};
 use proxypool_contracts::lease::{AcquireRequest, LeaseGrant, ReleaseOutcome, ReleaseRequest};
 use proxypool_contracts::{Area, ObjectIdHex};
 use serde::Deserialize;
 
-use crate::auth;
+use crate::auth::Consumer;
 use crate::error::HttpResult;
+use crate::extract::{Id, Path, Query};
 use crate::state::AppState;
 
 /// Query of `GET /api/get-proxy`.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct GetProxyQuery {
-    /// `vn` or `global`.
+    /// `vn` or `global` (required; read as text so that a bad one is refused with the valid values).
+    #[param(value_type = Area, required = true)]
     pub area: Option<String>,
     /// Optional URL notified (POST, JSON) if the lease is taken: rotation after the drain timeout, proxy disabled or
     /// deleted. Loopback, private and link-local targets are refused unless `CALLBACK_ALLOW_PRIVATE=true`.
+    #[param(format = "uri")]
     pub callback_url: Option<String>,
 }
 
@@ -36,12 +36,9 @@ pub struct GetProxyQuery {
 #[tracing::instrument(skip_all, fields(area = q.area.as_deref().unwrap_or("")))]
 pub async fn get_proxy(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    Consumer { ip }: Consumer,
     Query(q): Query<GetProxyQuery>,
 ) -> HttpResult<Json<LeaseGrant>> {
-    let c = &state.config;
-    let ip = auth::check_consumer(peer, &headers, c.allowed_api_key.expose(), &c.ip_allowed, &c.trusted_proxies)?;
     let area = Area::parse_field("area", q.area.as_deref())?;
     let req = AcquireRequest {
         area: Some(area.as_str().to_owned()),
@@ -56,27 +53,24 @@ pub async fn get_proxy(
 #[into_params(parameter_in = Query)]
 pub struct ReturnQuery {
     /// The lease key.
+    #[param(pattern = "^[0-9a-fA-F]{24}$")]
     pub key: Option<String>,
 }
 
 /// Return a lease (static key + IP allow list).
 #[utoipa::path(post, path = "/webhook/return-proxy/{id}", tag = "consumer",
-    params(("id" = String, Path, description = "Proxy id"), ReturnQuery), security(("api_key" = [])),
+    params(("id" = inline(crate::extract::Id), Path, description = "Proxy id"), ReturnQuery), security(("api_key" = [])),
     responses((status = 200, body = ReleaseOutcome), (status = 400, body = crate::openapi::ErrorBody),
         (status = 401, body = crate::openapi::ErrorBody), (status = 403, body = crate::openapi::ErrorBody),
         (status = 404, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)))]
 #[tracing::instrument(skip_all)]
 pub async fn return_proxy(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
+    _consumer: Consumer,
+    Path(Id(id)): Path<Id>,
     Query(q): Query<ReturnQuery>,
 ) -> HttpResult<Json<ReleaseOutcome>> {
-    let c = &state.config;
-    auth::check_consumer(peer, &headers, c.allowed_api_key.expose(), &c.ip_allowed, &c.trusted_proxies)?;
-    let proxy_id = ObjectIdHex::parse_field("id", Some(&id))?;
     let key = ObjectIdHex::parse_field("key", q.key.as_deref())?;
-    let req = ReleaseRequest { proxy_id: Some(proxy_id.to_string()), key: Some(key.to_string()) };
+    let req = ReleaseRequest { proxy_id: Some(id.to_hex()), key: Some(key.to_string()) };
     Ok(Json(state.call::<LeaseRelease>(&req).await?))
 }

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use axum::extract::{Multipart, Path, Query, State};
+use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -20,7 +20,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::Admin;
 use crate::error::{HttpError, HttpResult};
-use crate::routes::common::oid;
+use crate::extract::{Id, Multipart, Path, Query};
 use crate::state::AppState;
 
 /// The longest the gateway waits for a job to finish before answering 202.
@@ -90,7 +90,7 @@ pub async fn import_excel(
     State(state): State<AppState>,
     admin: Admin,
     Query(q): Query<WaitQuery>,
-    mut form: Multipart,
+    Multipart(mut form): Multipart,
 ) -> HttpResult<Response> {
     let limit = state.config.import_max_bytes;
     let multipart_error = |e: axum::extract::multipart::MultipartError| -> HttpError {
@@ -126,14 +126,9 @@ pub async fn import_excel(
     }
     let job_id = ObjectId::new().to_hex();
     let js = async_nats::jetstream::new(state.nats.clone());
-    let bucket = proxypool_rpc::jetstream::ensure_import_uploads(&js).await.map_err(|e| {
-        tracing::warn!(error = %e, "cannot open the uploads bucket");
-        ApiError::unavailable("the upload store is unreachable; retry shortly")
-    })?;
-    bucket.put(job_id.as_str(), &mut bytes.as_slice()).await.map_err(|e| {
-        tracing::warn!(error = %e, "cannot store an upload");
-        ApiError::unavailable("the upload store is unreachable; retry shortly")
-    })?;
+    let unreachable = || HttpError::from(ApiError::unavailable("the upload store is unreachable; retry shortly"));
+    let bucket = proxypool_rpc::jetstream::ensure_import_uploads(&js).await.map_err(|e| unreachable().with_cause(e))?;
+    bucket.put(job_id.as_str(), &mut bytes.as_slice()).await.map_err(|e| unreachable().with_cause(e))?;
     let req = ExcelImportRequest {
         job_id: job_id.clone(),
         file_name,
@@ -166,7 +161,9 @@ where
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, description = "Finished", body = ImportJob),
         (status = 202, description = "Accepted; poll the Location", body = ImportJob),
-        (status = 401, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)))]
+        (status = 400, body = crate::openapi::ErrorBody), (status = 401, body = crate::openapi::ErrorBody),
+        (status = 409, description = "not_configured: KIOT_API_KEY is not set; not retryable", body = crate::openapi::ErrorBody),
+        (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn import_kiot(
     State(state): State<AppState>,
     admin: Admin,
@@ -180,7 +177,9 @@ pub async fn import_kiot(
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, description = "Finished", body = ImportJob),
         (status = 202, description = "Accepted; poll the Location", body = ImportJob),
-        (status = 401, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)))]
+        (status = 400, body = crate::openapi::ErrorBody), (status = 401, body = crate::openapi::ErrorBody),
+        (status = 409, description = "not_configured: ZING_PROXY_TOKEN is not set; not retryable", body = crate::openapi::ErrorBody),
+        (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn import_zing(
     State(state): State<AppState>,
     admin: Admin,
@@ -191,14 +190,15 @@ pub async fn import_zing(
 
 /// An import job: status, counts and row errors.
 #[utoipa::path(get, path = "/api/imports/{id}", tag = "imports",
-    params(("id" = String, Path, description = "Job id")), security(("bearer" = []), ("api_key" = [])),
+    params(("id" = inline(crate::extract::Id), Path, description = "Job id")), security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = ImportJob), (status = 400, body = crate::openapi::ErrorBody),
-        (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody)))]
+        (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody),
+        (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn get_import(
     State(state): State<AppState>,
     _admin: Admin,
-    Path(id): Path<String>,
+    Path(Id(id)): Path<Id>,
 ) -> HttpResult<Json<ImportJob>> {
-    let id = oid("id", &id)?.to_hex();
+    let id = id.to_hex();
     Ok(Json(state.call::<ImportStatus>(&JobStatusRequest { id }).await?))
 }

@@ -1,7 +1,6 @@
 //! `/api/proxy_packages`: list, create, update, delete, bulk-delete. A package needs an existing provider.
 
-use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use bson::oid::ObjectId;
@@ -13,7 +12,8 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::Admin;
 use crate::error::HttpResult;
-use crate::routes::body;
+use crate::extract::{Id, Path, Query};
+use crate::routes::body::Body;
 use crate::routes::common::{
     db_error, delete_checked, filter_id, iso, list, non_empty, oid, price, BulkDelete, DeleteResult, Page, Paged,
 };
@@ -33,6 +33,7 @@ pub struct CreatePackage {
     #[serde(default)]
     pub note: String,
     /// Parent provider; must exist.
+    #[schema(pattern = "^[0-9a-fA-F]{24}$")]
     pub proxy_provider_id: String,
     /// Active, default true.
     #[serde(default)]
@@ -52,6 +53,7 @@ pub struct UpdatePackage {
     /// Note.
     pub note: Option<String>,
     /// Provider; must exist.
+    #[schema(pattern = "^[0-9a-fA-F]{24}$")]
     pub proxy_provider_id: Option<String>,
     /// Active.
     pub is_active: Option<bool>,
@@ -109,13 +111,10 @@ impl From<PackageDoc> for PackageView {
 #[into_params(parameter_in = Query)]
 pub struct PackageQuery {
     /// Only packages of this provider id.
+    #[param(pattern = "^[0-9a-fA-F]{24}$")]
     pub provider: Option<String>,
     /// Only active (true) or inactive (false) packages.
     pub active: Option<bool>,
-    /// Page.
-    pub page: Option<u64>,
-    /// Page size.
-    pub limit: Option<i64>,
 }
 
 async fn provider_exists(state: &AppState, id: ObjectId) -> HttpResult<()> {
@@ -127,14 +126,15 @@ async fn provider_exists(state: &AppState, id: ObjectId) -> HttpResult<()> {
 }
 
 /// List packages.
-#[utoipa::path(get, path = "/api/proxy_packages", tag = "packages", params(PackageQuery),
+#[utoipa::path(get, path = "/api/proxy_packages", tag = "packages", params(PackageQuery, Page),
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = Paged<PackageView>), (status = 400, body = crate::openapi::ErrorBody),
-        (status = 401, body = crate::openapi::ErrorBody)))]
+        (status = 401, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn list_packages(
     State(state): State<AppState>,
     _admin: Admin,
     Query(q): Query<PackageQuery>,
+    Query(page): Query<Page>,
 ) -> HttpResult<Json<Paged<PackageView>>> {
     let mut filter = doc! {};
     if let Some(p) = filter_id("provider", q.provider.as_deref())? {
@@ -143,7 +143,6 @@ pub async fn list_packages(
     if let Some(a) = q.active {
         filter.insert("is_active", a);
     }
-    let page = Page { page: q.page, limit: q.limit };
     Ok(Json(list(&state.store.packages(), filter, &page, PackageView::from).await?))
 }
 
@@ -151,13 +150,13 @@ pub async fn list_packages(
 #[utoipa::path(post, path = "/api/proxy_packages", tag = "packages", request_body = CreatePackage,
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 201, body = PackageView), (status = 400, body = crate::openapi::ErrorBody),
-        (status = 401, body = crate::openapi::ErrorBody), (status = 409, body = crate::openapi::ErrorBody)))]
+        (status = 401, body = crate::openapi::ErrorBody), (status = 409, body = crate::openapi::ErrorBody),
+        (status = 413, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn create_package(
     State(state): State<AppState>,
     admin: Admin,
-    bytes: Bytes,
+    Body(b): Body<CreatePackage>,
 ) -> HttpResult<(StatusCode, Json<PackageView>)> {
-    let b: CreatePackage = body::parse(&bytes)?;
     let provider = oid("proxy_provider_id", &b.proxy_provider_id)?;
     let now = DateTime::now();
     let d = PackageDoc {
@@ -180,18 +179,17 @@ pub async fn create_package(
 
 /// Update a package.
 #[utoipa::path(put, path = "/api/proxy_packages/{id}", tag = "packages", request_body = UpdatePackage,
-    params(("id" = String, Path, description = "Package id")), security(("bearer" = []), ("api_key" = [])),
+    params(("id" = inline(crate::extract::Id), Path, description = "Package id")), security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = PackageView), (status = 400, body = crate::openapi::ErrorBody),
         (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody),
-        (status = 409, body = crate::openapi::ErrorBody)))]
+        (status = 409, body = crate::openapi::ErrorBody), (status = 413, body = crate::openapi::ErrorBody),
+        (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn update_package(
     State(state): State<AppState>,
     admin: Admin,
-    Path(id): Path<String>,
-    bytes: Bytes,
+    Path(Id(id)): Path<Id>,
+    Body(b): Body<UpdatePackage>,
 ) -> HttpResult<Json<PackageView>> {
-    let id = oid("id", &id)?;
-    let b: UpdatePackage = body::parse(&bytes)?;
     let mut set = doc! { "updatedAt": DateTime::now(), "updated_by": admin.user_id };
     if let Some(v) = &b.code {
         set.insert("code", non_empty("code", v, 200)?);
@@ -237,16 +235,15 @@ pub async fn update_package(
 
 /// Delete a package (409 while proxies refer to it).
 #[utoipa::path(delete, path = "/api/proxy_packages/{id}", tag = "packages",
-    params(("id" = String, Path, description = "Package id")), security(("bearer" = []), ("api_key" = [])),
+    params(("id" = inline(crate::extract::Id), Path, description = "Package id")), security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = DeleteResult), (status = 400, body = crate::openapi::ErrorBody),
         (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody),
-        (status = 409, body = crate::openapi::ErrorBody)))]
+        (status = 409, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn delete_package(
     State(state): State<AppState>,
     _admin: Admin,
-    Path(id): Path<String>,
+    Path(Id(id)): Path<Id>,
 ) -> HttpResult<Json<DeleteResult>> {
-    let id = oid("id", &id)?;
     let s = &state.store;
     Ok(Json(delete_checked(&s.packages(), &[id], &s.proxies(), "proxy_package_id", "package").await?))
 }
@@ -256,13 +253,14 @@ pub async fn delete_package(
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = DeleteResult), (status = 400, body = crate::openapi::ErrorBody),
         (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody),
-        (status = 409, body = crate::openapi::ErrorBody)))]
+        (status = 409, body = crate::openapi::ErrorBody), (status = 413, body = crate::openapi::ErrorBody),
+        (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn bulk_delete_packages(
     State(state): State<AppState>,
     _admin: Admin,
-    bytes: Bytes,
+    Body(b): Body<BulkDelete>,
 ) -> HttpResult<Json<DeleteResult>> {
-    let ids = body::parse::<BulkDelete>(&bytes)?.ids()?;
+    let ids = b.ids()?;
     let s = &state.store;
     Ok(Json(delete_checked(&s.packages(), &ids, &s.proxies(), "proxy_package_id", "package").await?))
 }

@@ -1,7 +1,6 @@
 //! `/api/proxy_providers`: list, create, update, delete, bulk-delete.
 
-use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use bson::oid::ObjectId;
@@ -13,10 +12,9 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::Admin;
 use crate::error::HttpResult;
-use crate::routes::body;
-use crate::routes::common::{
-    db_error, delete_checked, iso, list, non_empty, oid, BulkDelete, DeleteResult, Page, Paged,
-};
+use crate::extract::{Id, Path, Query};
+use crate::routes::body::Body;
+use crate::routes::common::{db_error, delete_checked, iso, list, non_empty, BulkDelete, DeleteResult, Page, Paged};
 use crate::state::AppState;
 
 const DUPLICATE: &str = "a provider with this name, account or domain";
@@ -139,27 +137,23 @@ impl From<ProviderDoc> for ProviderView {
 pub struct ProviderQuery {
     /// Only active (true) or inactive (false) providers.
     pub active: Option<bool>,
-    /// Page.
-    pub page: Option<u64>,
-    /// Page size.
-    pub limit: Option<i64>,
 }
 
 /// List providers.
-#[utoipa::path(get, path = "/api/proxy_providers", tag = "providers", params(ProviderQuery),
+#[utoipa::path(get, path = "/api/proxy_providers", tag = "providers", params(ProviderQuery, Page),
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = Paged<ProviderView>), (status = 400, body = crate::openapi::ErrorBody),
-        (status = 401, body = crate::openapi::ErrorBody)))]
+        (status = 401, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn list_providers(
     State(state): State<AppState>,
     _admin: Admin,
     Query(q): Query<ProviderQuery>,
+    Query(page): Query<Page>,
 ) -> HttpResult<Json<Paged<ProviderView>>> {
     let mut filter = doc! {};
     if let Some(a) = q.active {
         filter.insert("is_active", a);
     }
-    let page = Page { page: q.page, limit: q.limit };
     Ok(Json(list(&state.store.providers(), filter, &page, ProviderView::from).await?))
 }
 
@@ -167,13 +161,13 @@ pub async fn list_providers(
 #[utoipa::path(post, path = "/api/proxy_providers", tag = "providers", request_body = CreateProvider,
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 201, body = ProviderView), (status = 400, body = crate::openapi::ErrorBody),
-        (status = 401, body = crate::openapi::ErrorBody), (status = 409, body = crate::openapi::ErrorBody)))]
+        (status = 401, body = crate::openapi::ErrorBody), (status = 409, body = crate::openapi::ErrorBody),
+        (status = 413, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn create_provider(
     State(state): State<AppState>,
     admin: Admin,
-    bytes: Bytes,
+    Body(b): Body<CreateProvider>,
 ) -> HttpResult<(StatusCode, Json<ProviderView>)> {
-    let b: CreateProvider = body::parse(&bytes)?;
     let now = DateTime::now();
     let d = ProviderDoc {
         id: ObjectId::new(),
@@ -193,18 +187,17 @@ pub async fn create_provider(
 
 /// Update a provider.
 #[utoipa::path(put, path = "/api/proxy_providers/{id}", tag = "providers", request_body = UpdateProvider,
-    params(("id" = String, Path, description = "Provider id")), security(("bearer" = []), ("api_key" = [])),
+    params(("id" = inline(crate::extract::Id), Path, description = "Provider id")), security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = ProviderView), (status = 400, body = crate::openapi::ErrorBody),
         (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody),
-        (status = 409, body = crate::openapi::ErrorBody)))]
+        (status = 409, body = crate::openapi::ErrorBody), (status = 413, body = crate::openapi::ErrorBody),
+        (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn update_provider(
     State(state): State<AppState>,
     admin: Admin,
-    Path(id): Path<String>,
-    bytes: Bytes,
+    Path(Id(id)): Path<Id>,
+    Body(b): Body<UpdateProvider>,
 ) -> HttpResult<Json<ProviderView>> {
-    let id = oid("id", &id)?;
-    let b: UpdateProvider = body::parse(&bytes)?;
     let mut set = doc! { "updatedAt": DateTime::now(), "updated_by": admin.user_id };
     if let Some(v) = &b.name {
         set.insert("name", non_empty("name", v, 200)?);
@@ -233,16 +226,15 @@ pub async fn update_provider(
 
 /// Delete a provider (409 while packages refer to it).
 #[utoipa::path(delete, path = "/api/proxy_providers/{id}", tag = "providers",
-    params(("id" = String, Path, description = "Provider id")), security(("bearer" = []), ("api_key" = [])),
+    params(("id" = inline(crate::extract::Id), Path, description = "Provider id")), security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = DeleteResult), (status = 400, body = crate::openapi::ErrorBody),
         (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody),
-        (status = 409, body = crate::openapi::ErrorBody)))]
+        (status = 409, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn delete_provider(
     State(state): State<AppState>,
     _admin: Admin,
-    Path(id): Path<String>,
+    Path(Id(id)): Path<Id>,
 ) -> HttpResult<Json<DeleteResult>> {
-    let id = oid("id", &id)?;
     let s = &state.store;
     Ok(Json(delete_checked(&s.providers(), &[id], &s.packages(), "proxy_provider_id", "provider").await?))
 }
@@ -252,13 +244,14 @@ pub async fn delete_provider(
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = DeleteResult), (status = 400, body = crate::openapi::ErrorBody),
         (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody),
-        (status = 409, body = crate::openapi::ErrorBody)))]
+        (status = 409, body = crate::openapi::ErrorBody), (status = 413, body = crate::openapi::ErrorBody),
+        (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn bulk_delete_providers(
     State(state): State<AppState>,
     _admin: Admin,
-    bytes: Bytes,
+    Body(b): Body<BulkDelete>,
 ) -> HttpResult<Json<DeleteResult>> {
-    let ids = body::parse::<BulkDelete>(&bytes)?.ids()?;
+    let ids = b.ids()?;
     let s = &state.store;
     Ok(Json(delete_checked(&s.providers(), &ids, &s.packages(), "proxy_provider_id", "provider").await?))
 }

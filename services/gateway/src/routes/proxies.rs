@@ -5,8 +5,7 @@
 //! because the lease service's guarded write re-checks `is_active` in the database, disabling a proxy stops new
 //! leases at once.
 
-use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use bson::oid::ObjectId;
@@ -22,7 +21,8 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::Admin;
 use crate::error::{HttpError, HttpResult};
-use crate::routes::body;
+use crate::extract::{Id, Path, Query};
+use crate::routes::body::Body;
 use crate::routes::common::{
     db_error, filter_id, http_url, iso, list, non_empty, oid, BulkDelete, DeleteResult, Page, Paged,
 };
@@ -35,6 +35,7 @@ pub struct CreateProxy {
     /// IP or hostname.
     pub ip: String,
     /// Port, 1–65535.
+    #[schema(minimum = 1)]
     pub port: u16,
     /// Username.
     #[serde(default)]
@@ -45,6 +46,7 @@ pub struct CreateProxy {
     /// `vn` or `global`.
     pub area: Area,
     /// Rotate URL (absolute http(s)).
+    #[schema(format = "uri")]
     pub rotate_url: String,
     /// Seconds between rotations, default 60.
     #[serde(default)]
@@ -62,6 +64,7 @@ pub struct CreateProxy {
     #[serde(default)]
     pub expired_at: Option<chrono::DateTime<chrono::Utc>>,
     /// Parent package; must exist.
+    #[schema(pattern = "^[0-9a-fA-F]{24}$")]
     pub proxy_package_id: String,
 }
 
@@ -80,6 +83,7 @@ pub struct UpdateProxy {
     /// Area.
     pub area: Option<Area>,
     /// Rotate URL.
+    #[schema(format = "uri")]
     pub rotate_url: Option<String>,
     /// Seconds between rotations.
     pub rotate_time: Option<i64>,
@@ -92,6 +96,7 @@ pub struct UpdateProxy {
     /// Subscription expiry.
     pub expired_at: Option<chrono::DateTime<chrono::Utc>>,
     /// Parent package; must exist (its name is copied).
+    #[schema(pattern = "^[0-9a-fA-F]{24}$")]
     pub proxy_package_id: Option<String>,
 }
 
@@ -235,30 +240,30 @@ pub struct ProxyQuery {
     /// Include passwords and auth tokens.
     pub get_full: Option<bool>,
     /// `vn` or `global`.
+    #[param(value_type = Option<Area>)]
     pub area: Option<String>,
     /// Package id.
+    #[param(pattern = "^[0-9a-fA-F]{24}$")]
     pub package: Option<String>,
     /// Provider id (proxies of its packages).
+    #[param(pattern = "^[0-9a-fA-F]{24}$")]
     pub provider: Option<String>,
     /// Enabled (true) or disabled (false).
     pub active: Option<bool>,
     /// In error (true) or healthy (false).
     pub error: Option<bool>,
-    /// Page.
-    pub page: Option<u64>,
-    /// Page size.
-    pub limit: Option<i64>,
 }
 
 /// List proxies.
-#[utoipa::path(get, path = "/api/proxies", tag = "proxies", params(ProxyQuery),
+#[utoipa::path(get, path = "/api/proxies", tag = "proxies", params(ProxyQuery, Page),
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = Paged<ProxyView>), (status = 400, body = crate::openapi::ErrorBody),
-        (status = 401, body = crate::openapi::ErrorBody)))]
+        (status = 401, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn list_proxies(
     State(state): State<AppState>,
     _admin: Admin,
     Query(q): Query<ProxyQuery>,
+    Query(page): Query<Page>,
 ) -> HttpResult<Json<Paged<ProxyView>>> {
     let mut filter = doc! {};
     if let Some(area) = q.area.as_deref() {
@@ -291,7 +296,6 @@ pub async fn list_proxies(
         filter.insert("is_error", e);
     }
     let full = q.get_full.unwrap_or(false);
-    let page = Page { page: q.page, limit: q.limit };
     Ok(Json(list(&state.store.proxies(), filter, &page, |d| ProxyView::of(d, full)).await?))
 }
 
@@ -299,13 +303,13 @@ pub async fn list_proxies(
 #[utoipa::path(post, path = "/api/proxies", tag = "proxies", request_body = CreateProxy,
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 201, body = ProxyView), (status = 400, body = crate::openapi::ErrorBody),
-        (status = 401, body = crate::openapi::ErrorBody), (status = 409, body = crate::openapi::ErrorBody)))]
+        (status = 401, body = crate::openapi::ErrorBody), (status = 409, body = crate::openapi::ErrorBody),
+        (status = 413, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn create_proxy(
     State(state): State<AppState>,
     admin: Admin,
-    bytes: Bytes,
+    Body(b): Body<CreateProxy>,
 ) -> HttpResult<(StatusCode, Json<ProxyView>)> {
-    let b: CreateProxy = body::parse(&bytes)?;
     let new = NewProxy {
         ip: non_empty("ip", &b.ip, 255)?,
         port: port(b.port)?,
@@ -331,17 +335,16 @@ pub async fn create_proxy(
 
 /// Update a proxy (never its lease state).
 #[utoipa::path(put, path = "/api/proxies/{id}", tag = "proxies", request_body = UpdateProxy,
-    params(("id" = String, Path, description = "Proxy id")), security(("bearer" = []), ("api_key" = [])),
+    params(("id" = inline(crate::extract::Id), Path, description = "Proxy id")), security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = ProxyView), (status = 400, body = crate::openapi::ErrorBody),
-        (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody)))]
+        (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody),
+        (status = 413, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn update_proxy(
     State(state): State<AppState>,
     admin: Admin,
-    Path(id): Path<String>,
-    bytes: Bytes,
+    Path(Id(id)): Path<Id>,
+    Body(b): Body<UpdateProxy>,
 ) -> HttpResult<Json<ProxyView>> {
-    let id = oid("id", &id)?;
-    let b: UpdateProxy = body::parse(&bytes)?;
     let mut set = doc! { "updatedAt": DateTime::now(), "updated_by": admin.user_id };
     if let Some(v) = &b.ip {
         set.insert("ip", non_empty("ip", v, 255)?);
@@ -437,15 +440,15 @@ async fn delete_ids(state: &AppState, ids: &[ObjectId]) -> HttpResult<DeleteResu
 
 /// Delete a proxy.
 #[utoipa::path(delete, path = "/api/proxies/{id}", tag = "proxies",
-    params(("id" = String, Path, description = "Proxy id")), security(("bearer" = []), ("api_key" = [])),
+    params(("id" = inline(crate::extract::Id), Path, description = "Proxy id")), security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = DeleteResult), (status = 400, body = crate::openapi::ErrorBody),
-        (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody)))]
+        (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody),
+        (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn delete_proxy(
     State(state): State<AppState>,
     _admin: Admin,
-    Path(id): Path<String>,
+    Path(Id(id)): Path<Id>,
 ) -> HttpResult<Json<DeleteResult>> {
-    let id = oid("id", &id)?;
     Ok(Json(delete_ids(&state, &[id]).await?))
 }
 
@@ -453,13 +456,14 @@ pub async fn delete_proxy(
 #[utoipa::path(post, path = "/api/proxies/bulk-delete", tag = "proxies", request_body = BulkDelete,
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = DeleteResult), (status = 400, body = crate::openapi::ErrorBody),
-        (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody)))]
+        (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody),
+        (status = 413, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn bulk_delete_proxies(
     State(state): State<AppState>,
     _admin: Admin,
-    bytes: Bytes,
+    Body(b): Body<BulkDelete>,
 ) -> HttpResult<Json<DeleteResult>> {
-    let ids = body::parse::<BulkDelete>(&bytes)?.ids()?;
+    let ids = b.ids()?;
     Ok(Json(delete_ids(&state, &ids).await?))
 }
 
@@ -478,13 +482,13 @@ pub struct DropProxies {
 #[utoipa::path(post, path = "/api/proxies/drop", tag = "proxies", request_body = DropProxies,
     security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = DeleteResult), (status = 400, body = crate::openapi::ErrorBody),
-        (status = 401, body = crate::openapi::ErrorBody)))]
+        (status = 401, body = crate::openapi::ErrorBody), (status = 413, body = crate::openapi::ErrorBody),
+        (status = 503, body = crate::openapi::ErrorBody)))]
 pub async fn drop_proxies(
     State(state): State<AppState>,
     _admin: Admin,
-    bytes: Bytes,
+    Body(b): Body<DropProxies>,
 ) -> HttpResult<Json<DeleteResult>> {
-    let b: DropProxies = body::parse(&bytes)?;
     if b.confirm != DROP_CONFIRMATION {
         return Err(ApiError::invalid("confirm", format!("must be exactly {DROP_CONFIRMATION:?}")).into());
     }
@@ -499,7 +503,7 @@ pub async fn drop_proxies(
 
 /// Queue an immediate rotation of a proxy (drains its leases first).
 #[utoipa::path(post, path = "/api/proxies/{id}/rotate", tag = "proxies",
-    params(("id" = String, Path, description = "Proxy id")), security(("bearer" = []), ("api_key" = [])),
+    params(("id" = inline(crate::extract::Id), Path, description = "Proxy id")), security(("bearer" = []), ("api_key" = [])),
     responses((status = 202, body = proxypool_contracts::rotation::RotateNowReply),
         (status = 400, body = crate::openapi::ErrorBody), (status = 401, body = crate::openapi::ErrorBody),
         (status = 404, body = crate::openapi::ErrorBody), (status = 409, body = crate::openapi::ErrorBody),
@@ -507,9 +511,8 @@ pub async fn drop_proxies(
 pub async fn rotate_proxy(
     State(state): State<AppState>,
     _admin: Admin,
-    Path(id): Path<String>,
+    Path(Id(id)): Path<Id>,
 ) -> HttpResult<(StatusCode, Json<proxypool_contracts::rotation::RotateNowReply>)> {
-    let id = oid("id", &id)?;
     let req = proxypool_contracts::rotation::RotateNowRequest { proxy_id: id.to_hex() };
     Ok((StatusCode::ACCEPTED, Json(state.call::<RotateNow>(&req).await?)))
 }

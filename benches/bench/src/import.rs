@@ -119,7 +119,7 @@ pub async fn run(sizes: &[usize]) -> anyhow::Result<String> {
         let bare = Store::connect(&bare_config, "bench-bare").await?;
         // The same indexes as the pool's collection: the shared ones and the lease service's candidate index.
         bare.ensure_indexes().await?;
-        bare.proxies().create_index(proxypool_lease::service::lease_candidates_index()).await?;
+        bare.proxies().create_index(proxypool_lease::queries::lease_candidates_index()).await?;
         let documents = docs(n, app.package_id);
         let t = Instant::now();
         for chunk in documents.chunks(BATCH) {

@@ -29,7 +29,7 @@ use proxypool_contracts::endpoints::{LeaseAcquire, LeaseRelease};
 use proxypool_contracts::lease::LeaseGrant;
 use proxypool_contracts::lease::{AcquireRequest, ReleaseRequest};
 use proxypool_contracts::Area;
-use proxypool_lease::service::{grant_update, guard_filter, lease_candidates_index, lease_filter, lease_sort};
+use proxypool_lease::queries::{grant_update, guard_filter, lease_candidates_index, lease_filter, lease_sort};
 use proxypool_system_tests::{TestApp, API_KEY};
 
 use crate::measure::{measure, Stats};

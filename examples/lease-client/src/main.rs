@@ -4,33 +4,25 @@
 //! NATS_URL=nats://nats:4222 NATS_USER=consumer NATS_PASSWORD=… cargo run -p lease-client -- vn
 //! ```
 //!
-//! It uses the public contract types of `proxypool-contracts` (subjects and messages); a consumer in another
-//! language sends the same JSON (see the README and `examples/python/lease_client.py`).
+//! It uses the typed endpoints of `proxypool-contracts` and the one client of `proxypool-rpc`
+//! (`call::<LeaseAcquire>`); a consumer in another language sends the same JSON (see the README and
+//! `examples/python/lease_client.py`).
 
 use std::time::Duration;
 
-use anyhow::Context;
-use proxypool_contracts::lease::{AcquireRequest, LeaseGrant, ReleaseOutcome, ReleaseRequest};
-use proxypool_contracts::{subjects, Area, Reply};
-
-async fn request<Req: serde::Serialize, Resp: serde::de::DeserializeOwned>(
-    nc: &async_nats::Client,
-    subject: &'static str,
-    body: &Req,
-) -> anyhow::Result<Result<Resp, proxypool_contracts::ApiError>> {
-    let msg =
-        nc.request(subject, serde_json::to_vec(body)?.into()).await.with_context(|| format!("request on {subject}"))?;
-    Ok(serde_json::from_slice::<Reply<Resp>>(&msg.payload)?.into_result())
-}
+use proxypool_contracts::endpoints::{LeaseAcquire, LeaseRelease};
+use proxypool_contracts::lease::{AcquireRequest, LeaseGrant, ReleaseRequest};
+use proxypool_contracts::Area;
+use proxypool_rpc::{call, CallError};
 
 /// Leases a proxy, retrying the retryable refusals (`no_proxy_available`, `service_unavailable`) with back-off.
 pub async fn acquire(nc: &async_nats::Client, area: Area, consumer: &str) -> anyhow::Result<LeaseGrant> {
     let req = AcquireRequest { area: Some(area.to_string()), consumer: Some(consumer.to_owned()), callback_url: None };
     let mut delay = Duration::from_millis(500);
     for _ in 0..5 {
-        match request::<_, LeaseGrant>(nc, subjects::LEASE_ACQUIRE, &req).await? {
+        match call::<LeaseAcquire>(nc, &req).await {
             Ok(grant) => return Ok(grant),
-            Err(e) if e.code.is_retryable() => {
+            Err(e) if e.is_retryable() => {
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(10));
             }
@@ -58,9 +50,10 @@ async fn main() -> anyhow::Result<()> {
     println!("leased {} ({}:{}), expires {:?}", lease.id, lease.ip, lease.port, lease.expires_at);
     // … use http://{username}:{password}@{ip}:{port} for outbound requests here …
     let release = ReleaseRequest { proxy_id: Some(lease.id.clone()), key: Some(lease.key.clone()) };
-    match request::<_, ReleaseOutcome>(&nc, subjects::LEASE_RELEASE, &release).await? {
+    match call::<LeaseRelease>(&nc, &release).await {
         Ok(outcome) => println!("returned: {outcome:?}"),
-        Err(e) => anyhow::bail!("return refused: {e}"),
+        Err(CallError::Remote(e)) => anyhow::bail!("return refused: {e}"),
+        Err(e) => return Err(e.into()),
     }
     nc.drain().await?;
     Ok(())

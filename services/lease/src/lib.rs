@@ -10,14 +10,20 @@
 //! - [`index`]: the in-memory index of leasable proxies per area.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`service`]: acquire and release against MongoDB.
+//! - [`queries`]: the grant and release queries and their index.
+//! - [`sync`]: keeping the index in step (full load, re-reads, events).
+//! - [`handoff`]: the reset after a rotation, and the clear of a disabled proxy.
 //! - [`server`]: subscriptions, handlers, index maintenance, graceful stop.
 
 pub mod catalog;
 pub mod config;
+pub mod handoff;
 pub mod index;
 pub mod metrics;
+pub mod queries;
 pub mod server;
 pub mod service;
+pub mod sync;
 
 use std::net::SocketAddr;
 

@@ -1,0 +1,74 @@
+//! Handles on services a test starts on its own (rotator, importer, extra gateways, lease replicas).
+
+use super::*;
+
+/// A running rotator.
+#[derive(Debug)]
+pub struct RotatorHandle {
+    /// Its admin endpoint (`/metrics`, `/healthz`, `/readyz`).
+    pub admin_addr: SocketAddr,
+    pub(super) trigger: ShutdownTrigger,
+    pub(super) kill: tokio::sync::oneshot::Sender<()>,
+    pub(super) thread: std::thread::JoinHandle<()>,
+}
+
+impl RotatorHandle {
+    /// Graceful stop: no new jobs, those in hand finished.
+    pub async fn stop(self) {
+        self.trigger.fire();
+        let _ = tokio::task::spawn_blocking(move || self.thread.join()).await;
+    }
+
+    /// Kills it mid-work, as a crash would: nothing in hand is acknowledged.
+    pub async fn kill(self) {
+        let _ = self.kill.send(());
+        let _ = tokio::task::spawn_blocking(move || self.thread.join()).await;
+    }
+}
+
+/// An extra gateway (see [`TestApp::spawn_gateway`]).
+#[derive(Debug)]
+pub struct GatewayHandle {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    pub(super) trigger: ShutdownTrigger,
+    pub(super) handle: JoinHandle<()>,
+}
+
+impl GatewayHandle {
+    /// Graceful stop, as on SIGTERM: no new connections, in-flight requests finished.
+    pub async fn stop(self) {
+        self.trigger.fire();
+        let _ = self.handle.await;
+    }
+}
+
+/// A running importer.
+#[derive(Debug)]
+pub struct ImporterHandle {
+    /// The importer (metrics, config).
+    pub importer: proxypool_importer::Importer,
+    /// Its admin endpoint (`/metrics`, `/healthz`, `/readyz`).
+    pub admin_addr: SocketAddr,
+    pub(super) trigger: ShutdownTrigger,
+    pub(super) handle: JoinHandle<()>,
+}
+
+impl ImporterHandle {
+    /// Graceful stop.
+    pub async fn stop(self) {
+        self.trigger.fire();
+        let _ = self.handle.await;
+    }
+}
+
+/// A running lease replica.
+#[derive(Debug)]
+pub struct LeaseReplica {
+    /// The service (index inspection).
+    pub service: LeaseService,
+    /// Its admin endpoint (`/metrics`, `/healthz`, `/readyz`).
+    pub admin_addr: SocketAddr,
+    pub(super) trigger: ShutdownTrigger,
+    pub(super) handle: JoinHandle<()>,
+}

@@ -115,7 +115,7 @@ async fn main() -> anyhow::Result<()> {
 
     for &size in &args.sizes {
         eprintln!("--- {size} proxies: seeding");
-        let app = TestApp::builder().proxy_use_max(1_000_000).seed(Area::Vn, size).spawn().await?;
+        let app = TestApp::builder().proxy_use_max(10_000).seed(Area::Vn, size).spawn().await?;
         let label = size.to_string();
 
         // Bare NATS request-reply echo on the same server.

@@ -1,19 +1,3 @@
-//! `proxypool-auth`: loads config, initialises telemetry, connects, serves until SIGTERM.
+//! `proxypool-auth`: loads config, initialises telemetry, connects, serves until SIGTERM (see [`proxypool_settings::service_main`]).
 
-use anyhow::Context;
-use proxypool_auth::{App, AuthConfig};
-use proxypool_settings::env::Env;
-use proxypool_settings::shutdown::Shutdown;
-use proxypool_store::Store;
-
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let telemetry = proxypool_telemetry::init("proxypool-auth").context("invalid telemetry settings")?;
-    let config = AuthConfig::from_env(&Env::process()).context("invalid configuration")?;
-    let client = config.nats.connect("proxypool-auth").await.context("cannot connect to NATS")?;
-    let store = Store::connect(&config.store, "proxypool-auth").await.context("invalid MongoDB settings")?;
-    App::build(config, client.clone(), store).await?.run(Shutdown::on_signal()).await?;
-    proxypool_settings::nats::drain(&client, std::time::Duration::from_secs(5)).await;
-    telemetry.shutdown();
-    Ok(())
-}
+proxypool_settings::service_main!("proxypool-auth", proxypool_auth::AuthConfig, proxypool_auth::App);

@@ -131,6 +131,17 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(wrong_method)
 }
 
+/// The gateway could not listen on `PORT`.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on port {port} (PORT)")]
+pub struct ListenError {
+    /// The port.
+    pub port: u16,
+    /// Why.
+    #[source]
+    pub source: std::io::Error,
+}
+
 /// The gateway, built from its configuration and connections with its listener bound, ready to
 /// [`run`](App::run). `main.rs` and the tests both start it this way.
 #[derive(Debug)]
@@ -141,8 +152,9 @@ pub struct App {
 
 impl App {
     /// Binds `0.0.0.0:PORT` (port 0 picks a free one: see [`App::local_addr`]) and builds the handler state.
-    pub async fn build(config: GatewayConfig, nats: async_nats::Client, store: Store) -> std::io::Result<Self> {
-        let listener = TcpListener::bind(("0.0.0.0", config.port)).await?;
+    pub async fn build(config: GatewayConfig, nats: async_nats::Client, store: Store) -> Result<Self, ListenError> {
+        let port = config.port;
+        let listener = TcpListener::bind(("0.0.0.0", port)).await.map_err(|source| ListenError { port, source })?;
         if config.ip_allowed.is_empty() {
             tracing::warn!("IP_ALLOWED is empty: every consumer request will be refused");
         }

@@ -55,6 +55,13 @@ pub async fn subscribe<E: Event>(
 /// when missing. A failure is logged: the write it reports is stored, and the lease replicas' periodic reload heals a
 /// lost event.
 pub async fn publish_catalog(client: &Client, event: proxypool_contracts::events::ProxyChanged) {
+    if client.connection_state() != async_nats::connection::State::Connected {
+        // Waiting for the acknowledgement would hold the writer's answer for the JetStream timeout (twice) for
+        // nothing; the lease replicas pick the change up at their next full reload (`LEASE_INDEX_REFRESH`).
+        proxypool_telemetry::metrics::dependency_error("nats");
+        tracing::warn!(proxy = %event.proxy_id, "NATS is unreachable; a catalogue change is not announced");
+        return;
+    }
     let js = async_nats::jetstream::new(client.clone());
     let event = proxypool_contracts::endpoints::CatalogChanged(event);
     let mut result = crate::jetstream::publish_event(&js, &event).await;

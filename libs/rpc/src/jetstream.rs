@@ -147,20 +147,7 @@ impl WorkQueue {
         id: &str,
         message: &T,
     ) -> Result<(), JetStreamError> {
-        let subject = self.subject;
-        let body = serde_json::to_vec(message).map_err(|source| JetStreamError::Encode { subject, source })?;
-        let failed = |e: String| JetStreamError::Publish { subject, message: e };
-        // The trace context first: `headers` replaces the map, `message_id` adds to it.
-        let publish = Publish::build()
-            .payload(body.into())
-            .headers(proxypool_telemetry::propagation::nats_headers())
-            .message_id(id);
-        js.send_publish(subject, publish)
-            .await
-            .map_err(|e| failed(e.to_string()))?
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        Ok(())
+        publish_acked(js, self.subject, message, Some(id)).await.map(|_| ())
     }
 
     /// Messages pending or in hand, as the consumer reports them.
@@ -200,10 +187,24 @@ pub async fn publish_event<E: proxypool_contracts::Event>(
     js: &jetstream::Context,
     event: &E,
 ) -> Result<u64, JetStreamError> {
-    let subject = E::SUBJECT;
-    let body = serde_json::to_vec(event).map_err(|source| JetStreamError::Encode { subject, source })?;
+    publish_acked(js, E::SUBJECT, event, None).await
+}
+
+/// Publishes `message` on `subject` with the current trace context (and `id` as its JetStream message id, for
+/// de-duplication), waits for the stream's acknowledgement and returns the stored sequence.
+async fn publish_acked<T: Serialize>(
+    js: &jetstream::Context,
+    subject: &'static str,
+    message: &T,
+    id: Option<&str>,
+) -> Result<u64, JetStreamError> {
+    let body = serde_json::to_vec(message).map_err(|source| JetStreamError::Encode { subject, source })?;
     let failed = |e: String| JetStreamError::Publish { subject, message: e };
-    let publish = Publish::build().payload(body.into()).headers(proxypool_telemetry::propagation::nats_headers());
+    // The trace context first: `headers` replaces the map, `message_id` adds to it.
+    let mut publish = Publish::build().payload(body.into()).headers(proxypool_telemetry::propagation::nats_headers());
+    if let Some(id) = id {
+        publish = publish.message_id(id);
+    }
     let ack = js
         .send_publish(subject, publish)
         .await

@@ -44,18 +44,24 @@ impl Telemetry {
     }
 }
 
-/// Why telemetry could not be set up: always names the variable to blame.
+/// Why telemetry could not be set up.
 #[derive(Debug, thiserror::Error)]
-#[error("{variable} is invalid: {reason}")]
-pub struct InitError {
-    /// The environment variable.
-    pub variable: &'static str,
-    /// Why.
-    pub reason: String,
+pub enum InitError {
+    /// A variable is malformed or asks for what cannot be done; it is named.
+    #[error("{variable} is invalid: {reason}")]
+    Invalid {
+        /// The environment variable.
+        variable: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// A global subscriber was already installed in this process.
+    #[error("cannot install the tracing subscriber: {0}")]
+    Install(String),
 }
 
 fn invalid(variable: &'static str) -> impl FnOnce(String) -> InitError {
-    move |reason| InitError { variable, reason }
+    move |reason| InitError::Invalid { variable, reason }
 }
 
 fn filter() -> Result<EnvFilter, InitError> {
@@ -153,7 +159,7 @@ fn install(
     tracing_subscriber::registry()
         .with(layers.with_filter(filter()?))
         .try_init()
-        .map_err(|e| invalid("LOG_LEVEL")(format!("cannot install the tracing subscriber: {e}")))
+        .map_err(|e| InitError::Install(e.to_string()))
 }
 
 /// For tests: exports every span, as it ends, to an in-memory exporter the test reads. Logs go to the test writer

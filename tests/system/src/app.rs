@@ -68,15 +68,6 @@ pub struct TestApp {
     next_instance: usize,
 }
 impl TestApp {
-    /// The NATS settings of `service` (its own identity when the app runs with [`TestAppBuilder::nats_auth`]).
-    pub fn nats_config_for(&self, service: &str) -> NatsConfig {
-        let mut c = self.nats_config.clone();
-        if self.nats_auth {
-            c.user = Some((service.to_owned(), Secret::new(format!("{service}-test-password"))));
-        }
-        c
-    }
-
     /// The environment a service binary needs to join this app (NATS, MongoDB, keys), as an operator would set it.
     pub fn service_env(&self) -> Vec<(String, String)> {
         proxypool_test_support::service_env(

@@ -1,23 +1,24 @@
-//! Every request-reply endpoint and every broadcast event, each declared once as a type.
+//! Every request-reply endpoint, each declared once as a type.
 //!
 //! An [`Endpoint`] ties a subject to its request and reply types, so a caller (`proxypool_rpc::call::<E>`) and a
 //! server (`proxypool_rpc::Router::on::<E>`) cannot disagree on either: the compiler checks both ends against this
-//! one declaration. An [`Event`] does the same for a broadcast subject and its payload.
+//! one declaration.
 //!
 //! The subject strings themselves stay in [`crate::subjects`] (they are also needed for NATS permissions and
 //! docs); this module is the only place that pairs them with types.
 
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::auth::{
     Deleted, ListUsersRequest, LoginReply, LoginRequest, RegisterRequest, UpdateUserRequest, UserIdRequest, UserPage,
     UserView,
 };
-use crate::events::ProxyChanged;
 use crate::import::{ExcelImportRequest, ImportJob, JobStatusRequest, ProviderImportRequest};
 use crate::lease::{AcquireRequest, LeaseGrant, ReleaseOutcome, ReleaseRequest};
-use crate::rotation::{ClearReply, ClearRequest, RotateNowReply, RotateNowRequest, RotatedReply, RotatedRequest};
+use crate::rotation::{
+    LockReply, LockRequest, RotateNowReply, RotateNowRequest, RotatedReply, RotatedRequest, SyncReply, SyncRequest,
+};
 use crate::subjects;
 
 /// A request-reply endpoint: one subject, one request type, one reply type (inside the [`crate::Reply`] envelope).
@@ -28,26 +29,24 @@ pub trait Endpoint: Send + Sync + 'static {
     /// passed). True for requests whose late effect would be wrong (a grant nobody receives); false for idempotent
     /// maintenance whose late run still helps.
     const BOUNDED_BY_CALLER: bool = false;
+    /// Longest the server lets one request run, when it differs from the service's default (work that is long by
+    /// nature, such as re-reading a whole catalogue).
+    const DEADLINE: Option<std::time::Duration> = None;
     /// The request body.
     type Request: Serialize + DeserializeOwned + Send + Sync + 'static;
     /// The reply body on success.
     type Reply: Serialize + DeserializeOwned + Send + Sync + 'static;
 }
 
-/// A broadcast event: one subject, one payload type. Every subscriber sees every event (no queue group).
-pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
-    /// The subject the event is published on.
-    const SUBJECT: &'static str;
-}
-
 macro_rules! endpoint {
-    ($(#[$doc:meta])* $name:ident, $subject:expr, $req:ty => $reply:ty $(, bounded = $bounded:expr)?) => {
+    ($(#[$doc:meta])* $name:ident, $subject:expr, $req:ty => $reply:ty $(, bounded = $bounded:expr)? $(, deadline = $deadline:expr)?) => {
         $(#[$doc])*
         #[derive(Debug, Clone, Copy)]
         pub struct $name;
         impl Endpoint for $name {
             const SUBJECT: &'static str = $subject;
             $(const BOUNDED_BY_CALLER: bool = $bounded;)?
+            $(const DEADLINE: Option<std::time::Duration> = Some($deadline);)?
             type Request = $req;
             type Reply = $reply;
         }
@@ -67,8 +66,12 @@ endpoint!(
     LeaseCtlRotated, subjects::LEASECTL_ROTATED, RotatedRequest => RotatedReply
 );
 endpoint!(
-    /// Gateway → lease service when an admin disables a proxy: drop its leases.
-    LeaseCtlClear, subjects::LEASECTL_CLEAR, ClearRequest => ClearReply
+    /// Gateway, importer, rotator → lease service after a change to proxies in MongoDB: apply it before answering.
+    LeaseCtlSync, subjects::LEASECTL_SYNC, SyncRequest => SyncReply, deadline = std::time::Duration::from_secs(110)
+);
+endpoint!(
+    /// Rotator → lease service: take or check the rotation lock (and the holders the drain waits for).
+    LeaseCtlLock, subjects::LEASECTL_LOCK, LockRequest => LockReply
 );
 endpoint!(
     /// Register a user (bootstrap policy applies).
@@ -118,24 +121,3 @@ endpoint!(
     /// The state of an import job.
     ImportStatus, subjects::IMPORT_STATUS, JobStatusRequest => ImportJob
 );
-
-impl Event for ProxyChanged {
-    const SUBJECT: &'static str = subjects::PROXY_CHANGED;
-}
-
-/// A catalogue change (see [`subjects::CATALOG_CHANGED`]): the same payload as `proxy.changed`, stored in a stream.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct CatalogChanged(pub ProxyChanged);
-
-impl Event for CatalogChanged {
-    const SUBJECT: &'static str = subjects::CATALOG_CHANGED;
-}
-
-/// Importer → lease replicas after a bulk import: reload the whole index (one event instead of one per proxy).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IndexReload {}
-
-impl Event for IndexReload {
-    const SUBJECT: &'static str = subjects::LEASECTL_RELOAD;
-}

@@ -9,7 +9,6 @@
 //! - [`domain`]: validated input types ([`Area`], [`ObjectIdHex`], [`Pagination`]) that inner code can trust.
 //! - [`reply`]: the reply envelope and the typed error shared by NATS replies and HTTP bodies.
 //! - [`lease`]: lease acquire/release requests and replies.
-//! - [`events`]: broadcast events (`proxy.changed`).
 //! - [`auth`]: users and logins (gateway → auth service).
 //! - [`callback`]: notices to consumers whose lease was taken, and the SSRF rules for their URLs.
 //! - [`rotation`]: rotation jobs, the lease reset after a rotation, rotate-now.
@@ -19,7 +18,6 @@ pub mod auth;
 pub mod callback;
 pub mod domain;
 pub mod endpoints;
-pub mod events;
 pub mod import;
 pub mod lease;
 pub mod reply;
@@ -27,5 +25,5 @@ pub mod rotation;
 pub mod subjects;
 
 pub use domain::{Area, ObjectIdHex, Pagination};
-pub use endpoints::{Endpoint, Event};
+pub use endpoints::Endpoint;
 pub use reply::{ApiError, ErrorCode, Reply};

@@ -19,6 +19,14 @@ pub struct RotatedRequest {
     pub proxy_id: String,
     /// The job that rotated it; the reset applies only while the proxy is still locked by this job.
     pub job_id: String,
+    /// Whether the rotation succeeded: reset the leases and the cycle (true), or only release the lock and keep the
+    /// leases (a failed rotation leaves the old address in place).
+    #[serde(default = "yes")]
+    pub reset: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Reply of [`crate::subjects::LEASECTL_ROTATED`].
@@ -42,16 +50,48 @@ pub struct RotateNowReply {
     pub job_id: String,
 }
 
-/// Request on [`crate::subjects::LEASECTL_CLEAR`].
+/// Request on [`crate::subjects::LEASECTL_LOCK`]: lock `proxy_id` for rotation job `job_id`, or (same job again)
+/// report on the lock. While locked the proxy takes no new lease.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ClearRequest {
-    /// The proxy whose leases are taken.
+pub struct LockRequest {
+    /// The proxy.
     pub proxy_id: String,
+    /// The rotation job taking (or holding) the lock.
+    pub job_id: String,
+    /// Take the lock over from another job whose lock is older than this many milliseconds (a crashed rotation).
+    #[serde(default)]
+    pub take_over_after_ms: Option<u64>,
+    /// The job starts its work now: the lock's age (for take-over and the drain limit) counts from here.
+    #[serde(default)]
+    pub restart: bool,
 }
 
-/// Reply of [`crate::subjects::LEASECTL_CLEAR`].
+/// Reply of [`crate::subjects::LEASECTL_LOCK`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ClearReply {
-    /// Leases dropped.
+pub struct LockReply {
+    /// Leases still held on the proxy (the drain waits for 0).
+    pub in_use: u32,
+    /// When the lock was taken or last restarted, Unix milliseconds.
+    pub since_ms: i64,
+}
+
+/// Request on [`crate::subjects::LEASECTL_SYNC`]: these proxies changed in MongoDB (created, edited, enabled,
+/// disabled, deleted, imported, rotated); apply them to lease state before answering.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SyncRequest {
+    /// The changed proxies (24-hex ids).
+    #[serde(default)]
+    pub proxy_ids: Vec<String>,
+    /// Re-read the whole catalogue instead (after a bulk import).
+    #[serde(default)]
+    pub full: bool,
+}
+
+/// Reply of [`crate::subjects::LEASECTL_SYNC`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SyncReply {
+    /// Proxies whose lease-relevant state changed.
+    pub changed: u32,
+    /// Leases taken because their proxy was disabled, deleted or expired.
     pub dropped_leases: u32,
 }

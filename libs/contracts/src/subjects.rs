@@ -13,18 +13,13 @@ pub const LEASE_RELEASE: &str = "proxypool.v1.lease.release";
 /// Wildcard covering every lease subject, for permissions (`deploy/nats/`).
 pub const LEASE_ALL: &str = "proxypool.v1.lease.*";
 
-/// Broadcast by every writer of a proxy document after the write is durable.
-///
-/// Lease replicas subscribe (without a queue group: every replica must see every change) to keep their in-memory
-/// index of leasable proxies fresh.
-pub const PROXY_CHANGED: &str = "proxypool.v1.proxy.changed";
-
-/// Changes to the catalogue (a proxy created, edited, enabled, disabled, deleted, imported, locked or unlocked for
-/// rotation) by every writer other than the lease service, captured by the [`CATALOG_STREAM`] so that a lease replica
-/// can tell whether it has applied every change acknowledged so far (see `LeaseService::catch_up`).
-pub const CATALOG_CHANGED: &str = "proxypool.v1.catalog.changed";
-/// The stream of [`CATALOG_CHANGED`] events (limits retention: kept for an hour).
-pub const CATALOG_STREAM: &str = "PROXYPOOL_CATALOG";
+/// The lease log: every change to lease state (grants, returns, locks, catalogue updates), appended by the lease
+/// leader in batches (one append per group commit) to the [`LEASE_LOG_STREAM`]. Followers replay it.
+pub const LEASE_LOG: &str = "proxypool.v1.leaselog.batch";
+/// The JetStream stream holding the [`LEASE_LOG`] (file storage; trimmed once MongoDB holds the projection).
+pub const LEASE_LOG_STREAM: &str = "PROXYPOOL_LEASES";
+/// JetStream key-value bucket electing the lease leader (one key, renewed while the leader lives).
+pub const LEASE_LEADER_BUCKET: &str = "proxypool_lease_leader";
 
 /// Queue group shared by all lease-service replicas, so each request is handled once.
 pub const LEASE_QUEUE_GROUP: &str = "proxypool-lease";
@@ -69,8 +64,11 @@ pub const CALLBACKS: &str = "proxypool.v1.callbacks.deliver";
 pub const CALLBACK_STREAM: &str = "PROXYPOOL_CALLBACKS";
 /// The durable pull consumer of the callback senders.
 pub const CALLBACK_CONSUMER: &str = "callback-senders";
-/// Gateway → lease service when an admin disables a proxy: drop its leases (their holders are called back).
-pub const LEASECTL_CLEAR: &str = "proxypool.v1.leasectl.clear";
+/// Gateway, importer and rotator → lease service after they change proxies in MongoDB: re-read them (or the whole
+/// catalogue) and apply the change to lease state before answering.
+pub const LEASECTL_SYNC: &str = "proxypool.v1.leasectl.sync";
+/// Rotator → lease service: lock a proxy for rotation (no new leases), or check the lock and its holders.
+pub const LEASECTL_LOCK: &str = "proxypool.v1.leasectl.lock";
 
 /// Gateway → importer: import an uploaded spreadsheet (request-reply; the file itself is in the
 /// [`IMPORT_UPLOADS_BUCKET`] object store).
@@ -89,8 +87,6 @@ pub const IMPORTER_QUEUE_GROUP: &str = "proxypool-importer";
 pub const IMPORT_UPLOADS_BUCKET: &str = "proxypool_import_uploads";
 /// JetStream key-value bucket of the importer's locks (one import at a time; the ZingProxy schedule).
 pub const IMPORT_LOCKS_BUCKET: &str = "proxypool_importer_locks";
-/// Importer → lease replicas after a bulk import: reload the whole index (one event instead of one per proxy).
-pub const LEASECTL_RELOAD: &str = "proxypool.v1.leasectl.reload";
 
 /// Request header: when the caller stops waiting, in Unix milliseconds. A service does not start a request whose
 /// caller has already given up (one published while NATS was down reaches it only after the reconnection), and

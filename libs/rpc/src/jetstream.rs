@@ -158,36 +158,43 @@ impl WorkQueue {
     }
 }
 
-/// How long catalogue changes are kept: far longer than any replica is behind, short enough to stay small.
-const CATALOG_MAX_AGE: Duration = Duration::from_secs(3600);
-
-/// Creates (idempotently) the stream of catalogue changes.
-pub async fn ensure_catalog(js: &jetstream::Context) -> Result<jetstream::stream::Stream, JetStreamError> {
+/// The lease log stream (see [`subjects::LEASE_LOG_STREAM`]): file storage, so an acknowledged append survives
+/// `kill -9` of any process; `replicas` > 1 in a cluster, so it also survives the loss of a server. The leader trims
+/// it once MongoDB holds the projection, so its size is bounded by how far the projection lags, not by traffic.
+pub async fn ensure_lease_log(
+    js: &jetstream::Context,
+    replicas: usize,
+) -> Result<jetstream::stream::Stream, JetStreamError> {
     js.get_or_create_stream(jetstream::stream::Config {
-        name: subjects::CATALOG_STREAM.to_owned(),
-        description: Some("proxypool: catalogue changes, in order, for the lease replicas".to_owned()),
-        subjects: vec![subjects::CATALOG_CHANGED.to_owned()],
-        max_age: CATALOG_MAX_AGE,
+        name: subjects::LEASE_LOG_STREAM.to_owned(),
+        description: Some("proxypool: the lease log (group-committed batches from the lease leader)".to_owned()),
+        subjects: vec![subjects::LEASE_LOG.to_owned()],
+        storage: jetstream::stream::StorageType::File,
+        num_replicas: replicas.max(1),
+        // One batch holds a group commit of up to a few thousand operations.
+        max_message_size: 8 * 1024 * 1024,
         ..Default::default()
     })
     .await
-    .map_err(|e| setup("the catalogue stream")(e.to_string()))
+    .map_err(|e| setup("the lease log")(e.to_string()))
 }
 
-/// The sequence of the last catalogue change stored (0 when none).
-pub async fn catalog_last_sequence(js: &jetstream::Context) -> Result<u64, JetStreamError> {
-    let stream =
-        js.get_stream(subjects::CATALOG_STREAM).await.map_err(|e| setup("the catalogue stream")(e.to_string()))?;
-    Ok(stream.cached_info().state.last_sequence)
-}
-
-/// Publishes a durable event `E` on a stream that captures its subject, with the trace context, and waits for the
-/// stream's acknowledgement; returns the stream sequence it was stored at.
-pub async fn publish_event<E: proxypool_contracts::Event>(
-    js: &jetstream::Context,
-    event: &E,
-) -> Result<u64, JetStreamError> {
-    publish_acked(js, E::SUBJECT, event, None).await
+/// The lease leader bucket (see [`subjects::LEASE_LEADER_BUCKET`]): one key whose value names the leader; it
+/// disappears `ttl` after the leader's last renewal, so a standby can take over.
+pub async fn ensure_lease_leader(js: &jetstream::Context, ttl: Duration) -> Result<kv::Store, JetStreamError> {
+    if let Ok(store) = js.get_key_value(subjects::LEASE_LEADER_BUCKET).await {
+        return Ok(store);
+    }
+    js.create_key_value(kv::Config {
+        bucket: subjects::LEASE_LEADER_BUCKET.to_owned(),
+        description: "proxypool: lease leader election".to_owned(),
+        history: 1,
+        max_age: ttl,
+        storage: jetstream::stream::StorageType::Memory,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| setup("the lease leader bucket")(e.to_string()))
 }
 
 /// Publishes `message` on `subject` with the current trace context (and `id` as its JetStream message id, for

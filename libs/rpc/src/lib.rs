@@ -1,16 +1,13 @@
-//! NATS glue, once for every service: typed request-reply calls and serving, broadcast events, and the JetStream
-//! layer (streams, consumers, buckets, the work-queue runner).
+//! NATS glue, once for every service: typed request-reply calls and serving, and the JetStream layer (streams, consumers, buckets, the work-queue runner).
 //!
 //! # Layout
 //! - [`call`]: [`call::<E>`](call()) and [`call_within`], the one client of an [`Endpoint`](proxypool_contracts::Endpoint).
 //! - [`serve`]: [`Router`], the one server: `Router::new().on::<E>(handler)`, served in a queue group.
-//! - [`events`]: [`events::publish`] and [`events::subscribe`] for broadcast events, with trace context.
 //! - [`jetstream`]: every stream, consumer, key-value bucket and object store, declared and ensured in one place.
 //! - [`workqueue`]: the one work-queue runner with an ack guard.
 //! - [`notices`]: queuing callback notices.
 
 pub mod call;
-pub mod events;
 pub mod jetstream;
 pub mod notices;
 pub mod serve;

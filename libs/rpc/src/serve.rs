@@ -59,6 +59,7 @@ type Handler = Arc<dyn Fn(Message) -> BoxFuture<'static, Bytes> + Send + Sync>;
 struct Route {
     subject: &'static str,
     bounded_by_caller: bool,
+    deadline: Option<Duration>,
     handler: Handler,
 }
 
@@ -91,6 +92,7 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
         self.routes.push(Route {
             subject: E::SUBJECT,
             bounded_by_caller: E::BOUNDED_BY_CALLER,
+            deadline: E::DEADLINE,
             handler: Arc::new(move |msg: Message| {
                 let (handler, state) = (handler.clone(), state.clone());
                 Box::pin(async move {
@@ -219,10 +221,11 @@ impl Subscribed {
     /// Serves requests until `shutdown` fires, then drains the subscriptions and waits (bounded) for the requests in
     /// flight.
     pub async fn run(self, client: Client, options: ServeOptions, shutdown: Shutdown) {
-        let mut routes: std::collections::HashMap<&'static str, (bool, Handler)> = std::collections::HashMap::new();
+        let mut routes: std::collections::HashMap<&'static str, (bool, Option<Duration>, Handler)> =
+            std::collections::HashMap::new();
         let mut subs = Vec::with_capacity(self.subs.len());
         for (route, sub) in self.subs {
-            routes.insert(route.subject, (route.bounded_by_caller, route.handler));
+            routes.insert(route.subject, (route.bounded_by_caller, route.deadline, route.handler));
             subs.push((route.subject, sub));
         }
         serve_loop(client, subs, routes, options, shutdown).await;
@@ -232,7 +235,7 @@ impl Subscribed {
 async fn serve_loop(
     client: Client,
     subs: Vec<(&'static str, async_nats::Subscriber)>,
-    routes: std::collections::HashMap<&'static str, (bool, Handler)>,
+    routes: std::collections::HashMap<&'static str, (bool, Option<Duration>, Handler)>,
     options: ServeOptions,
     shutdown: Shutdown,
 ) {
@@ -293,8 +296,8 @@ async fn serve_loop(
     loop {
         let Some((subject, msg)) = incoming.recv().await else { break };
         let Ok(permit) = permits.clone().acquire_owned().await else { break };
-        let Some((bounded_by_caller, handler)) = routes.get(subject).cloned() else { continue };
-        let (client, deadline) = (client.clone(), options.deadline);
+        let Some((bounded_by_caller, own_deadline, handler)) = routes.get(subject).cloned() else { continue };
+        let (client, deadline) = (client.clone(), own_deadline.unwrap_or(options.deadline));
         let metrics = options.metrics.clone();
         // One server span per request, continuing the caller's trace from the message headers.
         let span = tracing::info_span!("nats.handle", subject, otel.kind = "server");

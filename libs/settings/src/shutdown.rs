@@ -59,6 +59,11 @@ impl Shutdown {
         shutdown
     }
 
+    /// Whether shutdown has been requested (or the trigger dropped).
+    pub fn is_fired(&self) -> bool {
+        *self.rx.borrow() || self.rx.has_changed().is_err()
+    }
+
     /// Resolves once shutdown was requested (or the trigger was dropped).
     pub async fn wait(&mut self) {
         // An error means the trigger is gone, which also means stop.

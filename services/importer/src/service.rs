@@ -16,9 +16,9 @@ use std::time::Duration;
 use async_nats::jetstream;
 use bson::oid::ObjectId;
 use bson::DateTime;
-use proxypool_contracts::endpoints::IndexReload;
-use proxypool_contracts::events::{ChangeReason, ProxyChanged};
+use proxypool_contracts::endpoints::LeaseCtlSync;
 use proxypool_contracts::import::{ExcelImportRequest, ImportJob, ImportKind, JobStatus, ProviderImportRequest};
+use proxypool_contracts::rotation::SyncRequest;
 use proxypool_contracts::ApiError;
 use proxypool_store::{Store, StoreError};
 use tokio::sync::watch;
@@ -38,6 +38,8 @@ const IMPORT_LOCK_KEY: &str = "import";
 const IMPORT_LOCK_TTL: Duration = Duration::from_secs(60);
 /// Above this many changed proxies, lease replicas reload their index instead of re-reading each proxy.
 const ANNOUNCE_ONE_BY_ONE_MAX: usize = 100;
+/// How long the lease service may take to apply an import (a full re-read of a large catalogue).
+const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Why a job stopped without importing.
 #[derive(Debug, thiserror::Error)]
@@ -358,7 +360,13 @@ impl Importer {
             keep_errors(&mut p.job.errors, errors);
         });
         // What was written is announced even when the database failed part-way.
-        self.announce(&changed).await;
+        if let Err(e) = self.announce(&changed).await {
+            return Err(JobFailure::Dependency(format!(
+                "{} proxies were written but the lease service did not confirm them ({e}); they become leasable at \
+                 its next catalogue re-read (LEASE_INDEX_REFRESH), or run the import again",
+                changed.len()
+            )));
+        }
         match write_failure {
             None => Ok(()),
             Some(e) => Err(JobFailure::Dependency(format!(
@@ -402,21 +410,17 @@ impl Importer {
         }
     }
 
-    /// Tells the lease replicas what changed.
-    async fn announce(&self, changed: &[ObjectId]) {
-        let nats = &self.inner.nats;
+    /// Tells the lease service what changed, and waits until the next lease sees it: one proxy at a time for small
+    /// imports, one full re-read of the catalogue for large ones.
+    async fn announce(&self, changed: &[ObjectId]) -> Result<(), proxypool_rpc::CallError> {
         if changed.is_empty() {
-            return;
+            return Ok(());
         }
-        if changed.len() > ANNOUNCE_ONE_BY_ONE_MAX {
-            proxypool_rpc::events::publish(nats, &IndexReload {}).await;
+        let req = if changed.len() > ANNOUNCE_ONE_BY_ONE_MAX {
+            SyncRequest { proxy_ids: Vec::new(), full: true }
         } else {
-            for id in changed {
-                let event =
-                    ProxyChanged { proxy_id: id.to_hex(), reason: ChangeReason::Updated, origin: None, snapshot: None };
-                proxypool_rpc::events::publish_catalog(nats, event).await;
-            }
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(2), nats.flush()).await;
+            SyncRequest { proxy_ids: changed.iter().map(|id| id.to_hex()).collect(), full: false }
+        };
+        proxypool_rpc::call_within::<LeaseCtlSync>(&self.inner.nats, &req, Some(SYNC_TIMEOUT)).await.map(|_| ())
     }
 }

@@ -13,8 +13,15 @@ pub struct LeaseConfig {
     pub proxy_use_max: u32,
     /// `WEBHOOK_RETURN_PROXY`: base of the return URL handed to consumers.
     pub webhook_return_proxy: String,
-    /// `LEASE_INDEX_REFRESH` (seconds, default 60): period of the full index reload, a safety net behind the events.
+    /// `LEASE_INDEX_REFRESH` (seconds, default 60): period of the leader's full re-read of the catalogue, a safety
+    /// net for changes written to MongoDB without telling the lease service.
     pub index_refresh: Duration,
+    /// `LEASE_LEADER_TTL` (seconds, default 1.5): how long the leader's election entry outlives its last renewal,
+    /// which is how long a standby waits before it takes over from a leader that died.
+    pub leader_ttl: Duration,
+    /// `LEASE_LOG_REPLICAS` (default 1): copies of the lease log stream; set 3 on a three-server NATS cluster so an
+    /// acknowledged lease also survives the loss of a server.
+    pub log_replicas: usize,
     /// `LEASE_MAX_IN_FLIGHT` (default 512): requests handled concurrently by one replica.
     pub max_in_flight: usize,
     /// `LEASE_TTL` (seconds, default 3600; 0 disables): a lease not returned within this time is taken back (its
@@ -51,10 +58,20 @@ impl LeaseConfig {
         if max_in_flight == 0 {
             return Err(ConfigError::invalid("LEASE_MAX_IN_FLIGHT", "must be at least 1"));
         }
+        let leader_ttl = env.seconds_or("LEASE_LEADER_TTL", Duration::from_millis(1500))?;
+        if leader_ttl < Duration::from_millis(500) || leader_ttl > Duration::from_secs(60) {
+            return Err(ConfigError::invalid("LEASE_LEADER_TTL", "must be between 0.5 and 60 seconds"));
+        }
+        let log_replicas: usize = env.parse_or("LEASE_LOG_REPLICAS", 1)?;
+        if !(1..=5).contains(&log_replicas) {
+            return Err(ConfigError::invalid("LEASE_LOG_REPLICAS", "must be between 1 and 5"));
+        }
         Ok(Self {
             proxy_use_max,
             webhook_return_proxy: webhook_return_proxy.trim_end_matches('/').to_owned(),
             index_refresh: env.seconds_or("LEASE_INDEX_REFRESH", Duration::from_secs(60))?,
+            leader_ttl,
+            log_replicas,
             max_in_flight,
             callback_allow_private: env.bool_or("CALLBACK_ALLOW_PRIVATE", false)?,
             lease_ttl: match env.parse_or::<f64>("LEASE_TTL", 3600.0)? {
@@ -67,5 +84,17 @@ impl LeaseConfig {
             nats: NatsConfig::from_env(env)?,
             store: StoreConfig::from_env(env)?,
         })
+    }
+
+    /// The engine's part of the configuration.
+    pub fn engine(&self) -> crate::engine::EngineConfig {
+        crate::engine::EngineConfig {
+            max: self.proxy_use_max,
+            instance_id: self.instance_id.clone(),
+            leader_ttl: self.leader_ttl,
+            log_replicas: self.log_replicas,
+            append_timeout: Duration::from_secs(2),
+            lease_ttl: self.lease_ttl,
+        }
     }
 }

@@ -4,10 +4,8 @@
 //! more as the pool grows). The index keeps, per area, the leasable proxies ordered as the original's query
 //! orders them (`used_count` asc, `last_used_at` asc, nulls first), so a pick is `O(log n)`.
 //!
-//! The index is only a hint: every grant is a guarded write whose filter re-checks all conditions in the database,
-//! so a stale index costs a retry, never a wrong lease. It is fed by the results of this replica's own writes, by
-//! `proxy.changed` events from other writers, by re-reads after a guard miss and by a periodic full load.
-//! `lease_rev` orders the states so that an older one that arrives late does not overwrite a newer one.
+//! It is a secondary structure of the engine's state ([`crate::engine::state`]): every change to a proxy's lease
+//! state re-links its entry, so the index always agrees with the state it was derived from.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -34,8 +32,8 @@ pub struct Entry {
     pub last_used_ms: Option<i64>,
     /// `next_rotate`, epoch ms.
     pub next_rotate_ms: Option<i64>,
-    /// `lease_rev`.
-    pub rev: i64,
+    /// `expired_at` (the provider subscription's end), epoch ms.
+    pub expired_at_ms: Option<i64>,
 }
 
 impl Entry {
@@ -52,6 +50,11 @@ impl Entry {
     fn within_rotation_window(&self, now_ms: i64) -> bool {
         self.used_count == 0 || self.next_rotate_ms.is_some_and(|n| n > now_ms - ROTATE_GRACE_MS)
     }
+
+    /// Whether the provider subscription has ended by `now_ms`.
+    pub fn expired(&self, now_ms: i64) -> bool {
+        self.expired_at_ms.is_some_and(|e| e <= now_ms)
+    }
 }
 
 /// Sort key matching the lease query's order, with the id as a tie-breaker.
@@ -66,27 +69,23 @@ pub struct AreaStats {
     pub leasable: usize,
 }
 
-/// The index. Not thread-safe by itself: the service wraps it in a short `std::sync::Mutex` held only for in-memory
-/// work, never across I/O.
+/// The index, owned by the engine's single task.
 #[derive(Debug)]
 pub struct PoolIndex {
     max: u32,
     entries: HashMap<ObjectId, Slot>,
     order: HashMap<Area, BTreeSet<Rank>>,
-    generation: u64,
 }
 
 #[derive(Debug)]
 struct Slot {
     entry: Entry,
-    /// Generation of the last update, so a full reload only drops entries nobody touched while it ran.
-    generation: u64,
 }
 
 impl PoolIndex {
     /// An empty index for `PROXY_USE_MAX = max`.
     pub fn new(max: u32) -> Self {
-        Self { max, entries: HashMap::new(), order: HashMap::new(), generation: 0 }
+        Self { max, entries: HashMap::new(), order: HashMap::new() }
     }
 
     fn unlink(&mut self, id: ObjectId) -> Option<Slot> {
@@ -101,19 +100,13 @@ impl PoolIndex {
         if entry.leasable_now_or_later(self.max) {
             self.order.entry(entry.area).or_default().insert(entry.rank(id));
         }
-        self.entries.insert(id, Slot { entry, generation: self.generation });
+        self.entries.insert(id, Slot { entry });
     }
 
-    /// Records a state unless the index already holds a newer one (higher `rev`). Returns whether it was applied.
-    pub fn apply(&mut self, id: ObjectId, entry: Entry) -> bool {
-        if let Some(old) = self.entries.get(&id) {
-            if old.entry.rev > entry.rev {
-                return false;
-            }
-        }
+    /// Records the state of a proxy, replacing what was held.
+    pub fn set(&mut self, id: ObjectId, entry: Entry) {
         self.unlink(id);
         self.link(id, entry);
-        true
     }
 
     /// Forgets a proxy (deleted).
@@ -121,74 +114,26 @@ impl PoolIndex {
         self.unlink(id);
     }
 
-    /// Picks the best candidate in `area` and counts a lease on it optimistically, so that concurrent picks spread
-    /// over different proxies instead of racing for the same one. The caller must then either [`apply`] the state
-    /// returned by the guarded write or re-read the proxy after a guard miss.
+    /// The best candidate in `area` at `now_ms`, without taking it: the engine decides, logs the grant, then updates
+    /// the entry through [`PoolIndex::set`].
     ///
-    /// Candidates outside the rotation window are dropped from the order as they are met: time only moves forward,
-    /// and they come back only through a write (rotation), which updates the index.
-    ///
-    /// [`apply`]: PoolIndex::apply
-    pub fn pick(&mut self, area: Area, now_ms: i64) -> Option<(ObjectId, Entry)> {
+    /// Candidates outside the rotation window or past their subscription are dropped from the order as they are
+    /// met: time only moves forward, and they come back only through a change (rotation, catalogue edit), which
+    /// re-links them.
+    pub fn peek(&mut self, area: Area, now_ms: i64) -> Option<ObjectId> {
         let set = self.order.get_mut(&area)?;
-        let mut chosen = None;
         while let Some(rank) = set.first().copied() {
             let id = rank.2;
             match self.entries.get(&id) {
-                Some(slot) if slot.entry.within_rotation_window(now_ms) => {
-                    chosen = Some(id);
-                    break;
+                Some(slot) if slot.entry.within_rotation_window(now_ms) && !slot.entry.expired(now_ms) => {
+                    return Some(id);
                 }
                 _ => {
                     set.pop_first();
                 }
             }
         }
-        let id = chosen?;
-        let mut slot = self.unlink(id)?;
-        let before = slot.entry.clone();
-        slot.entry.in_use += 1;
-        slot.entry.used_count += 1;
-        slot.entry.last_used_ms = Some(now_ms);
-        self.link(id, slot.entry);
-        Some((id, before))
-    }
-
-    /// Undoes an optimistic [`PoolIndex::pick`] whose write did not happen (database error, cancelled request),
-    /// unless a newer state arrived in the meantime.
-    pub fn unpick(&mut self, id: ObjectId, before: Entry) {
-        if self.entries.get(&id).is_some_and(|s| s.entry.rev == before.rev) {
-            self.unlink(id);
-            self.link(id, before);
-        }
-    }
-
-    /// Starts a full reload; pass the returned token to [`PoolIndex::finish_reload`].
-    pub fn begin_reload(&mut self) -> u64 {
-        self.generation += 1;
-        self.generation
-    }
-
-    /// Applies a full load and drops entries that were neither in it nor updated since [`PoolIndex::begin_reload`].
-    pub fn finish_reload(&mut self, token: u64, loaded: Vec<(ObjectId, Entry)>) {
-        let mut seen = std::collections::HashSet::with_capacity(loaded.len());
-        for (id, entry) in loaded {
-            seen.insert(id);
-            // An entry updated while the load ran holds newer state than the load read.
-            if self.entries.get(&id).is_some_and(|s| s.generation >= token) {
-                continue;
-            }
-            self.apply(id, entry);
-        }
-        let stale: Vec<ObjectId> = self
-            .entries
-            .iter()
-            .filter(|(id, slot)| slot.generation < token && !seen.contains(id))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in stale {
-            self.unlink(id);
-        }
+        None
     }
 
     /// Counts for `area`.
@@ -233,23 +178,33 @@ mod tests {
             used_count: used,
             last_used_ms: last,
             next_rotate_ms: Some(NOW + 60_000),
-            rev: 0,
+            expired_at_ms: None,
         }
+    }
+
+    /// Takes the best candidate as the engine does: peek, then count the lease.
+    fn take(idx: &mut PoolIndex, area: Area) -> Option<ObjectId> {
+        let id = idx.peek(area, NOW)?;
+        let mut e = idx.get(&id)?.clone();
+        e.in_use += 1;
+        e.used_count += 1;
+        e.last_used_ms = Some(NOW);
+        idx.set(id, e);
+        Some(id)
     }
 
     #[test]
     fn picks_in_spec_order_and_spreads() {
         let mut idx = PoolIndex::new(3);
         let (a, b, c) = (ObjectId::new(), ObjectId::new(), ObjectId::new());
-        idx.apply(a, entry(Area::Vn, 1, Some(NOW - 10)));
-        idx.apply(b, entry(Area::Vn, 0, Some(NOW - 5)));
-        idx.apply(c, entry(Area::Vn, 0, None));
+        idx.set(a, entry(Area::Vn, 1, Some(NOW - 10)));
+        idx.set(b, entry(Area::Vn, 0, Some(NOW - 5)));
+        idx.set(c, entry(Area::Vn, 0, None));
         // used_count asc, then last_used_at asc with never-used first.
-        let pick = |idx: &mut PoolIndex, area| idx.pick(area, NOW).map(|(id, _)| id);
-        assert_eq!(pick(&mut idx, Area::Vn), Some(c));
-        assert_eq!(pick(&mut idx, Area::Vn), Some(b));
-        assert_eq!(pick(&mut idx, Area::Vn), Some(a));
-        assert_eq!(pick(&mut idx, Area::Global), None);
+        assert_eq!(take(&mut idx, Area::Vn), Some(c));
+        assert_eq!(take(&mut idx, Area::Vn), Some(b));
+        assert_eq!(take(&mut idx, Area::Vn), Some(a));
+        assert_eq!(take(&mut idx, Area::Global), None);
     }
 
     #[test]
@@ -257,61 +212,41 @@ mod tests {
         let mut idx = PoolIndex::new(3);
         let ids: Vec<_> = (0..10).map(|_| ObjectId::new()).collect();
         for id in &ids {
-            idx.apply(*id, entry(Area::Global, 0, None));
+            idx.set(*id, entry(Area::Global, 0, None));
         }
-        let picks = (0..100).filter_map(|_| idx.pick(Area::Global, NOW)).count();
+        let picks = (0..100).filter_map(|_| take(&mut idx, Area::Global)).count();
         assert_eq!(picks, 30);
         assert_eq!(idx.stats(Area::Global), AreaStats { total: 10, leasable: 0 });
     }
 
     #[test]
-    fn skips_inactive_rotating_and_expired_window() {
+    fn skips_inactive_rotating_expired_and_stale_window() {
         let mut idx = PoolIndex::new(3);
-        let inactive = ObjectId::new();
-        idx.apply(inactive, Entry { is_active: false, ..entry(Area::Vn, 0, None) });
-        let rotating = ObjectId::new();
-        idx.apply(rotating, Entry { is_rotating: true, ..entry(Area::Vn, 0, None) });
-        let stale = ObjectId::new();
-        idx.apply(stale, Entry { next_rotate_ms: Some(NOW - ROTATE_GRACE_MS - 1), ..entry(Area::Vn, 1, None) });
-        assert_eq!(idx.pick(Area::Vn, NOW), None);
-        // Never used in this cycle: leasable even when overdue.
+        idx.set(ObjectId::new(), Entry { is_active: false, ..entry(Area::Vn, 0, None) });
+        idx.set(ObjectId::new(), Entry { is_rotating: true, ..entry(Area::Vn, 0, None) });
+        idx.set(ObjectId::new(), Entry { expired_at_ms: Some(NOW - 1), ..entry(Area::Vn, 0, None) });
+        idx.set(ObjectId::new(), Entry { next_rotate_ms: Some(NOW - ROTATE_GRACE_MS - 1), ..entry(Area::Vn, 1, None) });
+        assert_eq!(idx.peek(Area::Vn, NOW), None);
+        // Never used in this cycle: leasable even when overdue; a subscription ending later does not gate.
         let fresh = ObjectId::new();
-        idx.apply(fresh, Entry { next_rotate_ms: Some(NOW - ROTATE_GRACE_MS - 1), ..entry(Area::Vn, 0, None) });
-        assert_eq!(idx.pick(Area::Vn, NOW).map(|(id, _)| id), Some(fresh));
+        idx.set(
+            fresh,
+            Entry {
+                next_rotate_ms: Some(NOW - ROTATE_GRACE_MS - 1),
+                expired_at_ms: Some(NOW + 1),
+                ..entry(Area::Vn, 0, None)
+            },
+        );
+        assert_eq!(idx.peek(Area::Vn, NOW), Some(fresh));
     }
 
     #[test]
-    fn unpick_restores_the_slot() {
+    fn remove_forgets() {
         let mut idx = PoolIndex::new(1);
         let id = ObjectId::new();
-        idx.apply(id, entry(Area::Vn, 0, None));
-        let (picked, before) = idx.pick(Area::Vn, NOW).unwrap_or((ObjectId::new(), entry(Area::Vn, 9, None)));
-        assert_eq!(picked, id);
-        assert!(idx.pick(Area::Vn, NOW).is_none(), "full after the optimistic count");
-        idx.unpick(id, before);
-        assert_eq!(idx.pick(Area::Vn, NOW).map(|(p, _)| p), Some(id));
-    }
-
-    #[test]
-    fn older_revisions_do_not_overwrite_newer() {
-        let mut idx = PoolIndex::new(3);
-        let id = ObjectId::new();
-        assert!(idx.apply(id, Entry { rev: 5, ..entry(Area::Vn, 2, None) }));
-        assert!(!idx.apply(id, Entry { rev: 4, ..entry(Area::Vn, 3, None) }));
-        assert_eq!(idx.get(&id).map(|e| e.in_use), Some(2));
-    }
-
-    #[test]
-    fn reload_drops_only_untouched_missing_entries() {
-        let mut idx = PoolIndex::new(3);
-        let (gone, touched, kept) = (ObjectId::new(), ObjectId::new(), ObjectId::new());
-        idx.apply(gone, entry(Area::Vn, 0, None));
-        idx.apply(touched, entry(Area::Vn, 0, None));
-        let token = idx.begin_reload();
-        idx.apply(touched, Entry { rev: 1, ..entry(Area::Vn, 1, None) });
-        idx.finish_reload(token, vec![(kept, entry(Area::Vn, 0, None))]);
-        assert!(idx.get(&gone).is_none());
-        assert!(idx.get(&touched).is_some());
-        assert!(idx.get(&kept).is_some());
+        idx.set(id, entry(Area::Vn, 0, None));
+        idx.remove(id);
+        assert!(idx.peek(Area::Vn, NOW).is_none());
+        assert!(idx.get(&id).is_none());
     }
 }

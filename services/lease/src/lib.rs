@@ -1,34 +1,31 @@
 //! The lease service: grants and returns proxy leases over NATS request-reply.
 //!
-//! It is the only writer of the lease fields `in_use`, `used_count`, `proxy_used` (and our `lease_rev`). Replicas
-//! share the request subjects through a queue group and need no coordination: every grant is a single guarded write
-//! in MongoDB (see [`service`]).
+//! It owns the lease state: `in_use`, `used_count`, `proxy_used`, `last_used_at`, `webhook_url` and the rotation
+//! lock of every proxy live in the memory of the leading replica, which decides every grant alone. A decision is
+//! answered once it is in the lease log on JetStream (one append per group commit); standbys follow the log and
+//! take over when the leader goes; MongoDB receives a projection of the state in bulk (see [`engine`]).
 //!
 //! # Layout
-//! - [`catalog`]: following the catalogue stream; catching up before refusing a lease.
 //! - [`config`]: `LeaseConfig` from the environment.
-//! - [`index`]: the in-memory index of leasable proxies per area.
+//! - [`engine`]: the state, the fenced log, the election, the projection.
+//! - [`index`]: the candidate index per area (`O(log n)` per lease).
 //! - [`metrics`]: Prometheus metrics.
-//! - [`service`]: acquire and release against MongoDB.
-//! - [`queries`]: the grant and release queries and their index.
-//! - [`sync`]: keeping the index in step (full load, re-reads, events).
-//! - [`handoff`]: the reset after a rotation, and the clear of a disabled proxy.
-//! - [`server`]: subscriptions, handlers, index maintenance, graceful stop.
+//! - [`service`]: acquire, release, the rotation lock and reset, catalogue sync, on the engine.
+//! - [`queries`]: the lease key, and the original design's lease query (kept as the benchmark's baseline).
+//! - [`server`]: subscriptions while leading, handlers, graceful stop.
 
-pub mod catalog;
 pub mod config;
-pub mod handoff;
+pub mod engine;
 pub mod index;
 pub mod metrics;
 pub mod queries;
 pub mod server;
 pub mod service;
-pub mod sync;
 
 use std::net::SocketAddr;
 
 use async_nats::Client;
-use proxypool_settings::shutdown::Shutdown;
+use proxypool_settings::shutdown::{Shutdown, ShutdownTrigger};
 use proxypool_store::Store;
 
 pub use config::LeaseConfig;
@@ -43,22 +40,25 @@ pub struct App {
     client: Client,
     config: LeaseConfig,
     admin_addr: SocketAddr,
+    engine_task: tokio::task::JoinHandle<()>,
+    engine_stop: ShutdownTrigger,
 }
 
 impl App {
-    /// Builds the service and starts its admin endpoint (`/metrics`, `/healthz`, `/readyz`) on `LEASE_ADMIN_ADDR`.
+    /// Starts the engine (loading the state, joining the election) and the admin endpoint (`/metrics`, `/healthz`,
+    /// `/readyz`) on `LEASE_ADMIN_ADDR`.
     pub async fn build(config: LeaseConfig, client: Client, store: Store) -> Result<Self, ServeError> {
-        let service = LeaseService::new(
-            store,
-            config.proxy_use_max,
-            config.webhook_return_proxy.clone(),
-            config.instance_id.clone(),
-        )
-        .allow_private_callbacks(config.callback_allow_private)
-        .lease_ttl(config.lease_ttl);
+        let metrics = metrics::LeaseMetrics::new();
+        let (engine_stop, engine_shutdown) = Shutdown::new();
+        let (engine, engine_task) =
+            engine::start(config.engine(), client.clone(), store.clone(), metrics.clone(), engine_shutdown);
+        let service =
+            LeaseService::new(engine, store, config.webhook_return_proxy.clone(), config.instance_id.clone(), metrics)
+                .allow_private_callbacks(config.callback_allow_private)
+                .lease_ttl(config.lease_ttl);
         let admin_addr = server::serve_admin(&service, &client, config.admin_addr).await.map_err(ServeError::Admin)?;
         tracing::info!(%admin_addr, "lease admin endpoint (/metrics, /healthz, /readyz) listening");
-        Ok(Self { service, client, config, admin_addr })
+        Ok(Self { service, client, config, admin_addr, engine_task, engine_stop })
     }
 
     /// Where the admin endpoint listens.
@@ -66,13 +66,19 @@ impl App {
         self.admin_addr
     }
 
-    /// The service (its state: whether the index is loaded, metrics).
+    /// The service (its state: whether it is loaded, whether it leads, metrics).
     pub fn service(&self) -> &LeaseService {
         &self.service
     }
 
-    /// Serves until `shutdown` fires, then stops taking requests and finishes those in flight.
+    /// Serves until `shutdown` fires, then stops taking requests, finishes those in flight, and hands the
+    /// leadership over.
     pub async fn run(self, shutdown: Shutdown) -> Result<(), ServeError> {
-        server::serve(self.service, self.client, self.config.index_refresh, self.config.max_in_flight, shutdown).await
+        let res =
+            server::serve(self.service, self.client, self.config.index_refresh, self.config.max_in_flight, shutdown)
+                .await;
+        self.engine_stop.fire();
+        let _ = self.engine_task.await;
+        res
     }
 }

@@ -10,8 +10,9 @@ use proxypool_telemetry::metrics::{latency_buckets, Metrics, RequestMetrics};
 /// Label of the lease counter.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
-    /// `granted`, `refused` (no proxy available), `returned`, or `withdrawn` (stored past the request's deadline,
-    /// after the caller was answered `service_unavailable`, and undone).
+    /// `granted`, `refused` (no proxy available), `returned`, `withdrawn` (made past the request's deadline, after
+    /// the caller was answered `service_unavailable`, and undone), `expired` (taken back at `LEASE_TTL`), or
+    /// `step_down` (an append refused or failed; the replica stopped leading).
     pub result: &'static str,
 }
 
@@ -31,12 +32,22 @@ pub struct LeaseMetrics {
     pub registry: Metrics,
     /// Leases by result.
     pub leases: Family<ResultLabel, Counter>,
-    /// Time to grant a lease (index pick, guarded write, read back), seconds.
+    /// Time to grant a lease (queue, group commit, append), seconds.
     pub duration: Histogram,
     /// The pool as this replica sees it.
     pub pool: Family<PoolLabels, Gauge>,
     /// Requests served.
     pub requests: RequestMetrics,
+    /// 1 while this replica leads.
+    pub leader: Gauge,
+    /// Time of one append to the lease log (one group commit), seconds.
+    pub append_duration: Histogram,
+    /// Operations per group commit.
+    pub batch_ops: Histogram,
+    /// From a change being durable to its projection being written to MongoDB, seconds (upper bound per write).
+    pub projection_lag: Histogram,
+    /// Proxies changed and not yet projected.
+    pub projection_backlog: Gauge,
 }
 
 impl LeaseMetrics {
@@ -50,7 +61,32 @@ impl LeaseMetrics {
         registry.register("lease_duration_seconds", "Time to grant a lease", duration.clone());
         registry.register("pool_proxies", "Proxies by area and state, as this replica sees them", pool.clone());
         let requests = registry.requests();
-        Self { registry, leases, duration, pool, requests }
+        let leader = Gauge::default();
+        let append_duration = Histogram::new(latency_buckets());
+        let batch_ops = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(1.0, 2.0, 13));
+        let projection_lag = Histogram::new(latency_buckets());
+        let projection_backlog = Gauge::default();
+        registry.register("leader", "1 while this replica leads", leader.clone());
+        registry.register("log_append_seconds", "Time of one append to the lease log", append_duration.clone());
+        registry.register("log_batch_ops", "Operations per group commit", batch_ops.clone());
+        registry.register(
+            "projection_lag_seconds",
+            "From a change being durable to its projection in MongoDB",
+            projection_lag.clone(),
+        );
+        registry.register("projection_backlog", "Proxies changed and not yet projected", projection_backlog.clone());
+        Self {
+            registry,
+            leases,
+            duration,
+            pool,
+            requests,
+            leader,
+            append_duration,
+            batch_ops,
+            projection_lag,
+            projection_backlog,
+        }
     }
 
     /// Counts a lease outcome.

@@ -1,22 +1,17 @@
-//! The NATS side: request-reply handlers in a queue group (through `proxypool-rpc`), the `proxy.changed` listener and
-//! index maintenance.
+//! The NATS side: the request-reply handlers (through `proxypool-rpc`), served only while this replica leads.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::Client;
-use futures::stream::BoxStream;
-use futures::StreamExt;
-use proxypool_contracts::endpoints::{IndexReload, LeaseAcquire, LeaseCtlClear, LeaseCtlRotated, LeaseRelease};
-use proxypool_contracts::events::ProxyChanged;
+use proxypool_contracts::endpoints::{LeaseAcquire, LeaseCtlLock, LeaseCtlRotated, LeaseCtlSync, LeaseRelease};
 use proxypool_contracts::lease::{AcquireRequest, LeaseGrant, ReleaseOutcome, ReleaseRequest};
-use proxypool_contracts::rotation::{ClearRequest, RotatedRequest};
+use proxypool_contracts::rotation::{LockRequest, RotatedRequest, SyncRequest};
 use proxypool_contracts::{subjects, ApiError};
 use proxypool_rpc::{Router, ServeOptions};
 use proxypool_settings::shutdown::Shutdown;
-use tokio::sync::Notify;
 
-use crate::service::{LeaseService, Outcome};
+use crate::service::LeaseService;
 
 /// Longest a request may take before it is answered `service_unavailable`. It stays below the callers' NATS request
 /// timeout (5 s by default) so that a consumer gets this answer rather than a bare timeout.
@@ -33,15 +28,7 @@ pub enum ServeError {
     Admin(#[source] std::io::Error),
 }
 
-async fn finish<T>(client: &Client, result: Result<Outcome<T>, ApiError>) -> Result<T, ApiError> {
-    let outcome = result?;
-    // Notices for leases the write took are queued before the reply, so that none is lost.
-    proxypool_rpc::notices::queue(client, &outcome.notices).await;
-    proxypool_rpc::events::publish(client, &outcome.event).await;
-    Ok(outcome.value)
-}
-
-/// Serves `/metrics`, `/healthz` and `/readyz` (index loaded, NATS connected) on `addr`; returns the bound address.
+/// Serves `/metrics`, `/healthz` and `/readyz` (state loaded, NATS connected) on `addr`; returns the bound address.
 pub async fn serve_admin(
     service: &LeaseService,
     client: &Client,
@@ -52,7 +39,7 @@ pub async fn serve_admin(
         let (loaded, nats) = (s.is_loaded(), nats());
         Box::pin(async move {
             if !loaded {
-                return Err(proxypool_telemetry::metrics::NotReady("the lease index is still loading"));
+                return Err(proxypool_telemetry::metrics::NotReady("the lease state is still loading"));
             }
             nats.await
         })
@@ -60,15 +47,19 @@ pub async fn serve_admin(
     service.metrics().registry.serve_admin(addr, ready).await
 }
 
-async fn acquire(service: LeaseService, client: Client, req: AcquireRequest) -> Result<LeaseGrant, ApiError> {
+async fn acquire(service: LeaseService, req: AcquireRequest) -> Result<LeaseGrant, ApiError> {
     let started = std::time::Instant::now();
     let req = req.validate(service.private_callbacks_allowed())?;
+    // Under a request deadline (see `proxypool_rpc::still_wanted`), do not grant what nobody will receive.
+    if !proxypool_rpc::still_wanted() {
+        return Err(ApiError::unavailable("the request did not finish in time; retry shortly"));
+    }
     let span = tracing::info_span!("lease.acquire", area = %req.area);
     let result = tracing::Instrument::instrument(service.acquire(&req), span).await;
     // A grant stored after the caller was told `service_unavailable` would be a lease nobody holds: undo it.
-    if let Ok(outcome) = &result {
+    if let Ok(grant) = &result {
         if !proxypool_rpc::commit_reply() {
-            return Err(withdraw(&service, &client, &outcome.value).await);
+            return Err(withdraw(&service, grant).await);
         }
     }
     match &result {
@@ -79,182 +70,117 @@ async fn acquire(service: LeaseService, client: Client, req: AcquireRequest) -> 
         Err(e) if e.code == proxypool_contracts::ErrorCode::NoProxyAvailable => service.metrics().lease("refused"),
         Err(_) => {}
     }
-    finish(&client, result).await
+    result
 }
 
-async fn release(service: LeaseService, client: Client, req: ReleaseRequest) -> Result<ReleaseOutcome, ApiError> {
+async fn release(service: LeaseService, req: ReleaseRequest) -> Result<ReleaseOutcome, ApiError> {
     let req = req.validate()?;
     let result = tracing::Instrument::instrument(service.release(&req), tracing::info_span!("lease.release")).await;
     if result.is_ok() {
         service.metrics().lease("returned");
     }
-    finish(&client, result).await
+    result
 }
 
 /// The lease service's endpoints.
-fn router(service: &LeaseService, client: &Client) -> Router<(LeaseService, Client)> {
-    Router::new((service.clone(), client.clone()))
-        .on::<LeaseAcquire, _, _>(|(s, c), req| acquire(s, c, req))
-        .on::<LeaseRelease, _, _>(|(s, c), req| release(s, c, req))
-        .on::<LeaseCtlClear, _, _>(
-            |(s, c), req: ClearRequest| async move { finish(&c, s.clear_leases(&req).await).await },
-        )
-        .on::<LeaseCtlRotated, _, _>(|(s, c), req: RotatedRequest| async move {
-            finish(&c, s.reset_after_rotation(&req).await).await
-        })
+fn router(service: &LeaseService) -> Router<LeaseService> {
+    Router::new(service.clone())
+        .on::<LeaseAcquire, _, _>(acquire)
+        .on::<LeaseRelease, _, _>(release)
+        .on::<LeaseCtlSync, _, _>(|s, req: SyncRequest| async move { s.sync(&req).await })
+        .on::<LeaseCtlLock, _, _>(|s, req: LockRequest| async move { s.lock(&req).await })
+        .on::<LeaseCtlRotated, _, _>(|s, req: RotatedRequest| async move { s.rotated(&req).await })
 }
 
-/// Undoes a grant its caller will never receive, announces the undo, and answers as the caller was answered.
-async fn withdraw(service: &LeaseService, client: &Client, grant: &LeaseGrant) -> ApiError {
+/// Undoes a grant its caller will never receive, and answers as the caller was answered.
+async fn withdraw(service: &LeaseService, grant: &LeaseGrant) -> ApiError {
     match service.withdraw(grant).await {
-        Ok(Some(event)) => {
+        Ok(true) => {
             service.metrics().lease("withdrawn");
-            tracing::info!(proxy = %grant.id, "a grant stored past its deadline was withdrawn");
-            proxypool_rpc::events::publish(client, &event).await;
+            tracing::info!(proxy = %grant.id, "a grant made past its deadline was withdrawn");
         }
-        Ok(None) => tracing::debug!(proxy = %grant.id, "a late grant was already gone when withdrawn"),
+        Ok(false) => tracing::debug!(proxy = %grant.id, "a late grant was already gone when withdrawn"),
         // The lease stays until LEASE_TTL takes it back.
         Err(e) => tracing::warn!(error = %e, proxy = %grant.id, "cannot withdraw a grant its caller gave up on"),
     }
     ApiError::unavailable("the request did not finish in time; retry shortly")
 }
 
-/// Applies `proxy.changed` events from other writers to the index.
-async fn listen_events(service: LeaseService, mut events: BoxStream<'static, (ProxyChanged, tracing::Span)>) {
-    while let Some((event, span)) = events.next().await {
-        if let Some(id) = service.apply_event(&event) {
-            let s = service.clone();
-            let refresh = async move {
-                if let Err(e) = s.refresh_one(id).await {
-                    tracing::warn!(error = %e, proxy = %id, "cannot refresh a changed proxy");
-                }
-            };
-            tokio::spawn(tracing::Instrument::instrument(refresh, span));
-        }
-    }
-}
-
-/// Refreshes the pool gauges every few seconds until shutdown.
-async fn update_pool_metrics(service: LeaseService, mut shutdown: Shutdown) {
-    loop {
-        service.update_pool_metrics();
-        tokio::select! {
-            () = tokio::time::sleep(Duration::from_secs(5)) => {}
-            () = shutdown.wait() => return,
-        }
-    }
-}
-
-/// Takes back expired leases a few times per TTL (at most every 30 s) until shutdown.
-async fn reap(service: LeaseService, client: Client, mut shutdown: Shutdown) {
-    let Some(ttl) = service.ttl() else { return };
-    let every = (ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
+/// While leading, re-reads the whole catalogue every `period`: heals a change written to MongoDB without telling
+/// the lease service (by hand, or by a writer that crashed between its write and its sync).
+async fn resync(service: LeaseService, period: Duration, mut shutdown: Shutdown) {
+    let mut serving = service.engine().serving();
     loop {
         tokio::select! {
-            () = tokio::time::sleep(every) => {}
+            () = tokio::time::sleep(period) => {}
             () = shutdown.wait() => return,
         }
-        match service.reap_expired().await {
-            Ok(outcomes) => {
-                for outcome in outcomes {
-                    let _ = finish(&client, Ok(outcome)).await;
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot reap expired leases"),
+        if !*serving.borrow_and_update() {
+            continue;
+        }
+        match service.sync(&SyncRequest { proxy_ids: Vec::new(), full: true }).await {
+            Ok(r) if r.changed > 0 => tracing::info!(changed = r.changed, "catalogue re-read found changes"),
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "periodic catalogue re-read failed"),
         }
     }
 }
 
-/// Turns `leasectl.reload` broadcasts (sent after bulk imports) into a wake-up of [`maintain_index`]. Several
-/// broadcasts during one reload collapse into one more reload.
-async fn listen_reloads(mut requests: BoxStream<'static, (IndexReload, tracing::Span)>, wake: Arc<Notify>) {
-    while requests.next().await.is_some() {
-        wake.notify_one();
-    }
-}
-
-/// Creates indexes and loads the lease index (retrying while the database is down), then reloads it every `period`
-/// or when woken by `wake`.
-async fn maintain_index(service: LeaseService, period: Duration, wake: Arc<Notify>, mut shutdown: Shutdown) {
-    let mut backoff = Duration::from_millis(200);
-    let mut indexes_done = false;
-    loop {
-        if !indexes_done {
-            match service.ensure_indexes().await {
-                Ok(()) => indexes_done = true,
-                Err(e) => tracing::warn!(error = %e, "cannot create indexes yet; retrying"),
-            }
-        }
-        let wait = match service.reload().await {
-            Ok(n) => {
-                tracing::info!(proxies = n, "lease index loaded");
-                backoff = Duration::from_millis(200);
-                period
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "cannot load the lease index; retrying");
-                let w = backoff;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                w
-            }
-        };
-        tokio::select! {
-            () = tokio::time::sleep(wait) => {}
-            () = wake.notified() => tracing::debug!("reloading the lease index on request"),
-            () = shutdown.wait() => return,
-        }
-    }
-}
-
-/// Serves lease requests until `shutdown` fires, then stops taking requests and finishes those in flight.
+/// Serves lease requests while this replica leads, until `shutdown` fires; then stops taking requests and
+/// finishes those in flight.
 pub async fn serve(
     service: LeaseService,
     client: Client,
-    index_refresh: Duration,
+    resync_every: Duration,
     max_in_flight: usize,
-    shutdown: Shutdown,
+    mut shutdown: Shutdown,
 ) -> Result<(), ServeError> {
-    // Subscribe to changes before the first load, so that no change falls between the load and the subscription,
-    // and to requests before reporting loaded, so that a loaded replica is a reachable one.
-    let events = proxypool_rpc::events::subscribe::<ProxyChanged>(&client).await?;
-    let catalog = loop {
-        match crate::catalog::follow(&service, &client).await {
-            Ok((cursor, follower)) => {
-                service.set_catalog(cursor);
-                break tokio::spawn(crate::catalog::run_until(follower, shutdown.clone()));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot follow the catalogue yet; retrying");
-                let mut s = shutdown.clone();
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    () = s.wait() => return Ok(()),
-                }
+    let resync = tokio::spawn(resync(service.clone(), resync_every, shutdown.clone()));
+    let mut serving = service.engine().serving();
+    tracing::info!(instance = service.instance_id(), "lease service started");
+    loop {
+        // Standby: wait to lead.
+        while !*serving.borrow_and_update() {
+            tokio::select! {
+                r = serving.changed() => if r.is_err() { resync.abort(); return Ok(()) },
+                () = shutdown.wait() => { resync.abort(); return Ok(()) }
             }
         }
-    };
-    let reloads = proxypool_rpc::events::subscribe::<IndexReload>(&client).await?;
-    let wake = Arc::new(Notify::new());
-    let requests = router(&service, &client).subscribe(&client, subjects::LEASE_QUEUE_GROUP).await?;
-    let listener = tokio::spawn(listen_events(service.clone(), events));
-    let reload_listener = tokio::spawn(listen_reloads(reloads, wake.clone()));
-    let maintenance = tokio::spawn(maintain_index(service.clone(), index_refresh, wake, shutdown.clone()));
-    let reaper = tokio::spawn(reap(service.clone(), client.clone(), shutdown.clone()));
-    tracing::info!(instance = service.instance_id(), "lease service serving");
-    let pool_metrics = tokio::spawn(update_pool_metrics(service.clone(), shutdown.clone()));
-    let options = ServeOptions {
-        queue_group: subjects::LEASE_QUEUE_GROUP,
-        max_in_flight,
-        deadline: REQUEST_DEADLINE,
-        metrics: Some(service.metrics().requests.clone()),
-    };
-    requests.run(client, options, shutdown).await;
-    listener.abort();
-    catalog.abort();
-    pool_metrics.abort();
-    reload_listener.abort();
-    maintenance.abort();
-    reaper.abort();
+        let requests = match router(&service).subscribe(&client, subjects::LEASE_QUEUE_GROUP).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot subscribe to lease requests; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        tracing::info!(instance = service.instance_id(), "serving lease requests (leader)");
+        // This term ends when the lead is lost or the service stops.
+        let (end, term) = Shutdown::new();
+        let (mut watch, mut outer) = (serving.clone(), shutdown.clone());
+        let ender = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    r = watch.changed() => if r.is_err() || !*watch.borrow() { break },
+                    () = outer.wait() => break,
+                }
+            }
+            end.fire();
+        });
+        let options = ServeOptions {
+            queue_group: subjects::LEASE_QUEUE_GROUP,
+            max_in_flight,
+            deadline: REQUEST_DEADLINE,
+            metrics: Some(service.metrics().requests.clone()),
+        };
+        requests.run(client.clone(), options, term).await;
+        let _ = ender.await;
+        if shutdown.is_fired() {
+            break;
+        }
+        tracing::info!("no longer leading: stopped serving lease requests");
+    }
+    resync.abort();
     tracing::info!("lease service stopped");
     Ok(())
 }

@@ -1,12 +1,13 @@
 //! The [`Rotator`]: the state shared by the scheduler and the workers, and the steps both use (the queue, reading
-//! a proxy, announcing a change).
+//! a proxy, the rotation lock).
 //!
-//! A proxy is claimed with one guarded write that sets the `is_rotating` lock together with `rotating_since` and the
-//! job id; the job is then published with that id as its JetStream message id, so it is queued once however many
-//! schedulers run ([`crate::scheduler`]). A job is acknowledged only after its result is stored (and, on success,
-//! after the lease service has reset the lease state), so a worker that dies mid-job leaves the job to be
-//! redelivered to another ([`crate::worker`]). Every step checks that the proxy is still locked by this job, so a
-//! stale or duplicate delivery changes nothing.
+//! A proxy is claimed by taking its rotation lock from the lease service (the owner of everything that gates
+//! leasing: no new lease from the moment it answers), then recording the job id on the document; the job is
+//! published with that id as its JetStream message id, so it is queued once however many schedulers run
+//! ([`crate::scheduler`]). A job is acknowledged only after its result is stored and the lease service has released
+//! the lock (resetting the leases on success), so a worker that dies mid-job leaves the job to be redelivered to
+//! another ([`crate::worker`]). Every step checks that the proxy is still locked by this job, so a stale or
+//! duplicate delivery changes nothing.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,8 +15,9 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::PullConsumer};
 use bson::oid::ObjectId;
 use bson::{doc, DateTime};
-use proxypool_contracts::events::{ChangeReason, ProxyChanged};
+use proxypool_contracts::endpoints::LeaseCtlLock;
 use proxypool_contracts::rotation::RotationJob;
+use proxypool_contracts::rotation::{LockReply, LockRequest};
 use proxypool_rpc::jetstream::{Delivery, JetStreamError, ROTATIONS};
 use proxypool_store::model::ProxyDoc;
 use proxypool_store::{Store, StoreError};
@@ -32,9 +34,9 @@ pub enum JobError {
     /// The database failed.
     #[error("database")]
     Store(#[from] StoreError),
-    /// The lease service did not confirm the reset.
-    #[error("lease reset")]
-    Reset(#[from] proxypool_rpc::CallError),
+    /// The lease service did not answer (lock, drain, reset).
+    #[error("lease service")]
+    Lease(#[from] proxypool_rpc::CallError),
 }
 
 impl From<mongodb::error::Error> for JobError {
@@ -106,17 +108,28 @@ impl Rotator {
         ROTATIONS.ensure_consumer(&self.inner.js, delivery).await
     }
 
-    /// Tells the lease replicas that a proxy changed.
-    pub(crate) async fn announce(&self, id: ObjectId) {
-        let event = ProxyChanged { proxy_id: id.to_hex(), reason: ChangeReason::Updated, origin: None, snapshot: None };
-        proxypool_rpc::events::publish_catalog(&self.inner.nats, event).await;
+    /// Takes, checks or takes over the rotation lock at the lease service. `None` when another job holds it, the
+    /// proxy cannot rotate (disabled, subscription ended) or is gone.
+    pub(crate) async fn lock(&self, req: &LockRequest) -> Result<Option<LockReply>, JobError> {
+        match proxypool_rpc::call::<LeaseCtlLock>(&self.inner.nats, req).await {
+            Ok(reply) => Ok(Some(reply)),
+            Err(proxypool_rpc::CallError::Remote(e))
+                if e.code == proxypool_contracts::ErrorCode::Conflict
+                    || e.code == proxypool_contracts::ErrorCode::NotFound =>
+            {
+                tracing::debug!(proxy = %req.proxy_id, reason = %e.message, "rotation lock not taken");
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     pub(crate) async fn load(&self, id: ObjectId) -> Result<Option<ProxyDoc>, JobError> {
         Ok(self.inner.store.proxies().find_one(doc! { "_id": id }).await?)
     }
 
+    /// Whether the document records `job` as the current rotation (the lock itself is the lease service's).
     pub(crate) fn holds_lock(doc: &ProxyDoc, job: &RotationJob) -> bool {
-        doc.is_rotating && doc.rotation_job.as_deref() == Some(job.job_id.as_str())
+        doc.rotation_job.as_deref() == Some(job.job_id.as_str())
     }
 }

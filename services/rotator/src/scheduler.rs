@@ -3,8 +3,9 @@
 use bson::oid::ObjectId;
 use bson::{doc, DateTime, Document};
 use futures::TryStreamExt;
-use proxypool_contracts::rotation::{RotateNowReply, RotationJob};
-use proxypool_contracts::{ApiError, ErrorCode};
+use proxypool_contracts::endpoints::LeaseCtlLock;
+use proxypool_contracts::rotation::{LockRequest, RotateNowReply, RotationJob};
+use proxypool_contracts::ApiError;
 use proxypool_rpc::jetstream::{JetStreamError, ROTATIONS};
 use proxypool_settings::shutdown::Shutdown;
 use proxypool_store::model::ProxyStatus;
@@ -12,23 +13,31 @@ use proxypool_store::model::ProxyStatus;
 use crate::rotator::{JobError, Rotator};
 
 impl Rotator {
-    /// Claims the proxy matching `filter` (which must pin `_id`) and queues its job. `None` if another claimed it.
-    /// Each claim starts a trace (one rotation is one trace: claim, job, rotate call, IP check, lease reset).
-    #[tracing::instrument(name = "rotation.claim", skip(self, filter), fields(proxy = %id))]
-    async fn claim(&self, id: ObjectId, mut filter: Document) -> Result<Option<String>, JobError> {
+    /// Claims proxy `id` (taking over a lock older than `take_over_after`, for stale locks) and queues its job.
+    /// `None` if it cannot be claimed now. Each claim starts a trace (one rotation is one trace: claim, job, rotate
+    /// call, IP check, lease reset).
+    #[tracing::instrument(name = "rotation.claim", skip(self), fields(proxy = %id))]
+    async fn claim(
+        &self,
+        id: ObjectId,
+        take_over_after: Option<std::time::Duration>,
+    ) -> Result<Option<String>, JobError> {
         let now = DateTime::now();
         let job_id = format!("{}-{}", id.to_hex(), now.timestamp_millis());
-        filter.insert("_id", id);
-        let update = doc! { "$set": {
-            "is_rotating": true, "rotating_since": now, "rotation_job": &job_id,
-            "status": i32::from(ProxyStatus::Processing), "updatedAt": now,
-        }};
-        let res = self.inner.store.proxies().update_one(filter, update).await?;
-        if res.matched_count == 0 {
+        let req = LockRequest {
+            proxy_id: id.to_hex(),
+            job_id: job_id.clone(),
+            take_over_after_ms: take_over_after.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            restart: false,
+        };
+        // The lock stops new leases the moment the lease service answers.
+        if self.lock(&req).await?.is_none() {
             return Ok(None);
         }
-        // The lock stops new leases at once (the lease guard requires is_rotating=false); tell the lease index.
-        self.announce(id).await;
+        let update = doc! { "$set": {
+            "rotation_job": &job_id, "status": i32::from(ProxyStatus::Processing), "updatedAt": now,
+        }};
+        self.inner.store.proxies().update_one(doc! { "_id": id }, update).await?;
         let job = RotationJob { proxy_id: id.to_hex(), job_id: job_id.clone() };
         if let Err(e) = self.enqueue(&job).await {
             // The lock stays; the lock TTL hands the proxy to a later scan.
@@ -69,18 +78,23 @@ impl Rotator {
     pub async fn scan_once(&self) -> Result<usize, JobError> {
         let c = &self.inner.config;
         let now = DateTime::now();
-        let due = doc! { "is_active": true, "is_rotating": false, "next_rotate": { "$lte": now } };
+        // `is_rotating` is the lease service's projection (it may trail by a moment: the lock call decides). A proxy
+        // whose provider subscription has ended is not rotated.
+        let due = doc! {
+            "is_active": true, "is_rotating": false, "next_rotate": { "$lte": now },
+            "$nor": [ { "expired_at": { "$lte": now } } ],
+        };
         let mut queued = 0;
-        for (id, _) in self.ids(due.clone(), c.scan_batch).await? {
-            if self.claim(id, due.clone()).await?.is_some() {
+        for (id, _) in self.ids(due, c.scan_batch).await? {
+            if self.claim(id, None).await?.is_some() {
                 queued += 1;
             }
         }
         let cutoff = DateTime::from_millis(now.timestamp_millis() - i64::try_from(c.lock_ttl.as_millis()).unwrap_or(0));
         let stale = doc! { "is_rotating": true, "rotating_since": { "$lt": cutoff } };
-        for (id, since) in self.ids(stale, c.scan_batch).await? {
-            // Pin the old lock time, so that of several schedulers only one takes it over.
-            if self.claim(id, doc! { "is_rotating": true, "rotating_since": since }).await?.is_some() {
+        for (id, _) in self.ids(stale, c.scan_batch).await? {
+            // The lease service decides with the lock's own time, so of several schedulers only one takes it over.
+            if self.claim(id, Some(c.lock_ttl)).await?.is_some() {
                 tracing::warn!(proxy = %id, "took over an expired rotation lock");
                 queued += 1;
             }
@@ -96,18 +110,22 @@ impl Rotator {
             tracing::warn!(error = %e, "rotate-now failed");
             ApiError::unavailable("the database is unreachable; retry shortly")
         };
-        match self.claim(id, doc! { "is_rotating": false, "is_active": true }).await.map_err(unavailable)? {
-            Some(job_id) => Ok(RotateNowReply { job_id }),
-            None => {
-                let doc =
-                    self.inner.store.proxies().find_one(doc! { "_id": id }).await.map_err(|e| unavailable(e.into()))?;
-                Err(match doc {
-                    None => ApiError::not_found(format!("proxy {id} not found")),
-                    Some(d) if !d.is_active => ApiError::new(ErrorCode::Conflict, "the proxy is disabled"),
-                    Some(_) => ApiError::new(ErrorCode::Conflict, "the proxy is already rotating"),
-                })
-            }
-        }
+        let now = DateTime::now();
+        let job_id = format!("{}-{}", id.to_hex(), now.timestamp_millis());
+        let req =
+            LockRequest { proxy_id: id.to_hex(), job_id: job_id.clone(), take_over_after_ms: None, restart: false };
+        // Ask directly (not through `claim`) so the admin sees the lease service's reason.
+        proxypool_rpc::call::<LeaseCtlLock>(&self.inner.nats, &req).await.map_err(ApiError::from)?;
+        let update = doc! { "$set": {
+            "rotation_job": &job_id, "status": i32::from(ProxyStatus::Processing), "updatedAt": now,
+        }};
+        self.inner.store.proxies().update_one(doc! { "_id": id }, update).await.map_err(|e| unavailable(e.into()))?;
+        let job = RotationJob { proxy_id: id.to_hex(), job_id: job_id.clone() };
+        self.enqueue(&job).await.map_err(|e| {
+            tracing::warn!(error = %e, proxy = %id, "locked but not queued; the lock will expire");
+            ApiError::unavailable("the rotation queue is unreachable; retry shortly")
+        })?;
+        Ok(RotateNowReply { job_id })
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use bson::oid::ObjectId;
 use bson::{doc, DateTime};
 use proxypool_contracts::endpoints::LeaseCtlRotated;
-use proxypool_contracts::rotation::{RotatedRequest, RotationJob};
+use proxypool_contracts::rotation::{LockReply, LockRequest, RotatedRequest, RotationJob};
 use proxypool_contracts::ErrorCode;
 use proxypool_rpc::jetstream::JetStreamError;
 use proxypool_rpc::workqueue::{self, Outcome, RunnerOptions};
@@ -35,12 +35,17 @@ impl Rotator {
         if doc.status != ProxyStatus::Completed {
             // The lock's age (for take-over) and the drain limit count from when a worker starts the job, not from
             // the claim: a job may wait in the queue behind a backlog.
-            let started = doc! { "_id": id, "is_rotating": true, "rotation_job": &job.job_id };
-            let since = doc! { "$set": { "rotating_since": DateTime::now() } };
-            if self.inner.store.proxies().update_one(started, since).await?.matched_count == 0 {
+            let start = LockRequest {
+                proxy_id: job.proxy_id.clone(),
+                job_id: job.job_id.clone(),
+                take_over_after_ms: None,
+                restart: true,
+            };
+            let Some(lock) = self.lock(&start).await? else {
+                tracing::debug!(proxy = %id, job = %job.job_id, "stale job: the lease service holds no lock for it");
                 return Ok(());
-            }
-            match self.drain(id, job).await? {
+            };
+            match self.drain(id, job, lock).await? {
                 Some(d) => doc = d,
                 None => return Ok(()),
             }
@@ -66,25 +71,34 @@ impl Rotator {
         self.reset_leases(job).await
     }
 
-    /// Waits until no lease is held or `ROTATE_DRAIN_MAX` has passed since the claim. `None` if the lock was lost.
-    async fn drain(&self, id: ObjectId, job: &RotationJob) -> Result<Option<ProxyDoc>, JobError> {
+    /// Waits until no lease is held or `ROTATE_DRAIN_MAX` has passed since the job started, asking the lease service
+    /// (which counts the holders). `None` if the lock was lost.
+    async fn drain(&self, id: ObjectId, job: &RotationJob, mut lock: LockReply) -> Result<Option<ProxyDoc>, JobError> {
         let max = self.inner.config.drain_max;
+        let check = LockRequest {
+            proxy_id: job.proxy_id.clone(),
+            job_id: job.job_id.clone(),
+            take_over_after_ms: None,
+            restart: false,
+        };
         loop {
-            let Some(doc) = self.load(id).await? else { return Ok(None) };
-            if !Self::holds_lock(&doc, job) {
-                return Ok(None);
-            }
-            let since = doc.rotating_since.map_or(0, |d| d.timestamp_millis());
-            let waited = Duration::from_millis(u64::try_from(DateTime::now().timestamp_millis() - since).unwrap_or(0));
-            if doc.in_use <= 0 {
-                return Ok(Some(doc));
+            let waited =
+                Duration::from_millis(u64::try_from(DateTime::now().timestamp_millis() - lock.since_ms).unwrap_or(0));
+            if lock.in_use == 0 {
+                break;
             }
             if waited >= max {
-                tracing::warn!(proxy = %id, held = doc.in_use, "drain timed out; rotating with leases still held");
-                return Ok(Some(doc));
+                tracing::warn!(proxy = %id, held = lock.in_use, "drain timed out; rotating with leases still held");
+                break;
             }
             tokio::time::sleep(DRAIN_POLL).await;
+            match self.lock(&check).await? {
+                Some(l) => lock = l,
+                None => return Ok(None),
+            }
         }
+        let Some(doc) = self.load(id).await? else { return Ok(None) };
+        Ok(Self::holds_lock(&doc, job).then_some(doc))
     }
 
     /// Calls the rotate URL (unless disabled), reads the new address, checks the public IP through the proxy and
@@ -162,10 +176,7 @@ impl Rotator {
         if let Some(r) = region {
             set.insert("region", r);
         }
-        let filter = doc! {
-            "_id": doc.id, "is_rotating": true, "rotation_job": &job.job_id,
-            "status": i32::from(ProxyStatus::Processing),
-        };
+        let filter = doc! { "_id": doc.id, "rotation_job": &job.job_id, "status": i32::from(ProxyStatus::Processing) };
         let res = self.inner.store.proxies().update_one(filter, doc! { "$set": set }).await?;
         Ok(res.matched_count == 1)
     }
@@ -183,21 +194,22 @@ impl Rotator {
         let set = doc! {
             "is_error": true, "status_code": status_code, "response": truncate(reason),
             "next_rotate": millis_from_now(self.inner.config.error_backoff),
-            "status": i32::from(ProxyStatus::Pending), "is_rotating": false, "rotating_since": null,
-            "updatedAt": DateTime::now(),
+            "status": i32::from(ProxyStatus::Pending), "updatedAt": DateTime::now(),
         };
-        let filter = doc! {
-            "_id": doc.id, "is_rotating": true, "rotation_job": &job.job_id,
-            "status": i32::from(ProxyStatus::Processing),
-        };
+        let filter = doc! { "_id": doc.id, "rotation_job": &job.job_id, "status": i32::from(ProxyStatus::Processing) };
         self.inner.store.proxies().update_one(filter, doc! { "$set": set }).await?;
-        self.announce(doc.id).await;
-        Ok(())
+        // The lock goes, the leases stay (the old address still works).
+        self.finish_with_lease_service(job, false).await
     }
 
     /// Asks the lease service (the only writer of lease state) to reset the leases and release the lock.
     async fn reset_leases(&self, job: &RotationJob) -> Result<(), JobError> {
-        let req = RotatedRequest { proxy_id: job.proxy_id.clone(), job_id: job.job_id.clone() };
+        self.finish_with_lease_service(job, true).await
+    }
+
+    /// Releases the lock at the lease service, resetting the leases and the cycle when `reset` (success).
+    async fn finish_with_lease_service(&self, job: &RotationJob, reset: bool) -> Result<(), JobError> {
+        let req = RotatedRequest { proxy_id: job.proxy_id.clone(), job_id: job.job_id.clone(), reset };
         match proxypool_rpc::call::<LeaseCtlRotated>(&self.inner.nats, &req).await {
             Ok(r) => {
                 if r.dropped_leases > 0 {

@@ -8,7 +8,6 @@ use anyhow::{bail, Context};
 use bson::oid::ObjectId;
 use bson::{doc, DateTime, Document};
 use futures::TryStreamExt;
-use proxypool_contracts::events::{ChangeReason, ProxyChanged};
 use proxypool_contracts::lease::{AcquireRequest, LeaseGrant, ReleaseOutcome, ReleaseRequest};
 use proxypool_contracts::{subjects, Area, Reply};
 use proxypool_gateway::GatewayConfig;

@@ -5,6 +5,8 @@ use std::time::{Duration, Instant};
 
 use bson::{doc, DateTime};
 use futures::future::join_all;
+use proxypool_contracts::endpoints::{LeaseCtlLock, LeaseCtlSync};
+use proxypool_contracts::rotation::{LockRequest, SyncRequest};
 use proxypool_contracts::{Area, ErrorCode, Reply};
 use proxypool_system_tests::TestApp;
 
@@ -154,32 +156,55 @@ async fn leases_only_from_the_requested_area() -> R {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn inactive_rotating_overused_and_overdue_proxies_are_never_leased() -> R {
+async fn disabled_locked_expired_addressless_and_overused_proxies_are_never_leased() -> R {
     let app = TestApp::builder().seed(Area::Vn, 5).spawn().await?;
     let ids: Vec<_> = app.all_proxies().await?.into_iter().map(|p| p.id).collect();
-    let overdue = DateTime::from_millis(DateTime::now().timestamp_millis() - 5 * 60 * 1000);
-    app.update_proxy(ids[0], doc! { "$set": { "is_active": false } }).await?;
-    app.update_proxy(ids[1], doc! { "$set": { "is_rotating": true } }).await?;
-    // Over-used in this rotation cycle though no lease is held now.
-    app.update_proxy(ids[2], doc! { "$set": { "used_count": 3 } }).await?;
-    // Used and past next_rotate + 4 min: due for rotation, no new leases.
-    app.update_proxy(ids[3], doc! { "$set": { "used_count": 1, "next_rotate": overdue } }).await?;
+    let past = DateTime::from_millis(DateTime::now().timestamp_millis() - 60_000);
+    app.update_proxy(ids[0], doc! { "$set": { "is_active": false, "updatedAt": DateTime::now() } }).await?;
+    // Locked for rotation, as the rotator does it: through the lease service.
+    let lock =
+        LockRequest { proxy_id: ids[1].to_hex(), job_id: "job-1".into(), take_over_after_ms: None, restart: false };
+    app.call::<LeaseCtlLock>(&lock).await?.into_result()?;
+    // The provider subscription has ended.
+    app.update_proxy(ids[2], doc! { "$set": { "expired_at": past, "updatedAt": DateTime::now() } }).await?;
+    // Imported without an address yet.
+    app.update_proxy(ids[3], doc! { "$set": { "ip": "", "updatedAt": DateTime::now() } }).await?;
     let (grants, _) = storm(&app, 12, "vn").await?;
     assert_eq!(grants.len(), 3, "only the fifth proxy is leasable");
     assert!(grants.iter().all(|(id, _)| *id == ids[4].to_hex()));
     for id in &ids[..4] {
         assert_eq!(app.proxy(&id.to_hex()).await?.proxy_used.len(), 0);
     }
+    // Returned, but used PROXY_USE_MAX times in this rotation cycle: no new lease until it rotates.
+    for (id, key) in &grants {
+        app.nats_release(id, key).await?.into_result()?;
+    }
+    let e = app.nats_acquire("vn", "c").await?.into_result().err();
+    assert_eq!(e.map(|e| e.code), Some(ErrorCode::NoProxyAvailable));
+    // An expired subscription is not rotated either, and the listing says why it is not leased.
+    let again =
+        LockRequest { proxy_id: ids[2].to_hex(), job_id: "job-2".into(), take_over_after_ms: None, restart: false };
+    let refused = app.call::<LeaseCtlLock>(&again).await?.into_result().err().map(|e| e.message).unwrap_or_default();
+    assert!(refused.contains("subscription has ended"), "{refused}");
+    let listed = listed_proxy(&app, &ids[2].to_hex()).await?;
+    assert_eq!(listed["not_leasable"], "subscription_expired", "{listed}");
+    app.assert_invariants().await?;
     app.shutdown().await;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn changes_written_behind_the_index_are_caught_by_the_guard() -> R {
-    // Written without an event: the index still believes the proxy is leasable, the guard must refuse it.
+async fn changes_written_behind_the_lease_service_are_applied_by_a_full_reread() -> R {
+    // Written without telling the lease service: seen only at the leader's periodic full re-read
+    // (LEASE_INDEX_REFRESH), which this request performs now.
     let app = TestApp::builder().seed(Area::Vn, 2).spawn().await?;
     let ids: Vec<_> = app.all_proxies().await?.into_iter().map(|p| p.id).collect();
-    app.store.proxies().update_one(doc! { "_id": ids[0] }, doc! { "$set": { "is_active": false } }).await?;
+    app.store
+        .proxies()
+        .update_one(doc! { "_id": ids[0] }, doc! { "$set": { "is_active": false, "updatedAt": DateTime::now() } })
+        .await?;
+    let reply = app.call::<LeaseCtlSync>(&SyncRequest { proxy_ids: Vec::new(), full: true }).await?.into_result()?;
+    assert_eq!(reply.changed, 1);
     let (grants, _) = storm(&app, 8, "vn").await?;
     assert_eq!(grants.len(), 3);
     assert!(grants.iter().all(|(id, _)| *id == ids[1].to_hex()));
@@ -188,26 +213,15 @@ async fn changes_written_behind_the_index_are_caught_by_the_guard() -> R {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn new_proxies_become_leasable_through_proxy_changed() -> R {
+async fn a_created_proxy_is_leasable_once_synced() -> R {
     let app = TestApp::builder().spawn().await?;
     let e = app.nats_acquire("vn", "c").await?.into_result().err();
     assert_eq!(e.map(|e| e.code), Some(ErrorCode::NoProxyAvailable));
     let id = app.insert_proxies(Area::Vn, 1).await?[0];
     app.announce(id).await?;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match app.nats_acquire("vn", "c").await? {
-            Reply::Ok(g) => {
-                assert_eq!(g.id, id.to_hex());
-                break;
-            }
-            Reply::Err(e) if Instant::now() < deadline => {
-                assert_eq!(e.code, ErrorCode::NoProxyAvailable);
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Reply::Err(e) => panic!("the new proxy never became leasable: {e:?}"),
-        }
-    }
+    // At once: the sync answered only after the lease service applied it.
+    let g = app.nats_acquire("vn", "c").await?.into_result()?;
+    assert_eq!(g.id, id.to_hex());
     app.shutdown().await;
     Ok(())
 }
@@ -240,26 +254,28 @@ async fn bad_requests_name_the_field_and_change_nothing() -> R {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn database_outage_is_a_fast_503_and_recovers() -> R {
+async fn database_outage_does_not_stop_leasing_and_the_projection_catches_up() -> R {
     let mut app = TestApp::builder().seed(Area::Vn, 2).spawn().await?;
     app.mongo_server.stop();
+    // Leases live in the lease service and its log: MongoDB being down does not stop them.
     let started = Instant::now();
-    let e = app.nats_acquire("vn", "c").await?.into_result().err();
-    assert_eq!(e.map(|e| e.code), Some(ErrorCode::ServiceUnavailable));
-    assert!(started.elapsed() < Duration::from_secs(5), "answered in {:?}", started.elapsed());
-    app.mongo_server.restart()?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let g = loop {
-        match app.nats_acquire("vn", "c").await? {
-            Reply::Ok(g) => break g,
-            Reply::Err(e) if Instant::now() < deadline => {
-                assert!(e.code.is_retryable(), "{e:?}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Reply::Err(e) => panic!("no recovery after the database came back: {e:?}"),
-        }
-    };
+    let g = app.nats_acquire("vn", "c").await?.into_result()?;
+    let kept = app.nats_acquire("vn", "c").await?.into_result()?;
     app.nats_release(&g.id, &g.key).await?.into_result()?;
+    assert!(started.elapsed() < Duration::from_secs(2), "answered in {:?}", started.elapsed());
+    app.mongo_server.restart()?;
+    // Once it is back, MongoDB shows the state: the returned lease gone, the kept one held.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let shown = app.all_proxies().await.unwrap_or_default();
+        let held: Vec<&str> = shown.iter().flat_map(|p| p.proxy_used.iter().map(|u| u.key.as_str())).collect();
+        if held == [kept.key.as_str()] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the projection did not catch up: {held:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    app.nats_release(&kept.id, &kept.key).await?.into_result()?;
     app.assert_invariants().await?;
     app.shutdown().await;
     Ok(())
@@ -289,6 +305,27 @@ async fn leases_not_returned_within_the_ttl_are_taken_back() -> R {
     app.assert_invariants().await?;
     app.shutdown().await;
     Ok(())
+}
+
+/// The admin listing's entry for proxy `id`.
+async fn listed_proxy(app: &TestApp, id: &str) -> R<serde_json::Value> {
+    let page: serde_json::Value = app
+        .http
+        .get(format!("http://{}/api/proxies?limit=100", app.addr))
+        .header("Authorization", proxypool_system_tests::app::API_KEY)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let found = page
+        .as_object()
+        .into_iter()
+        .flat_map(|o| o.values())
+        .filter_map(serde_json::Value::as_array)
+        .flatten()
+        .find(|p| p["id"] == id)
+        .cloned();
+    found.ok_or_else(|| anyhow::anyhow!("proxy {id} not in the listing: {page}"))
 }
 
 /// `lease.acquire` carrying a caller deadline `ms_from_now` milliseconds away (negative: already passed).
@@ -338,11 +375,11 @@ async fn a_503_past_the_callers_deadline_leaves_no_lease() -> R {
     // (or one after a rotation or a release) changes nothing.
     let service = &app.lease_replicas()[0].service;
     let acquire = proxypool_contracts::lease::Acquire { area: Area::Vn, consumer: "late".into(), callback_url: None };
-    let grant = service.acquire(&acquire).await?.value;
+    let grant = service.acquire(&acquire).await?;
     wait_for_leases(&app, &id, 1).await?;
-    assert!(service.withdraw(&grant).await?.is_some());
+    assert!(service.withdraw(&grant).await?);
     wait_for_leases(&app, &id, 0).await?;
-    assert!(service.withdraw(&grant).await?.is_none());
+    assert!(!service.withdraw(&grant).await?);
     wait_for_leases(&app, &id, 0).await?;
 
     // End to end, with deadlines down to a few milliseconds (100 ms are kept back for the reply): whatever each

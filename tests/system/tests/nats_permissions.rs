@@ -68,9 +68,13 @@ async fn every_service_works_under_its_identity_and_a_consumer_may_only_lease() 
     assert!(back.into_result().is_ok());
 
     // It may not reset leases, forge events, import, or rotate.
-    for subject in
-        [subjects::LEASECTL_ROTATED, subjects::LEASECTL_CLEAR, subjects::PROXY_CHANGED, subjects::IMPORT_KIOT]
-    {
+    for subject in [
+        subjects::LEASECTL_ROTATED,
+        subjects::LEASECTL_SYNC,
+        subjects::LEASECTL_LOCK,
+        subjects::LEASE_LOG,
+        subjects::IMPORT_KIOT,
+    ] {
         nc.publish(subject, "{}".into()).await?;
         nc.flush().await?;
         violation(&errors, subject).await?;

@@ -11,9 +11,7 @@ use axum::Json;
 use bson::oid::ObjectId;
 use bson::{doc, DateTime, Document};
 use futures::TryStreamExt;
-use proxypool_contracts::callback::TakenReason;
-use proxypool_contracts::endpoints::{LeaseCtlClear, RotateNow};
-use proxypool_contracts::events::{ChangeReason, ProxyChanged};
+use proxypool_contracts::endpoints::{LeaseCtlSync, RotateNow};
 use proxypool_contracts::{ApiError, Area};
 use proxypool_store::model::{NewProxy, ProxyDoc, DEFAULT_ROTATE_TIME_SECS};
 use serde::{Deserialize, Serialize};
@@ -139,6 +137,10 @@ pub struct ProxyView {
     pub last_used_at: Option<chrono::DateTime<chrono::Utc>>,
     /// Expiry.
     pub expired_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Why the proxy takes no lease now, when it takes none: `disabled`, `no_address`, `subscription_expired`
+    /// (`expired_at` has passed: neither leased nor rotated) or `rotating`. (A proxy at `PROXY_USE_MAX` shows
+    /// `in_use`/`used_count`.) Lease fields are projected from the lease service and may trail it by a second.
+    pub not_leasable: Option<&'static str>,
     /// Active leases (read-only).
     pub in_use: i32,
     /// Leases granted this rotation cycle (read-only).
@@ -170,7 +172,20 @@ pub struct ProxyView {
 impl ProxyView {
     /// The view of a document; secrets only when `full`.
     pub fn of(d: ProxyDoc, full: bool) -> Self {
+        let now = bson::DateTime::now();
+        let not_leasable = if !d.is_active {
+            Some("disabled")
+        } else if d.ip.is_empty() {
+            Some("no_address")
+        } else if d.expired_at.is_some_and(|e| e <= now) {
+            Some("subscription_expired")
+        } else if d.is_rotating {
+            Some("rotating")
+        } else {
+            None
+        };
         Self {
+            not_leasable,
             id: d.id.to_hex(),
             ip: d.ip,
             port: d.port,
@@ -225,12 +240,20 @@ async fn package_name(state: &AppState, id: ObjectId) -> HttpResult<String> {
     p.map(|p| p.name).ok_or_else(|| ApiError::invalid("proxy_package_id", "does not name an existing package").into())
 }
 
-async fn announce(state: &AppState, ids: &[ObjectId], reason: ChangeReason) {
-    for id in ids {
-        let event = ProxyChanged { proxy_id: id.to_hex(), reason, origin: None, snapshot: None };
-        // Durable and acknowledged before the admin is answered, so that the next lease on any replica sees it.
-        proxypool_rpc::events::publish_catalog(&state.nats, event).await;
+/// Tells the lease service (the owner of lease state) that these proxies changed, and waits until it has applied
+/// the change: when the admin is answered, the next lease sees it (a disabled proxy takes no new lease and its
+/// holders are called back; a created one can be leased). If the lease service cannot be reached the admin gets a
+/// retryable 503: the write is stored, and repeating it (or the lease leader's periodic re-read) applies it.
+async fn sync_leases(state: &AppState, ids: &[ObjectId]) -> HttpResult<()> {
+    let req = proxypool_contracts::rotation::SyncRequest {
+        proxy_ids: ids.iter().map(|id| id.to_hex()).collect(),
+        full: false,
+    };
+    let reply = state.call::<LeaseCtlSync>(&req).await?;
+    if reply.dropped_leases > 0 {
+        tracing::info!(dropped = reply.dropped_leases, "leases taken from their holders by an admin change");
     }
+    Ok(())
 }
 
 /// Filters of the proxy list.
@@ -329,7 +352,7 @@ pub async fn create_proxy(
     let name = package_name(&state, new.proxy_package_id).await?;
     let d = ProxyDoc::new(NewProxy { package_name: name, ..new });
     state.store.proxies().insert_one(&d).await.map_err(|e| db_error(e, "this proxy"))?;
-    announce(&state, &[d.id], ChangeReason::Created).await;
+    sync_leases(&state, &[d.id]).await?;
     Ok((StatusCode::CREATED, Json(ProxyView::of(d, true))))
 }
 
@@ -385,23 +408,11 @@ pub async fn update_proxy(
         set.insert("proxy_package_id", package);
     }
     let coll = state.store.proxies();
-    let disabling = b.is_active == Some(false);
-    let before =
-        if disabling { coll.find_one(doc! { "_id": id }).await.map_err(|e| db_error(e, "proxy"))? } else { None };
     let res = coll.update_one(doc! { "_id": id }, doc! { "$set": set }).await.map_err(|e| db_error(e, "proxy"))?;
     if res.matched_count == 0 {
         return Err(ApiError::not_found(format!("proxy {id} not found")).into());
     }
-    announce(&state, &[id], ChangeReason::Updated).await;
-    if before.is_some_and(|d| d.is_active && !d.proxy_used.is_empty()) {
-        // Disabling takes the proxy from its holders: the lease service (the only writer of lease state) drops
-        // their leases and calls them back.
-        let req = proxypool_contracts::rotation::ClearRequest { proxy_id: id.to_hex() };
-        let cleared: Result<proxypool_contracts::rotation::ClearReply, _> = state.call::<LeaseCtlClear>(&req).await;
-        if let Err(e) = cleared {
-            tracing::warn!(error = %e, proxy = %id, "disabled, but its leases could not be dropped yet");
-        }
-    }
+    sync_leases(&state, &[id]).await?;
     let d = coll.find_one(doc! { "_id": id }).await.map_err(|e| db_error(e, "proxy"))?;
     d.map(|d| Json(ProxyView::of(d, true))).ok_or_else(|| ApiError::not_found(format!("proxy {id} not found")).into())
 }
@@ -418,14 +429,12 @@ async fn find_proxies(state: &AppState, filter: Document) -> HttpResult<Vec<Prox
         .map_err(|e| db_error(e, "proxy"))
 }
 
-/// Deletes the proxies `doomed` (read just before, so that the holders of leases on them can be called back).
+/// Deletes the proxies `doomed`; the lease service then forgets them and calls their holders back.
 async fn delete_docs(state: &AppState, doomed: &[ProxyDoc]) -> HttpResult<DeleteResult> {
     let ids: Vec<ObjectId> = doomed.iter().map(|d| d.id).collect();
     let res =
         state.store.proxies().delete_many(doc! { "_id": { "$in": &ids } }).await.map_err(|e| db_error(e, "proxy"))?;
-    announce(state, &ids, ChangeReason::Deleted).await;
-    let notices: Vec<_> = doomed.iter().flat_map(|d| d.callback_notices(TakenReason::ProxyDeleted)).collect();
-    proxypool_rpc::notices::queue(&state.nats, &notices).await;
+    sync_leases(state, &ids).await?;
     Ok(DeleteResult { deleted: res.deleted_count })
 }
 

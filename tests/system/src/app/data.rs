@@ -72,12 +72,21 @@ impl TestApp {
         self.announce(id).await
     }
 
-    /// Announces a change of `id` the way every writer but the lease service does: on the catalogue stream,
-    /// acknowledged before this returns, so the next lease sees it.
+    /// Announces a change of `id` the way every writer but the lease service does: a sync request to the lease
+    /// service, answered once the next lease sees the change.
     pub async fn announce(&self, id: ObjectId) -> anyhow::Result<()> {
-        let event = ProxyChanged { proxy_id: id.to_hex(), reason: ChangeReason::Updated, origin: None, snapshot: None };
-        proxypool_rpc::events::publish_catalog(&self.client, event).await;
+        let req = proxypool_contracts::rotation::SyncRequest { proxy_ids: vec![id.to_hex()], full: false };
+        proxypool_rpc::call::<proxypool_contracts::endpoints::LeaseCtlSync>(&self.client, &req).await?;
         Ok(())
+    }
+
+    /// Waits until MongoDB shows the lease state (the projection trails the lease service by up to a second).
+    pub async fn settle(&self) {
+        for r in &self.leases {
+            if *r.service.engine().serving().borrow() {
+                r.service.engine().wait_projected(Duration::from_secs(10)).await;
+            }
+        }
     }
 
     /// Inserts one proxy shaped by `f` and announces it.
@@ -116,14 +125,16 @@ impl TestApp {
         Ok(())
     }
 
-    /// A proxy document.
+    /// A proxy document, once the lease state is projected.
     pub async fn proxy(&self, id: &str) -> anyhow::Result<ProxyDoc> {
+        self.settle().await;
         let id = ObjectId::parse_str(id)?;
         self.store.proxies().find_one(doc! { "_id": id }).await?.context("proxy not found")
     }
 
-    /// Every proxy document.
+    /// Every proxy document, once the lease state is projected.
     pub async fn all_proxies(&self) -> anyhow::Result<Vec<ProxyDoc>> {
+        self.settle().await;
         Ok(self.store.proxies().find(doc! {}).await?.try_collect().await?)
     }
 

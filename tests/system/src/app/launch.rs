@@ -4,14 +4,14 @@
 use super::*;
 
 impl TestApp {
-    /// Starts one more lease replica and waits until its index is loaded.
+    /// Starts one more lease replica and waits until its state is loaded and some replica leads.
     pub async fn start_lease(&mut self) -> anyhow::Result<()> {
         self.next_instance += 1;
         let env = self.env_for(
             "lease",
             &[
                 ("HOSTNAME", format!("lease-test-{}", self.next_instance)),
-                // Events keep the index fresh; the periodic full reload is a safety net the tests do not lean on.
+                // Writers sync their changes; the leader's periodic re-read is a safety net the tests do not lean on.
                 ("LEASE_INDEX_REFRESH", "3600".into()),
             ],
         );
@@ -34,7 +34,7 @@ impl TestApp {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.leases.push(LeaseReplica { service, admin_addr, trigger, handle });
-        Ok(())
+        self.wait_for_answer(subjects::LEASE_RELEASE, "the lease leader").await
     }
 
     pub(super) async fn start_auth(&mut self, allow_registration: bool, cost: u32) -> anyhow::Result<()> {

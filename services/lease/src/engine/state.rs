@@ -1,0 +1,495 @@
+//! The lease state: every proxy's catalogue view and lease records, and the operations that change them.
+//!
+//! The state is a pure function of the MongoDB projection it was loaded from and the log operations applied after
+//! it: [`State::apply`] is deterministic, so the leader (which applies an operation as it decides it) and every
+//! follower (which applies it from the log) hold the same state. Two secondary structures are kept in step by every
+//! change: the candidate index ([`PoolIndex`], `O(log n)` per pick) and the expiry order (leases by grant time, so
+//! the `LEASE_TTL` reaper never scans).
+
+use std::collections::{BTreeSet, HashMap};
+
+use bson::oid::ObjectId;
+use bson::{doc, DateTime, Document};
+use proxypool_contracts::callback::{CallbackNotice, TakenReason};
+use proxypool_contracts::Area;
+use proxypool_store::model::ProxyDoc;
+use serde::{Deserialize, Serialize};
+
+use crate::index::{Entry, PoolIndex};
+
+/// What the lease service needs of a proxy's catalogue document: the gates and what a grant hands out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Catalog {
+    /// Area.
+    pub area: Area,
+    /// `is_active`.
+    pub active: bool,
+    /// Address (empty: imported without one yet, not leasable).
+    pub ip: String,
+    /// Port.
+    pub port: u16,
+    /// Upstream username.
+    pub username: String,
+    /// Upstream password.
+    pub password: String,
+    /// Bearer token of the rotate URL.
+    #[serde(default)]
+    pub auth_token: Option<String>,
+    /// Public IP at the last check.
+    #[serde(default)]
+    pub ip_public: Option<String>,
+    /// Region label.
+    #[serde(default)]
+    pub region: String,
+    /// Provider subscription end, epoch ms.
+    #[serde(default)]
+    pub expired_at_ms: Option<i64>,
+    /// Next rotation, epoch ms.
+    #[serde(default)]
+    pub next_rotate_ms: Option<i64>,
+    /// The document's `updatedAt`, epoch ms: a re-read older than what is held is not applied.
+    pub updated_ms: i64,
+}
+
+impl From<&ProxyDoc> for Catalog {
+    fn from(d: &ProxyDoc) -> Self {
+        Catalog {
+            area: d.area,
+            active: d.is_active,
+            ip: d.ip.clone(),
+            port: u16::try_from(d.port).unwrap_or(0),
+            username: d.username.clone(),
+            password: d.password.clone(),
+            auth_token: d.auth_token.clone(),
+            ip_public: d.ip_public.clone(),
+            region: d.region.clone(),
+            expired_at_ms: d.expired_at.map(|t| t.timestamp_millis()),
+            next_rotate_ms: d.next_rotate.map(|t| t.timestamp_millis()),
+            updated_ms: d.updated_at.timestamp_millis(),
+        }
+    }
+}
+
+/// One lease held on a proxy (`proxy_used[]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Lease {
+    /// The lease key.
+    pub key: String,
+    /// The consumer (its IP or id).
+    pub consumer: String,
+    /// When granted, epoch ms.
+    pub at_ms: i64,
+    /// Where to call the holder back when the lease is taken.
+    #[serde(default)]
+    pub callback_url: Option<String>,
+}
+
+/// A rotation lock.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Lock {
+    /// The rotation job holding it.
+    pub job: String,
+    /// When taken or restarted, epoch ms.
+    pub since_ms: i64,
+}
+
+/// The state of one proxy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProxyState {
+    /// Catalogue view.
+    pub catalog: Catalog,
+    /// Leases held.
+    pub leases: Vec<Lease>,
+    /// Leases granted in this rotation cycle.
+    pub used_count: u32,
+    /// Last grant, epoch ms.
+    pub last_used_ms: Option<i64>,
+    /// Return URL of the latest grant.
+    pub webhook_url: Option<String>,
+    /// The rotation lock, when locked.
+    pub lock: Option<Lock>,
+    /// The log sequence this state reflects (the projection's `lease_rev`).
+    pub seq: u64,
+}
+
+impl ProxyState {
+    /// The state recorded in a projected document.
+    pub fn from_doc(d: &ProxyDoc) -> Self {
+        Self {
+            catalog: Catalog::from(d),
+            leases: d
+                .proxy_used
+                .iter()
+                .map(|u| Lease {
+                    key: u.key.clone(),
+                    consumer: u.ip.clone(),
+                    at_ms: u.time.timestamp_millis(),
+                    callback_url: u.callback_url.clone(),
+                })
+                .collect(),
+            used_count: u32::try_from(d.used_count).unwrap_or(0),
+            last_used_ms: d.last_used_at.map(|t| t.timestamp_millis()),
+            webhook_url: d.webhook_url.clone(),
+            lock: d.is_rotating.then(|| Lock {
+                job: d.rotation_job.clone().unwrap_or_default(),
+                since_ms: d.rotating_since.map_or(0, |t| t.timestamp_millis()),
+            }),
+            seq: u64::try_from(d.lease_rev).unwrap_or(0),
+        }
+    }
+
+    /// A new proxy with no lease history.
+    pub fn new(catalog: Catalog) -> Self {
+        Self { catalog, leases: Vec::new(), used_count: 0, last_used_ms: None, webhook_url: None, lock: None, seq: 0 }
+    }
+
+    /// Leases held.
+    pub fn in_use(&self) -> u32 {
+        u32::try_from(self.leases.len()).unwrap_or(u32::MAX)
+    }
+
+    /// The candidate-index entry.
+    pub fn entry(&self) -> Entry {
+        Entry {
+            area: self.catalog.area,
+            is_active: self.catalog.active && !self.catalog.ip.is_empty(),
+            is_rotating: self.lock.is_some(),
+            in_use: self.in_use(),
+            used_count: self.used_count,
+            last_used_ms: self.last_used_ms,
+            next_rotate_ms: self.catalog.next_rotate_ms,
+            expired_at_ms: self.catalog.expired_at_ms,
+        }
+    }
+
+    /// The `$set` of the projection: SPEC's lease fields, the lock, and the sequence they reflect.
+    pub fn projection(&self, seq: u64) -> Document {
+        let ms = DateTime::from_millis;
+        let proxy_used: Vec<Document> = self
+            .leases
+            .iter()
+            .map(|l| {
+                let mut d = doc! { "ip": &l.consumer, "key": &l.key, "time": ms(l.at_ms) };
+                if let Some(url) = &l.callback_url {
+                    d.insert("callback_url", url);
+                }
+                d
+            })
+            .collect();
+        doc! {
+            "in_use": i32::try_from(self.leases.len()).unwrap_or(i32::MAX),
+            "used_count": i32::try_from(self.used_count).unwrap_or(i32::MAX),
+            "proxy_used": proxy_used,
+            "last_used_at": self.last_used_ms.map(ms),
+            "webhook_url": self.webhook_url.as_deref(),
+            "is_rotating": self.lock.is_some(),
+            "rotating_since": self.lock.as_ref().map(|l| ms(l.since_ms)),
+            "lease_rev": i64::try_from(seq).unwrap_or(i64::MAX),
+        }
+    }
+
+    fn notices(&self, id: ObjectId, leases: &[Lease], reason: TakenReason) -> Vec<CallbackNotice> {
+        let at = chrono::Utc::now();
+        leases
+            .iter()
+            .filter_map(|l| {
+                Some(CallbackNotice {
+                    callback_url: l.callback_url.clone()?,
+                    proxy_id: id.to_hex(),
+                    key: l.key.clone(),
+                    reason,
+                    at,
+                })
+            })
+            .collect()
+    }
+}
+
+/// One change to lease state, as logged. Proxy ids are hex strings so the log reads well.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    /// A lease granted.
+    Grant {
+        /// Proxy.
+        proxy: ObjectId,
+        /// The lease record.
+        lease: Lease,
+        /// Its return URL.
+        webhook_url: String,
+    },
+    /// A lease returned (`uncount`: also give back the use it counted, for a grant withdrawn past its deadline).
+    Release {
+        /// Proxy.
+        proxy: ObjectId,
+        /// Lease key.
+        key: String,
+        /// Give back the use.
+        uncount: bool,
+        /// Why it ended, when it was taken rather than returned (its holder is called back).
+        #[serde(default)]
+        taken: Option<TakenReason>,
+    },
+    /// A rotation lock taken (or taken over, or restarted).
+    Lock {
+        /// Proxy.
+        proxy: ObjectId,
+        /// The lock.
+        lock: Lock,
+    },
+    /// A rotation lock released; with `reset`, after a successful rotation: every lease dropped and the cycle reset.
+    Unlock {
+        /// Proxy.
+        proxy: ObjectId,
+        /// Reset the leases and the cycle.
+        reset: bool,
+        /// The catalogue as the rotation left it.
+        catalog: Option<Catalog>,
+    },
+    /// The catalogue view replaced (created, edited, imported); with `clear`, every lease dropped (disabled).
+    Upsert {
+        /// Proxy.
+        proxy: ObjectId,
+        /// Catalogue.
+        catalog: Catalog,
+        /// Drop the leases.
+        clear: bool,
+    },
+    /// A proxy deleted.
+    Remove {
+        /// Proxy.
+        proxy: ObjectId,
+    },
+}
+
+impl Op {
+    /// The proxy the operation changes.
+    pub fn proxy(&self) -> ObjectId {
+        match self {
+            Op::Grant { proxy, .. }
+            | Op::Release { proxy, .. }
+            | Op::Lock { proxy, .. }
+            | Op::Unlock { proxy, .. }
+            | Op::Upsert { proxy, .. }
+            | Op::Remove { proxy } => *proxy,
+        }
+    }
+}
+
+/// The state of every proxy, with its index and expiry order.
+#[derive(Debug)]
+pub struct State {
+    max: u32,
+    proxies: HashMap<ObjectId, ProxyState>,
+    index: PoolIndex,
+    /// Leases by grant time: (granted ms, proxy, key).
+    expiry: BTreeSet<(i64, ObjectId, String)>,
+}
+
+impl State {
+    /// An empty state for `PROXY_USE_MAX = max`.
+    pub fn new(max: u32) -> Self {
+        Self { max, proxies: HashMap::new(), index: PoolIndex::new(max), expiry: BTreeSet::new() }
+    }
+
+    /// `PROXY_USE_MAX`.
+    pub fn max(&self) -> u32 {
+        self.max
+    }
+
+    /// The state of a proxy.
+    pub fn get(&self, id: &ObjectId) -> Option<&ProxyState> {
+        self.proxies.get(id)
+    }
+
+    /// Every proxy.
+    pub fn iter(&self) -> impl Iterator<Item = (&ObjectId, &ProxyState)> {
+        self.proxies.iter()
+    }
+
+    /// Number of proxies.
+    pub fn len(&self) -> usize {
+        self.proxies.len()
+    }
+
+    /// Whether there are no proxies.
+    pub fn is_empty(&self) -> bool {
+        self.proxies.is_empty()
+    }
+
+    /// Replaces (or with `None` removes) a proxy's state, keeping the index and the expiry order in step. Also how
+    /// the engine restores the states a failed append had changed.
+    pub fn put(&mut self, id: ObjectId, state: Option<ProxyState>) {
+        if let Some(old) = self.proxies.remove(&id) {
+            for l in &old.leases {
+                self.expiry.remove(&(l.at_ms, id, l.key.clone()));
+            }
+            self.index.remove(id);
+        }
+        if let Some(new) = state {
+            for l in &new.leases {
+                self.expiry.insert((l.at_ms, id, l.key.clone()));
+            }
+            self.index.set(id, new.entry());
+            self.proxies.insert(id, new);
+        }
+    }
+
+    /// The best candidate for a lease in `area` at `now_ms`.
+    pub fn candidate(&mut self, area: Area, now_ms: i64) -> Option<ObjectId> {
+        self.index.peek(area, now_ms)
+    }
+
+    /// Leases granted before `cutoff_ms`, oldest first, at most `limit`.
+    pub fn expired_leases(&self, cutoff_ms: i64, limit: usize) -> Vec<(ObjectId, String)> {
+        self.expiry
+            .iter()
+            .take_while(|(at, _, _)| *at < cutoff_ms)
+            .take(limit)
+            .map(|(_, id, k)| (*id, k.clone()))
+            .collect()
+    }
+
+    /// Applies one operation and returns the callback notices for the holders whose leases it took. An operation
+    /// that no longer fits the state (a release of a lease already gone) changes nothing.
+    pub fn apply(&mut self, op: &Op) -> Vec<CallbackNotice> {
+        let id = op.proxy();
+        let Some(mut p) = self.proxies.get(&id).cloned() else {
+            if let Op::Upsert { catalog, .. } = op {
+                self.put(id, Some(ProxyState::new(catalog.clone())));
+            }
+            return Vec::new();
+        };
+        let mut notices = Vec::new();
+        match op {
+            Op::Grant { lease, webhook_url, .. } => {
+                p.used_count += 1;
+                p.last_used_ms = Some(lease.at_ms);
+                p.webhook_url = Some(webhook_url.clone());
+                p.leases.push(lease.clone());
+            }
+            Op::Release { key, uncount, taken, .. } => {
+                let Some(at) = p.leases.iter().position(|l| &l.key == key) else { return Vec::new() };
+                let gone = p.leases.remove(at);
+                if *uncount {
+                    p.used_count = p.used_count.saturating_sub(1);
+                }
+                if let Some(reason) = taken {
+                    notices = p.notices(id, std::slice::from_ref(&gone), *reason);
+                }
+            }
+            Op::Lock { lock, .. } => p.lock = Some(lock.clone()),
+            Op::Unlock { reset, catalog, .. } => {
+                p.lock = None;
+                if let Some(c) = catalog {
+                    p.catalog = c.clone();
+                }
+                if *reset {
+                    let gone = std::mem::take(&mut p.leases);
+                    notices = p.notices(id, &gone, TakenReason::Rotated);
+                    p.used_count = 0;
+                }
+            }
+            Op::Upsert { catalog, clear, .. } => {
+                p.catalog = catalog.clone();
+                if *clear {
+                    let gone = std::mem::take(&mut p.leases);
+                    notices = p.notices(id, &gone, TakenReason::ProxyDisabled);
+                }
+            }
+            Op::Remove { .. } => {
+                let gone = std::mem::take(&mut p.leases);
+                let notices = p.notices(id, &gone, TakenReason::ProxyDeleted);
+                self.put(id, None);
+                return notices;
+            }
+        }
+        self.put(id, Some(p));
+        notices
+    }
+
+    /// Records that `id` reflects the log up to `seq`.
+    pub fn stamp(&mut self, id: &ObjectId, seq: u64) {
+        if let Some(p) = self.proxies.get_mut(id) {
+            p.seq = seq;
+        }
+    }
+
+    /// Counts per area for metrics: (known, leasable, leases held, rotating).
+    pub fn counts(&self, area: Area) -> (usize, usize, u64, usize) {
+        self.index.counts(area)
+    }
+
+    /// Leasable/total counts per area.
+    pub fn stats(&self, area: Area) -> crate::index::AreaStats {
+        self.index.stats(area)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn catalog() -> Catalog {
+        Catalog {
+            area: Area::Vn,
+            active: true,
+            ip: "10.0.0.1".into(),
+            port: 8080,
+            username: "u".into(),
+            password: "p".into(),
+            auth_token: None,
+            ip_public: None,
+            region: String::new(),
+            expired_at_ms: None,
+            next_rotate_ms: Some(i64::MAX / 2),
+            updated_ms: 0,
+        }
+    }
+
+    fn grant(proxy: ObjectId, key: &str, at_ms: i64) -> Op {
+        let lease = Lease { key: key.into(), consumer: "c".into(), at_ms, callback_url: Some("http://cb".into()) };
+        Op::Grant { proxy, lease, webhook_url: "http://w".into() }
+    }
+
+    #[test]
+    fn ops_keep_index_and_expiry_in_step() {
+        let mut s = State::new(2);
+        let id = ObjectId::new();
+        s.apply(&Op::Upsert { proxy: id, catalog: catalog(), clear: false });
+        assert_eq!(s.candidate(Area::Vn, 1), Some(id));
+        s.apply(&grant(id, "a", 10));
+        s.apply(&grant(id, "b", 20));
+        assert_eq!(s.candidate(Area::Vn, 30), None, "full at PROXY_USE_MAX");
+        assert_eq!(s.expired_leases(15, 10), vec![(id, "a".to_owned())]);
+        let notices = s.apply(&Op::Release { proxy: id, key: "a".into(), uncount: false, taken: None });
+        assert!(notices.is_empty());
+        // Returning the same key again changes nothing.
+        let before = s.get(&id).cloned();
+        s.apply(&Op::Release { proxy: id, key: "a".into(), uncount: false, taken: None });
+        assert_eq!(s.get(&id).cloned(), before);
+        // used_count still 2: no more leases in this cycle.
+        assert_eq!(s.candidate(Area::Vn, 30), None);
+        s.apply(&Op::Lock { proxy: id, lock: Lock { job: "j".into(), since_ms: 40 } });
+        let notices = s.apply(&Op::Unlock { proxy: id, reset: true, catalog: None });
+        assert_eq!(notices.len(), 1, "the holder of b is called back");
+        assert_eq!(s.candidate(Area::Vn, 50), Some(id));
+        assert!(s.expired_leases(i64::MAX, 10).is_empty());
+    }
+
+    #[test]
+    fn disable_clears_and_delete_forgets() {
+        let mut s = State::new(3);
+        let id = ObjectId::new();
+        s.apply(&Op::Upsert { proxy: id, catalog: catalog(), clear: false });
+        s.apply(&grant(id, "a", 10));
+        let off = Catalog { active: false, ..catalog() };
+        let notices = s.apply(&Op::Upsert { proxy: id, catalog: off, clear: true });
+        assert_eq!(notices[0].reason, TakenReason::ProxyDisabled);
+        assert_eq!(s.get(&id).map(ProxyState::in_use), Some(0));
+        assert_eq!(s.candidate(Area::Vn, 20), None);
+        s.apply(&Op::Remove { proxy: id });
+        assert!(s.get(&id).is_none());
+        assert!(s.expired_leases(i64::MAX, 10).is_empty());
+    }
+}

@@ -73,10 +73,18 @@ impl App {
 
     /// Serves until `shutdown` fires, then stops taking requests, finishes those in flight, and hands the
     /// leadership over.
-    pub async fn run(self, shutdown: Shutdown) -> Result<(), ServeError> {
-        let res =
-            server::serve(self.service, self.client, self.config.index_refresh, self.config.max_in_flight, shutdown)
-                .await;
+    pub async fn run(self, mut shutdown: Shutdown) -> Result<(), ServeError> {
+        // The server stops only once a standby leads (or none came within two TTLs).
+        let (stop_serving, serving_shutdown) = Shutdown::new();
+        let engine = self.service.engine().clone();
+        let handover = tokio::spawn(async move {
+            shutdown.wait().await;
+            engine.hand_over().await;
+            stop_serving.fire();
+        });
+        let (refresh, in_flight) = (self.config.index_refresh, self.config.max_in_flight);
+        let res = server::serve(self.service, self.client, refresh, in_flight, serving_shutdown).await;
+        handover.abort();
         self.engine_stop.fire();
         let _ = self.engine_task.await;
         res

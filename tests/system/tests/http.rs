@@ -336,12 +336,13 @@ async fn dependencies_down_give_fast_503_and_readyz_says_so() -> R {
     app.start_lease().await?;
     assert_eq!(app.http_get_proxy("vn").await?.status(), StatusCode::OK);
 
-    // MongoDB down.
+    // MongoDB down: leasing goes on (lease state lives in the lease service and its log); the admin side, which
+    // needs the database, is not ready.
     app.mongo_server.stop();
     let t = Instant::now();
     let res = app.http_get_proxy("vn").await?;
-    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert!(t.elapsed() < Duration::from_secs(6), "{:?}", t.elapsed());
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     let ready = app.http.get(app.url("/readyz")).send().await?;
     assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
     let body: Value = ready.json().await?;

@@ -243,7 +243,8 @@ async fn admin_rotate_now_queues_an_immediate_rotation() -> R {
     w.wait_for(id, "rotate-now", 20, rotated).await?;
     let missing = w.app.url(&format!("/api/proxies/{}/rotate", ObjectId::new()));
     assert_eq!(w.app.http.post(&missing).header("Authorization", key).send().await?.status().as_u16(), 404);
-    w.app.store.proxies().update_one(doc! { "_id": id }, doc! { "$set": { "is_active": false } }).await?;
+    // Disabled as an admin does it (written, then synced to the lease service, which owns the rotation lock).
+    w.app.update_proxy(id, doc! { "$set": { "is_active": false, "updatedAt": DateTime::now() } }).await?;
     assert_eq!(w.app.http.post(&url).header("Authorization", key).send().await?.status().as_u16(), 409);
     rotator.stop().await;
     w.app.shutdown().await;

@@ -11,14 +11,15 @@ use tokio::sync::watch;
 
 const KEY: &str = "leader";
 
-/// Runs the election until `shutdown`, publishing whether this replica leads on `leading`. Setting `resign` (the
-/// engine was fenced) gives the lead up at once.
+/// Runs the election until `shutdown`, publishing whether this replica leads on `leading`. Setting `hand_over`
+/// (a graceful stop) removes the key so a standby takes over, and keeps this replica leading until another has
+/// taken the key (and had a moment to start serving), so that no request finds nobody listening.
 pub async fn run(
     client: async_nats::Client,
     me: String,
     ttl: Duration,
     leading: watch::Sender<bool>,
-    mut resign: watch::Receiver<u64>,
+    mut hand_over: watch::Receiver<bool>,
     mut shutdown: Shutdown,
 ) {
     let js = jetstream::new(client);
@@ -27,26 +28,21 @@ pub async fn run(
     let mut bucket = None;
     let mut revision: Option<u64> = None;
     let mut renewed = Instant::now();
-    let mut resigned = *resign.borrow();
     loop {
         let wait = if revision.is_some() { renew_every } else { try_every };
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
-            _ = resign.changed() => {}
+            _ = hand_over.changed() => {}
             () = shutdown.wait() => break,
         }
-        if *resign.borrow() != resigned {
-            resigned = *resign.borrow();
-            if revision.take().is_some() {
-                tracing::warn!("giving up the lease leadership (fenced)");
-                leading.send_replace(false);
+        if *hand_over.borrow() {
+            if let (Some(kv), Some(_)) = (bucket.as_ref(), revision.take()) {
+                hand_over_lead(kv, &me, ttl).await;
             }
-            // Let another replica take it; try again only after a full TTL.
-            tokio::select! {
-                () = tokio::time::sleep(ttl) => {}
-                () = shutdown.wait() => break,
-            }
-            continue;
+            leading.send_replace(false);
+            // A replica that is stopping does not stand again.
+            shutdown.wait().await;
+            break;
         }
         if bucket.is_none() {
             match proxypool_rpc::jetstream::ensure_lease_leader(&js, ttl).await {
@@ -97,6 +93,25 @@ pub async fn run(
         }
     }
     leading.send_replace(false);
+}
+
+/// Removes our key, then waits (at most two TTLs) until another replica holds it and has had a moment to catch up
+/// and subscribe.
+async fn hand_over_lead(kv: &jetstream::kv::Store, me: &str, ttl: Duration) {
+    tracing::info!("handing the lease leadership over");
+    let _ = kv.delete(KEY).await;
+    let until = Instant::now() + ttl * 2;
+    while Instant::now() < until {
+        if let Ok(Some(entry)) = kv.entry(KEY).await {
+            if entry.operation == jetstream::kv::Operation::Put && entry.value.as_ref() != me.as_bytes() {
+                tracing::info!(to = %String::from_utf8_lossy(&entry.value), "lease leadership taken over");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tracing::info!("no standby took the lease leadership over");
 }
 
 /// After a failed renewal: keep leading until the entry we last wrote would have expired, then give up, so that a

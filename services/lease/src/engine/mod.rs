@@ -70,7 +70,8 @@ pub struct EngineConfig {
 
 /// What a job answers once its batch is durable (or the engine could not make it so).
 pub type Done = Box<dyn FnOnce(Result<(), ApiError>) + Send>;
-/// A request to the engine: run against the state inside a [`Txn`] (when leading), or `None` to be refused.
+/// A request to the engine: run against the state inside a [`Txn`] (when leading), or `None` to be refused. Every
+/// answer, a refusal included, is sent only after the commit it was decided in.
 pub type Job = Box<dyn FnOnce(Option<&mut Txn<'_>>) -> Option<Done> + Send>;
 
 /// One group commit in the making: the state, the operations decided so far, and how to undo them.
@@ -129,6 +130,7 @@ pub struct Engine {
     tx: mpsc::Sender<Job>,
     serving: watch::Receiver<bool>,
     shared: Arc<Shared>,
+    hand_over: Arc<watch::Sender<bool>>,
 }
 
 /// The answer to a caller when the engine cannot commit.
@@ -153,14 +155,23 @@ impl Engine {
                 Ok(value) => Some(Box::new(move |r: Result<(), ApiError>| {
                     let _ = tx.send(r.map(|()| value));
                 }) as Done),
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                    None
-                }
+                // A refusal rests on the state too, so it waits for the same commit: a replica that no longer leads
+                // (and so may not have seen a grant) is fenced before it can say "not found".
+                Err(e) => Some(Box::new(move |r: Result<(), ApiError>| {
+                    let _ = tx.send(r.and(Err(e)));
+                }) as Done),
             }
         });
         self.tx.send(job).await.map_err(|_| unavailable("the lease engine has stopped"))?;
         rx.await.unwrap_or_else(|_| Err(unavailable("the lease engine has stopped")))
+    }
+
+    /// Before a graceful stop: if leading, lets a standby take over and returns once this replica no longer leads
+    /// (at once on a standby). Until then it keeps serving, so a rolling restart leaves no gap.
+    pub async fn hand_over(&self) {
+        self.hand_over.send_replace(true);
+        let mut serving = self.serving.clone();
+        let _ = serving.wait_for(|s| !*s).await;
     }
 
     /// Whether this replica leads and serves (changes as leadership moves).
@@ -193,7 +204,7 @@ pub fn start(
     let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
     let (serving_tx, serving) = watch::channel(false);
     let (leading_tx, leading) = watch::channel(false);
-    let (resign_tx, resign) = watch::channel(0u64);
+    let (hand_over_tx, hand_over) = watch::channel(false);
     let shared = Arc::new(Shared {
         loaded: AtomicBool::new(false),
         applied: std::sync::atomic::AtomicU64::new(0),
@@ -204,7 +215,7 @@ pub fn start(
         config.instance_id.clone(),
         config.leader_ttl,
         leading_tx,
-        resign,
+        hand_over,
         shutdown.clone(),
     ));
     let (proj_tx, proj_rx) = mpsc::channel(1);
@@ -221,7 +232,6 @@ pub fn start(
         rx,
         leading,
         serving: serving_tx,
-        resign: resign_tx,
         shared: shared.clone(),
         dirty: HashSet::new(),
         dirty_since: None,
@@ -236,7 +246,7 @@ pub fn start(
         actor.run(shutdown).await;
         let _ = election.await;
     });
-    (Engine { tx, serving, shared }, task)
+    (Engine { tx, serving, shared, hand_over: Arc::new(hand_over_tx) }, task)
 }
 
 type ProjectionDone = (Result<u64, proxypool_store::StoreError>, Vec<ObjectId>, Instant);
@@ -255,7 +265,6 @@ struct Actor {
     rx: mpsc::Receiver<Job>,
     leading: watch::Receiver<bool>,
     serving: watch::Sender<bool>,
-    resign: watch::Sender<u64>,
     shared: Arc<Shared>,
     /// Proxies changed by durable batches and not yet projected.
     dirty: HashSet<ObjectId>,
@@ -531,12 +540,16 @@ impl Actor {
                         }
                     }
                     if let Err(e) = self.commit(&log, jobs).await {
-                        break self.step_down(e);
+                        if let Some(next) = self.recover_lead(&log, e, shutdown).await {
+                            break next;
+                        }
                     }
                 }
                 _ = tick.tick() => {
                     if let Err(e) = self.reap(&log).await {
-                        break self.step_down(e);
+                        if let Some(next) = self.recover_lead(&log, e, shutdown).await {
+                            break next;
+                        }
                     }
                     self.project();
                     self.trim(&log).await;
@@ -549,11 +562,31 @@ impl Actor {
         next
     }
 
-    fn step_down(&mut self, e: AppendError) -> Next {
-        tracing::warn!(error = %e, "lease leader stepping down");
+    /// After a failed append (the state is already back at the last stored batch): catch up with the log and go on
+    /// leading, keeping the subscription, so that a fence (another replica appended in between, as during a
+    /// hand-over) costs the callers of one batch a retry, not a gap. `Some` when this replica must stop leading.
+    async fn recover_lead(&mut self, log: &LeaseLog, e: AppendError, shutdown: &mut Shutdown) -> Option<Next> {
+        tracing::warn!(error = %e, "lease append failed; catching up with the log");
         self.metrics.lease("step_down");
-        self.resign.send_modify(|n| *n += 1);
-        Next::Follow
+        let last = match log.bounds().await {
+            Ok((_, last)) => last,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the lease log's end; following");
+                return Some(Next::Follow);
+            }
+        };
+        let before = self.touched.len();
+        if let Err(e) = self.replay_to(log, last, shutdown).await {
+            tracing::warn!(error = %e, "cannot catch up with the lease log; reloading");
+            return Some(Next::Rebuild);
+        }
+        // What another replica appended must reach MongoDB too.
+        if self.touched.len() != before || !self.touched.is_empty() {
+            self.dirty.extend(self.touched.drain());
+            self.dirty_since.get_or_insert_with(Instant::now);
+        }
+        self.shared.applied.store(self.applied, Ordering::Release);
+        (!*self.leading.borrow()).then_some(Next::Follow)
     }
 
     /// Runs `jobs` as one group commit: decide, append once, then answer.
@@ -561,12 +594,11 @@ impl Actor {
         let mut txn = Txn::new(&mut self.state);
         let dones: Vec<Done> = jobs.into_iter().filter_map(|job| job(Some(&mut txn))).collect();
         let Txn { ops, undo, notices, .. } = txn;
-        if ops.is_empty() {
-            for done in dones {
-                done(Ok(()));
-            }
+        if ops.is_empty() && dones.is_empty() {
             return Ok(());
         }
+        // With no operation the batch is empty: a barrier that only proves, through the fence, that this replica
+        // still leads and has seen every stored batch before its answers go out.
         let grants: Vec<(ObjectId, String)> = ops
             .iter()
             .filter_map(|op| match op {

@@ -12,6 +12,11 @@ use proxypool_store::model::ProxyStatus;
 
 use crate::rotator::{JobError, Rotator};
 
+/// How often a claim asks again for a lock or a queue that did not answer, and how long it waits in between: long
+/// enough to outlast a lease-leader failover or a NATS restart.
+const CLAIM_TRIES: u32 = 20;
+const CLAIM_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
+
 impl Rotator {
     /// Claims proxy `id` (taking over a lock older than `take_over_after`, for stale locks) and queues its job.
     /// `None` if it cannot be claimed now. Each claim starts a trace (one rotation is one trace: claim, job, rotate
@@ -30,8 +35,21 @@ impl Rotator {
             take_over_after_ms: take_over_after.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             restart: false,
         };
-        // The lock stops new leases the moment the lease service answers.
-        if self.lock(&req).await?.is_none() {
+        // The lock stops new leases the moment the lease service answers. Asking again with the same job is
+        // idempotent, so a lock whose answer was lost (the lease leader died) is confirmed rather than stranded.
+        let mut tries = 0;
+        let locked = loop {
+            match self.lock(&req).await {
+                Ok(l) => break l,
+                Err(e) if tries < CLAIM_TRIES => {
+                    tries += 1;
+                    tracing::debug!(error = %e, proxy = %id, "lock not confirmed yet; asking again");
+                    tokio::time::sleep(CLAIM_RETRY).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        if locked.is_none() {
             return Ok(None);
         }
         let update = doc! { "$set": {
@@ -39,10 +57,16 @@ impl Rotator {
         }};
         self.inner.store.proxies().update_one(doc! { "_id": id }, update).await?;
         let job = RotationJob { proxy_id: id.to_hex(), job_id: job_id.clone() };
-        if let Err(e) = self.enqueue(&job).await {
-            // The lock stays; the lock TTL hands the proxy to a later scan.
-            tracing::warn!(error = %e, proxy = %id, "claimed but not queued; the lock will expire");
-            return Ok(None);
+        // Queued once however often it is published (the job id is the message id).
+        let mut tries = 0;
+        while let Err(e) = self.enqueue(&job).await {
+            if tries >= CLAIM_TRIES {
+                // The lock stays; the lock TTL hands the proxy to a later scan.
+                tracing::warn!(error = %e, proxy = %id, "claimed but not queued; the lock will expire");
+                return Ok(None);
+            }
+            tries += 1;
+            tokio::time::sleep(CLAIM_RETRY).await;
         }
         Ok(Some(job_id))
     }

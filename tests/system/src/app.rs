@@ -79,6 +79,11 @@ impl TestApp {
     /// The environment of `service` in this app: [`TestApp::service_env`], its own NATS identity when the app runs
     /// with [`TestAppBuilder::nats_auth`], the app's lease settings, an admin endpoint on a free port, then `extra`.
     pub fn env_for(&self, service: &str, extra: &[(&str, String)]) -> Env {
+        Env::from_pairs(self.env_pairs_for(service, extra))
+    }
+
+    /// [`TestApp::env_for`] as variable pairs, for a service started as a child process.
+    pub fn env_pairs_for(&self, service: &str, extra: &[(&str, String)]) -> Vec<(String, String)> {
         let mut env = self.service_env();
         if self.nats_auth {
             env.push(("NATS_USER".into(), service.to_owned()));
@@ -90,7 +95,7 @@ impl TestApp {
         env.push(("CALLBACK_ALLOW_PRIVATE".into(), self.callback_allow_private.to_string()));
         env.push(("LEASE_TTL".into(), self.lease_ttl.map_or(0.0, |t| t.as_secs_f64()).to_string()));
         env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
-        Env::from_pairs(env)
+        env
     }
 
     /// A builder with defaults: `PROXY_USE_MAX=3`, one lease replica, `IP_ALLOWED=127.0.0.1`.

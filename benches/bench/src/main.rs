@@ -34,6 +34,9 @@ use proxypool_system_tests::{TestApp, API_KEY};
 
 use crate::measure::{measure, Stats};
 
+/// Publishes in flight at once in the pipelined JetStream baseline.
+const PIPELINE: usize = 64;
+
 /// proxypool's benchmarks, each beside the limits of the parts underneath, measured in the same run.
 #[derive(Debug, clap::Parser)]
 #[command(version, about)]
@@ -92,6 +95,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let dur = Duration::from_secs_f64(args.secs);
     let mut rows: Vec<Row> = Vec::new();
+    let mut notes: Vec<String> = Vec::new();
     let mut push = |what: &str, size: String, clients: usize, stats: Stats, per_op: &'static str| {
         eprintln!("{what:<48} {size:>7} c={clients:<3} {stats}");
         rows.push(Row { what: what.to_owned(), size, clients, stats, per_op });
@@ -143,6 +147,50 @@ async fn main() -> anyhow::Result<()> {
             push("baseline: bare NATS request-reply echo", label.clone(), c, s, "request");
         }
         echo.abort();
+
+        // Bare JetStream publish with acknowledgement on the same server (file storage, like the lease log): what
+        // one durable append costs when awaited, and the stream's rate when appends are pipelined.
+        let js = async_nats::jetstream::new(app.client.clone());
+        let _ = js.delete_stream("BENCH_JS").await;
+        js.get_or_create_stream(async_nats::jetstream::stream::Config {
+            name: "BENCH_JS".into(),
+            subjects: vec!["bench.js".into()],
+            storage: async_nats::jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?;
+        let payload = vec![b'x'; 300];
+        for &c in &args.concurrency {
+            let (js, payload) = (js.clone(), payload.clone());
+            let s = measure(c, dur, move |_| {
+                let (js, payload) = (js.clone(), payload.clone());
+                async move {
+                    js.publish("bench.js", payload.into()).await?.await?;
+                    Ok(())
+                }
+            })
+            .await;
+            push("baseline: JetStream publish, ack awaited", label.clone(), c, s, "append");
+        }
+        {
+            let (js, payload) = (js.clone(), payload.clone());
+            let s = measure(1, dur, move |_| {
+                let (js, payload) = (js.clone(), payload.clone());
+                async move {
+                    let mut acks = Vec::with_capacity(PIPELINE);
+                    for _ in 0..PIPELINE {
+                        acks.push(js.publish("bench.js", payload.clone().into()).await?);
+                    }
+                    for ack in acks {
+                        ack.await?;
+                    }
+                    Ok(())
+                }
+            })
+            .await;
+            push("baseline: JetStream publish, 64 pipelined", label.clone(), 1, s.scaled(PIPELINE as u64), "append");
+        }
+        js.delete_stream("BENCH_JS").await?;
 
         // Bare database operations on a scratch collection of the same size and shape, in the same store.
         let scratch = app.store.db().collection::<Document>("bench_scratch");
@@ -225,8 +273,9 @@ async fn main() -> anyhow::Result<()> {
             .await;
             push("baseline: guarded updates, 64 per bulk write", label.clone(), c, s.scaled(64), "update");
         }
-        // The original design's lease: one sorted find_one_and_update over the collection.
-        {
+        // The original design's lease: one sorted find_one_and_update over the collection (a scan: skipped on
+        // the largest pools, where one call takes seconds and blocks the store).
+        if size <= 10_000 {
             let coll = scratch.clone();
             let s = measure(1, dur, move |_| {
                 let coll = coll.clone();
@@ -267,6 +316,62 @@ async fn main() -> anyhow::Result<()> {
             .await;
             push("proxypool: acquire+release over NATS", label.clone(), c, s, "round trip");
         }
+        // How soon MongoDB shows a grant, sampled while 64 clients lease and return (for at least 10 s, to have
+        // enough samples for a p99).
+        {
+            let client = app.client.clone();
+            let dur = dur.max(Duration::from_secs(10));
+            let load = tokio::spawn(measure(*args.concurrency.iter().max().unwrap_or(&64), dur, move |w| {
+                let client = client.clone();
+                async move {
+                    let req = AcquireRequest {
+                        area: Some("vn".into()),
+                        consumer: Some(format!("bench-{w}")),
+                        callback_url: None,
+                    };
+                    let g = proxypool_rpc::call::<LeaseAcquire>(&client, &req).await?;
+                    let req = ReleaseRequest { proxy_id: Some(g.id), key: Some(g.key) };
+                    proxypool_rpc::call::<LeaseRelease>(&client, &req).await?;
+                    Ok(())
+                }
+            }));
+            let (mut seen, mut timed_out) = (Vec::new(), 0usize);
+            let until = std::time::Instant::now() + dur;
+            while std::time::Instant::now() < until {
+                let req =
+                    AcquireRequest { area: Some("vn".into()), consumer: Some("sampler".into()), callback_url: None };
+                let g = proxypool_rpc::call::<LeaseAcquire>(&app.client, &req).await?;
+                let (t0, id) = (std::time::Instant::now(), ObjectId::parse_str(&g.id)?);
+                loop {
+                    let d = app.store.proxies().find_one(doc! { "_id": id }).await?;
+                    if d.is_some_and(|d| d.proxy_used.iter().any(|u| u.key == g.key)) {
+                        break;
+                    }
+                    if t0.elapsed() > Duration::from_secs(30) {
+                        // Counted as 30 s: the line below says how many timed out.
+                        timed_out += 1;
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                seen.push(t0.elapsed());
+                let req = ReleaseRequest { proxy_id: Some(g.id), key: Some(g.key) };
+                proxypool_rpc::call::<LeaseRelease>(&app.client, &req).await?;
+            }
+            load.await?;
+            seen.sort();
+            let q = |f: f64| seen.get(((seen.len() as f64 - 1.0) * f).round() as usize).copied().unwrap_or_default();
+            let line = format!(
+                "- {size} proxies, 64 clients leasing: a grant is visible in MongoDB after p50 {:.0} ms, p99 {:.0} ms, \
+                 max {:.0} ms ({} samples, {timed_out} not visible within 30 s; polled every 20 ms)",
+                q(0.5).as_secs_f64() * 1e3,
+                q(0.99).as_secs_f64() * 1e3,
+                seen.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+                seen.len()
+            );
+            eprintln!("{line}");
+            notes.push(line);
+        }
         // proxypool: acquire + release over HTTP (gateway → NATS → lease).
         for &c in &args.concurrency {
             let (h, base) = (http.clone(), app.url(""));
@@ -292,11 +397,33 @@ async fn main() -> anyhow::Result<()> {
             .await;
             push("proxypool: acquire+release over HTTP", label.clone(), c, s, "round trip");
         }
+        // proxypool: acquire alone (the lease kept), for the latency of a grant.
+        for &c in &[1, 64] {
+            let client = app.client.clone();
+            let s = measure(c, dur, move |w| {
+                let client = client.clone();
+                async move {
+                    let req = AcquireRequest {
+                        area: Some("vn".into()),
+                        consumer: Some(format!("held-{w}")),
+                        callback_url: None,
+                    };
+                    proxypool_rpc::call::<LeaseAcquire>(&client, &req).await?;
+                    Ok(())
+                }
+            })
+            .await;
+            push("proxypool: acquire over NATS (kept)", label.clone(), c, s, "grant");
+        }
         app.assert_invariants().await?;
         app.shutdown().await;
     }
 
-    let report = render(&rows, &args);
+    let mut report = render(&rows, &args);
+    for n in &notes {
+        report.push_str(n);
+        report.push('\n');
+    }
     println!("{report}");
     if let Some(path) = &args.out {
         std::fs::write(path, &report).with_context(|| format!("cannot write {path}"))?;

@@ -85,6 +85,9 @@ pub async fn run(sizes: &[usize]) -> anyhow::Result<String> {
                 }},
             )
             .await?;
+        // Written behind the lease service's back: have it re-read the catalogue, as an import would.
+        let full = proxypool_contracts::rotation::SyncRequest { proxy_ids: Vec::new(), full: true };
+        proxypool_rpc::call_within::<proxypool_contracts::endpoints::LeaseCtlSync>(&app.client, &full, None).await?;
         let mut config = app.rotator_config(&fake);
         config.workers = 64;
         config.scan_batch = i64::try_from(n).unwrap_or(i64::MAX);

@@ -2,7 +2,7 @@
 //!
 //! The gateway holds no lease state. Lease requests go to the lease service and user/login requests to the auth
 //! service over NATS; admin routes for providers, packages and proxies read and write MongoDB directly (never the
-//! lease fields) and announce proxy changes on `proxy.changed`. Admins authenticate with a JWT or the static key.
+//! lease fields) and then sync each proxy change to the lease service (`leasectl.sync`). Admins authenticate with a JWT or the static key.
 //!
 //! # Layout
 //! - [`config`]: `GatewayConfig` from the environment.

@@ -6,8 +6,8 @@
 //!    row — a bad file or a provider that is down or garbled fails the job here, before anything is written;
 //! 2. takes the import lock (waiting, `queued`, while another replica imports), resolves packages (creating the
 //!    KiotProxy/ZingProxy provider and packages when missing) and writes through [`crate::upsert`];
-//! 3. stores its counts and row errors, and tells the lease replicas (one `proxy.changed` per proxy for small
-//!    imports, one `leasectl.reload` for large ones).
+//! 3. stores its counts and row errors, and syncs the lease service (`leasectl.sync`: the ids for small imports, a
+//!    full re-read for large ones), finishing only once it has applied them.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -32,7 +32,8 @@ pub struct LeaseConfig {
     /// addresses. Leave off unless every consumer is trusted: otherwise the pool can be used to reach internal
     /// services (SSRF).
     pub callback_allow_private: bool,
-    /// Identifies this replica in `proxy.changed` events (`HOSTNAME` in Kubernetes, else random).
+    /// Identifies this replica: its election value and the `leader` of its log batches (`HOSTNAME` in Kubernetes,
+    /// else random).
     pub instance_id: String,
     /// `LEASE_ADMIN_ADDR` (default `0.0.0.0:9100`): `/metrics`, `/healthz`, `/readyz`.
     pub admin_addr: std::net::SocketAddr,

@@ -1,6 +1,6 @@
 //! The lease key, and the original design's lease query: its guard pinned to one `_id`, the grant update, and the
-//! index that serves them. The engine no longer runs them; the benchmark measures them as the baseline of a
-//! database-bound lease (one guarded write per grant), and the index still serves the rotator's scans.
+//! index that serves them. The engine no longer runs them: the benchmark measures them as the baseline of a
+//! database-bound lease (one guarded write per grant).
 
 use bson::oid::ObjectId;
 use bson::{doc, DateTime, Document};

@@ -31,6 +31,44 @@ pub struct LeaseService {
     metrics: crate::metrics::LeaseMetrics,
 }
 
+/// Proxies applied per log batch by a sync.
+const SYNC_CHUNK: usize = 500;
+
+/// Applies re-read documents (`None`: deleted) to the state.
+fn apply_docs(txn: &mut crate::engine::Txn<'_>, docs: Vec<(ObjectId, Option<ProxyDoc>)>) -> SyncReply {
+    let mut reply = SyncReply::default();
+    for (id, doc) in docs {
+        let held = txn.state().get(&id);
+        match doc {
+            Some(d) => {
+                let catalog = Catalog::from(&d);
+                match held {
+                    Some(p) if p.catalog == catalog => continue,
+                    // A re-read older than what a concurrent sync applied.
+                    Some(p) if p.catalog.updated_ms > catalog.updated_ms => continue,
+                    Some(p) => {
+                        let clear = !catalog.active && p.in_use() > 0;
+                        if clear {
+                            reply.dropped_leases += p.in_use();
+                        }
+                        txn.apply(Op::Upsert { proxy: id, catalog, clear });
+                    }
+                    None => txn.apply(Op::Upsert { proxy: id, catalog, clear: false }),
+                }
+                reply.changed += 1;
+            }
+            None => {
+                if let Some(p) = held {
+                    reply.dropped_leases += p.in_use();
+                    txn.apply(Op::Remove { proxy: id });
+                    reply.changed += 1;
+                }
+            }
+        }
+    }
+    reply
+}
+
 /// Maps a database failure to the reply a caller gets: unreachable → retryable 503, anything else → 500.
 fn store_error(e: impl Into<StoreError>) -> ApiError {
     e.into().into_api("record")
@@ -266,57 +304,44 @@ impl LeaseService {
                 docs.push((id, self.store.proxies().find_one(doc! { "_id": id }).await.map_err(store_error)?));
             }
         }
-        let full = req.full;
-        self.engine
-            .submit(move |txn| {
-                let mut reply = SyncReply::default();
-                let mut seen = std::collections::HashSet::new();
-                for (id, doc) in docs {
-                    seen.insert(id);
-                    let held = txn.state().get(&id);
-                    match doc {
-                        Some(d) => {
-                            let catalog = Catalog::from(&d);
-                            match held {
-                                Some(p) if p.catalog == catalog => continue,
-                                // A re-read older than what a concurrent sync applied.
-                                Some(p) if p.catalog.updated_ms > catalog.updated_ms => continue,
-                                Some(p) => {
-                                    let clear = !catalog.active && p.in_use() > 0;
-                                    if clear {
-                                        reply.dropped_leases += p.in_use();
-                                    }
-                                    txn.apply(Op::Upsert { proxy: id, catalog, clear });
-                                }
-                                None => txn.apply(Op::Upsert { proxy: id, catalog, clear: false }),
-                            }
-                            reply.changed += 1;
-                        }
-                        None => {
-                            if let Some(p) = held {
-                                reply.dropped_leases += p.in_use();
-                                txn.apply(Op::Remove { proxy: id });
-                                reply.changed += 1;
-                            }
-                        }
-                    }
-                }
-                if full {
-                    // Gone from MongoDB, and not created after the read began (that one's own sync will come).
+        // In chunks, so that no log batch grows past a few hundred operations however large the catalogue.
+        let mut reply = SyncReply::default();
+        let mut chunks: Vec<Vec<(ObjectId, Option<ProxyDoc>)>> = Vec::new();
+        while !docs.is_empty() {
+            let rest = docs.split_off(docs.len().min(SYNC_CHUNK));
+            chunks.push(std::mem::replace(&mut docs, rest));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for chunk in chunks {
+            seen.extend(chunk.iter().map(|(id, _)| *id));
+            let part = self.engine.submit(move |txn| Ok(apply_docs(txn, chunk))).await?;
+            reply.changed += part.changed;
+            reply.dropped_leases += part.dropped_leases;
+        }
+        if req.full {
+            // Gone from MongoDB, and not created after the read began (that one's own sync will come).
+            let part = self
+                .engine
+                .submit(move |txn| {
+                    let mut reply = SyncReply::default();
                     let gone: Vec<ObjectId> = txn
                         .state()
                         .iter()
                         .filter(|(id, p)| !seen.contains(id) && p.catalog.updated_ms < started)
                         .map(|(id, _)| *id)
+                        .take(SYNC_CHUNK)
                         .collect();
                     for id in gone {
                         reply.dropped_leases += txn.state().get(&id).map_or(0, |p| p.in_use());
                         txn.apply(Op::Remove { proxy: id });
                         reply.changed += 1;
                     }
-                }
-                Ok(reply)
-            })
-            .await
+                    Ok(reply)
+                })
+                .await?;
+            reply.changed += part.changed;
+            reply.dropped_leases += part.dropped_leases;
+        }
+        Ok(reply)
     }
 }

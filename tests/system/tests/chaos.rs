@@ -37,8 +37,8 @@ struct Held {
 struct Records {
     held: Mutex<Vec<Held>>,
     failures: Mutex<Vec<String>>,
-    /// When the probe last succeeded, in order.
-    probe_ok: Mutex<Vec<Instant>>,
+    /// The probe's answered requests: (sent, answered), in order.
+    probe_ok: Mutex<Vec<(Instant, Instant)>>,
 }
 
 impl Records {
@@ -207,12 +207,13 @@ async fn probe(app: Ctx, proxy: String, stop: Arc<AtomicBool>, rec: Arc<Records>
     let req = ReleaseRequest { proxy_id: Some(proxy), key: Some("000000000000000000000000".into()) };
     while !stop.load(Ordering::Relaxed) {
         // A short timeout: a request lost with a killed leader must not hide how soon the next one is answered.
+        let sent = Instant::now();
         let answer =
             proxypool_rpc::call_within::<LeaseRelease>(&app.client, &req, Some(Duration::from_millis(300))).await;
         if let Err(proxypool_rpc::CallError::Remote(e)) = answer {
             if e.code == ErrorCode::NotFound {
                 if let Ok(mut ok) = rec.probe_ok.lock() {
-                    ok.push(Instant::now());
+                    ok.push((sent, Instant::now()));
                 }
             }
         }
@@ -220,10 +221,10 @@ async fn probe(app: Ctx, proxy: String, stop: Arc<AtomicBool>, rec: Arc<Records>
     }
 }
 
-/// How long after `fault` the probe first succeeded again.
+/// How long after `fault` a request sent after it was first answered.
 fn healed_after(rec: &Records, fault: Instant) -> Option<Duration> {
     let ok = rec.probe_ok.lock().ok()?;
-    ok.iter().find(|t| **t > fault).map(|t| *t - fault)
+    ok.iter().find(|(sent, _)| *sent > fault).map(|(_, answered)| *answered - fault)
 }
 
 /// The most leases held on one proxy at one instant, from the consumers' records.

@@ -261,7 +261,7 @@ async fn admin_creates_a_proxy_that_can_be_leased() -> R {
         .await?;
     assert_eq!(full["data"][0]["password"], "p");
 
-    // The lease service learns of it through proxy.changed.
+    // The lease service learned of it before the admin was answered.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let res = app.http_get_proxy("global").await?;

@@ -1,9 +1,9 @@
 //! `/api/proxies`: list (filters, `get_full`), create, update, delete, bulk-delete, drop.
 //!
 //! Admin writes never touch lease state: the DTOs refuse unknown fields, so `in_use`, `used_count` and `proxy_used`
-//! cannot be sent, and updates `$set` only the fields named here. Every write publishes `proxy.changed`, and
-//! because the lease service's guarded write re-checks `is_active` in the database, disabling a proxy stops new
-//! leases at once.
+//! cannot be sent, and updates `$set` only the fields named here. Every write is synced to the lease service
+//! (`leasectl.sync`) before the admin is answered, so disabling a proxy stops new leases at once and a created one
+//! can be leased at once.
 
 use axum::extract::State;
 use axum::http::StatusCode;

@@ -241,6 +241,7 @@ pub fn start(
         proj_rx,
         trimmed: 0,
         last_trim: Instant::now(),
+        last_gauges: Instant::now(),
     };
     let task = tokio::spawn(async move {
         actor.run(shutdown).await;
@@ -276,6 +277,7 @@ struct Actor {
     proj_rx: mpsc::Receiver<ProjectionDone>,
     trimmed: u64,
     last_trim: Instant,
+    last_gauges: Instant,
 }
 
 /// Why a phase ended.
@@ -553,7 +555,11 @@ impl Actor {
                     }
                     self.project();
                     self.trim(&log).await;
-                    self.update_gauges();
+                    // The counts walk every proxy: once a second is enough for a gauge.
+                    if self.last_gauges.elapsed() >= Duration::from_secs(1) {
+                        self.last_gauges = Instant::now();
+                        self.update_gauges();
+                    }
                 }
             }
         };

@@ -71,8 +71,8 @@ impl TestApp {
         self.call::<proxypool_contracts::endpoints::LeaseAcquire>(&req).await
     }
 
-    /// `lease.acquire` over NATS, retried while the pool has nothing (e.g. until a just-inserted proxy reaches the
-    /// lease index through `proxy.changed`).
+    /// `lease.acquire` over NATS, retried while the pool has nothing (e.g. until a rotation gives a proxy its
+    /// address).
     pub async fn nats_acquire_eventually(&self, area: &str, consumer: &str) -> anyhow::Result<LeaseGrant> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {

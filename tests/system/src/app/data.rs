@@ -66,7 +66,7 @@ impl TestApp {
         Ok(ids)
     }
 
-    /// Applies a raw update to a proxy, as an admin or the rotator would, and announces it on `proxy.changed`.
+    /// Applies a raw update to a proxy, as an admin would, and syncs it to the lease service.
     pub async fn update_proxy(&self, id: ObjectId, update: Document) -> anyhow::Result<()> {
         self.store.proxies().update_one(doc! { "_id": id }, update).await?;
         self.announce(id).await

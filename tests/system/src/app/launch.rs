@@ -26,10 +26,11 @@ impl TestApp {
                 tracing::error!(error = %e, "lease replica failed");
             }
         });
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        // The first load reads the whole collection: 100,000 proxies take about a minute on the local store.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
         while !service.is_loaded() {
             if tokio::time::Instant::now() > deadline {
-                bail!("lease replica did not load its index within 20 s");
+                bail!("lease replica did not load its state within 180 s");
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -384,19 +384,7 @@ impl Actor {
             return Ok(());
         }
         let mut reader = log.read_from(self.applied + 1).await.map_err(|e| e.to_string())?;
-        while self.applied < last {
-            let item = tokio::select! {
-                item = tokio::time::timeout(Duration::from_secs(10), reader.next()) => item,
-                () = shutdown.wait() => return Err("shutting down".into()),
-            };
-            match item {
-                Ok(Some(Ok((seq, batch)))) => self.apply_logged(seq, &batch)?,
-                Ok(Some(Err(e))) => return Err(e),
-                Ok(None) => return Err("the lease log reader ended".into()),
-                Err(_) => return Err(format!("the lease log did not deliver up to {last}")),
-            }
-        }
-        Ok(())
+        self.replay_with(&mut reader, last, shutdown).await
     }
 
     /// Applies a batch read from the log. Operations on a proxy whose projected state is already past `seq` were
@@ -485,6 +473,7 @@ impl Actor {
         }
     }
 
+    /// Reads `reader` until the state reflects sequence `last`.
     async fn replay_with(
         &mut self,
         reader: &mut futures::stream::BoxStream<'static, Result<(u64, Batch), String>>,

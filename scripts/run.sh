@@ -40,6 +40,12 @@ target/release/proxypool-gateway >var/log/gateway.log 2>&1 & pids+=($!)
 wait_port "$PORT" proxypool-gateway
 
 api="http://127.0.0.1:$PORT"
+# Admin writes wait for the lease service (they sync to it): wait until a lease leader answers (an empty pool says
+# no_proxy_available, which proves it), at most 30 s.
+for _ in $(seq 150); do
+  curl -sS -H "Authorization: $ALLOWED_API_KEY" "$api/api/get-proxy?area=vn" 2>/dev/null | grep -q '"no_proxy_available"\|"key"' && break
+  sleep 0.2
+done
 if [ "${SEED_DEMO:-1}" = 1 ]; then
   total=$(curl -fsS -H "Authorization: $ALLOWED_API_KEY" "$api/api/proxies?limit=1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["total"])')
   if [ "$total" = 0 ]; then

@@ -301,17 +301,7 @@ async fn main() -> anyhow::Result<()> {
             let client = app.client.clone();
             let s = measure(c, dur, move |w| {
                 let client = client.clone();
-                async move {
-                    let req = AcquireRequest {
-                        area: Some("vn".into()),
-                        consumer: Some(format!("bench-{w}")),
-                        callback_url: None,
-                    };
-                    let g = proxypool_rpc::call::<LeaseAcquire>(&client, &req).await?;
-                    let req = ReleaseRequest { proxy_id: Some(g.id), key: Some(g.key) };
-                    proxypool_rpc::call::<LeaseRelease>(&client, &req).await?;
-                    Ok(())
-                }
+                async move { nats_round_trip(&client, w).await }
             })
             .await;
             push("proxypool: acquire+release over NATS", label.clone(), c, s, "round trip");
@@ -323,17 +313,7 @@ async fn main() -> anyhow::Result<()> {
             let dur = dur.max(Duration::from_secs(10));
             let load = tokio::spawn(measure(*args.concurrency.iter().max().unwrap_or(&64), dur, move |w| {
                 let client = client.clone();
-                async move {
-                    let req = AcquireRequest {
-                        area: Some("vn".into()),
-                        consumer: Some(format!("bench-{w}")),
-                        callback_url: None,
-                    };
-                    let g = proxypool_rpc::call::<LeaseAcquire>(&client, &req).await?;
-                    let req = ReleaseRequest { proxy_id: Some(g.id), key: Some(g.key) };
-                    proxypool_rpc::call::<LeaseRelease>(&client, &req).await?;
-                    Ok(())
-                }
+                async move { nats_round_trip(&client, w).await }
             }));
             let (mut seen, mut timed_out) = (Vec::new(), 0usize);
             let until = std::time::Instant::now() + dur;
@@ -429,6 +409,15 @@ async fn main() -> anyhow::Result<()> {
         std::fs::write(path, &report).with_context(|| format!("cannot write {path}"))?;
         eprintln!("wrote {path}");
     }
+    Ok(())
+}
+
+/// One acquire + release over NATS, as consumer `bench-{w}`.
+async fn nats_round_trip(client: &async_nats::Client, w: usize) -> anyhow::Result<()> {
+    let req = AcquireRequest { area: Some("vn".into()), consumer: Some(format!("bench-{w}")), callback_url: None };
+    let g = proxypool_rpc::call::<LeaseAcquire>(client, &req).await?;
+    let req = ReleaseRequest { proxy_id: Some(g.id), key: Some(g.key) };
+    proxypool_rpc::call::<LeaseRelease>(client, &req).await?;
     Ok(())
 }
 

@@ -570,13 +570,12 @@ impl Actor {
                 return Some(Next::Follow);
             }
         };
-        let before = self.touched.len();
         if let Err(e) = self.replay_to(log, last, shutdown).await {
             tracing::warn!(error = %e, "cannot catch up with the lease log; reloading");
             return Some(Next::Rebuild);
         }
         // What another replica appended must reach MongoDB too.
-        if self.touched.len() != before || !self.touched.is_empty() {
+        if !self.touched.is_empty() {
             self.dirty.extend(self.touched.drain());
             self.dirty_since.get_or_insert_with(Instant::now);
         }

@@ -318,8 +318,12 @@ async fn main() -> anyhow::Result<()> {
             let (mut seen, mut timed_out) = (Vec::new(), 0usize);
             let until = std::time::Instant::now() + dur;
             while std::time::Instant::now() < until {
-                let req =
-                    AcquireRequest { area: Some("vn".into()), consumer: Some("sampler".into()), callback_url: None };
+                let req = AcquireRequest {
+                    area: Some("vn".into()),
+                    consumer: Some("sampler".into()),
+                    callback_url: None,
+                    ..Default::default()
+                };
                 let g = proxypool_rpc::call::<LeaseAcquire>(&app.client, &req).await?;
                 let (t0, id) = (std::time::Instant::now(), ObjectId::parse_str(&g.id)?);
                 loop {
@@ -335,7 +339,7 @@ async fn main() -> anyhow::Result<()> {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 seen.push(t0.elapsed());
-                let req = ReleaseRequest { proxy_id: Some(g.id), key: Some(g.key) };
+                let req = ReleaseRequest { proxy_id: Some(g.id), key: Some(g.key), failure: None };
                 proxypool_rpc::call::<LeaseRelease>(&app.client, &req).await?;
             }
             load.await?;
@@ -387,6 +391,7 @@ async fn main() -> anyhow::Result<()> {
                         area: Some("vn".into()),
                         consumer: Some(format!("held-{w}")),
                         callback_url: None,
+                        ..Default::default()
                     };
                     proxypool_rpc::call::<LeaseAcquire>(&client, &req).await?;
                     Ok(())
@@ -414,9 +419,14 @@ async fn main() -> anyhow::Result<()> {
 
 /// One acquire + release over NATS, as consumer `bench-{w}`.
 async fn nats_round_trip(client: &async_nats::Client, w: usize) -> anyhow::Result<()> {
-    let req = AcquireRequest { area: Some("vn".into()), consumer: Some(format!("bench-{w}")), callback_url: None };
+    let req = AcquireRequest {
+        area: Some("vn".into()),
+        consumer: Some(format!("bench-{w}")),
+        callback_url: None,
+        ..Default::default()
+    };
     let g = proxypool_rpc::call::<LeaseAcquire>(client, &req).await?;
-    let req = ReleaseRequest { proxy_id: Some(g.id), key: Some(g.key) };
+    let req = ReleaseRequest { proxy_id: Some(g.id), key: Some(g.key), failure: None };
     proxypool_rpc::call::<LeaseRelease>(client, &req).await?;
     Ok(())
 }

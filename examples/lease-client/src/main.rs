@@ -17,7 +17,12 @@ use proxypool_rpc::{call, CallError};
 
 /// Leases a proxy, retrying the retryable refusals (`no_proxy_available`, `service_unavailable`) with back-off.
 pub async fn acquire(nc: &async_nats::Client, area: Area, consumer: &str) -> anyhow::Result<LeaseGrant> {
-    let req = AcquireRequest { area: Some(area.to_string()), consumer: Some(consumer.to_owned()), callback_url: None };
+    let req = AcquireRequest {
+        area: Some(area.to_string()),
+        consumer: Some(consumer.to_owned()),
+        callback_url: None,
+        ..Default::default()
+    };
     let mut delay = Duration::from_millis(500);
     for _ in 0..5 {
         match call::<LeaseAcquire>(nc, &req).await {
@@ -49,7 +54,7 @@ async fn main() -> anyhow::Result<()> {
     let lease = acquire(&nc, area, "rust-example").await?;
     println!("leased {} ({}:{}), expires {:?}", lease.id, lease.ip, lease.port, lease.expires_at);
     // … use http://{username}:{password}@{ip}:{port} for outbound requests here …
-    let release = ReleaseRequest { proxy_id: Some(lease.id.clone()), key: Some(lease.key.clone()) };
+    let release = ReleaseRequest { proxy_id: Some(lease.id.clone()), key: Some(lease.key.clone()), failure: None };
     match call::<LeaseRelease>(&nc, &release).await {
         Ok(outcome) => println!("returned: {outcome:?}"),
         Err(CallError::Remote(e)) => anyhow::bail!("return refused: {e}"),

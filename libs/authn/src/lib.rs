@@ -1,8 +1,11 @@
-//! Admin tokens: HS256 JWTs signed with `API_KEY`, `sub` = user id, 14 days by default.
+//! Admin tokens: HS256 JWTs signed with `API_KEY`, `sub` = user id, 14 days by default; and, in [`client`], how
+//! every door tells who a consumer is (the static key, the client IP).
 //!
 //! The auth service issues them at login; the gateway verifies them on every admin request without a round trip
 //! (signature and expiry). A token stays valid until it expires even if its user is deleted; keep `API_KEY` secret
 //! and rotate it to revoke every token at once.
+
+pub mod client;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

@@ -22,6 +22,93 @@ pub struct AcquireRequest {
     /// timeout, proxy disabled or deleted).
     #[serde(default)]
     pub callback_url: Option<String>,
+    /// Proxy ids not to hand out (the forward door's retry after an upstream failed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<String>,
+    /// Lease only from this package (its `code`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub package: Option<String>,
+    /// Set by the forward door: which door holds the lease (`http` or `socks5`), shown in the lease records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub door: Option<String>,
+    /// Set by the forward door for a sticky session: its id, shown in the lease records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+}
+
+/// The most proxy ids an acquire may exclude.
+pub const EXCLUDE_MAX: usize = 16;
+
+/// Which forward door holds a lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Door {
+    /// The HTTP proxy door (`CONNECT` and absolute-URI requests).
+    Http,
+    /// The SOCKS5 door.
+    Socks5,
+}
+
+impl Door {
+    /// The wire spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Door::Http => "http",
+            Door::Socks5 => "socks5",
+        }
+    }
+}
+
+/// How an upstream proxy failed the forward door before the client received a byte. Recorded on the proxy (its
+/// failure count feeds health scoring).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamFailure {
+    /// Nothing listened (connection refused).
+    Refused,
+    /// It refused our credentials (407, or 401).
+    Auth,
+    /// No connection or no answer in time.
+    Timeout,
+    /// It closed or reset the connection before answering.
+    Reset,
+    /// Its answer was not HTTP.
+    BadAnswer,
+}
+
+impl UpstreamFailure {
+    /// The wire spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamFailure::Refused => "refused",
+            UpstreamFailure::Auth => "auth",
+            UpstreamFailure::Timeout => "timeout",
+            UpstreamFailure::Reset => "reset",
+            UpstreamFailure::BadAnswer => "bad_answer",
+        }
+    }
+
+    /// Every kind, for metrics.
+    pub const ALL: [UpstreamFailure; 5] = [
+        UpstreamFailure::Refused,
+        UpstreamFailure::Auth,
+        UpstreamFailure::Timeout,
+        UpstreamFailure::Reset,
+        UpstreamFailure::BadAnswer,
+    ];
+}
+
+fn parse_enum<T: serde::de::DeserializeOwned>(field: &str, value: &str, valid: &str) -> Result<T, ApiError> {
+    serde_json::from_value(serde_json::Value::String(value.to_owned()))
+        .map_err(|_| ApiError::invalid(field, format!("unknown value {value:?} (expected one of: {valid})")))
+}
+
+fn session_word(field: &str, v: &str) -> Result<String, ApiError> {
+    let ok = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '.';
+    if v.is_empty() || v.len() > 64 || !v.chars().all(ok) {
+        return Err(ApiError::invalid(field, "must be 1-64 of A-Z a-z 0-9 _ ."));
+    }
+    Ok(v.to_owned())
 }
 
 /// A validated acquire request.
@@ -33,6 +120,14 @@ pub struct Acquire {
     pub consumer: String,
     /// Where to notify the consumer if the lease is taken, already checked against the SSRF rules.
     pub callback_url: Option<String>,
+    /// Proxies not to hand out.
+    pub exclude: Vec<ObjectIdHex>,
+    /// Only from this package (code).
+    pub package: Option<String>,
+    /// The forward door holding the lease.
+    pub door: Option<Door>,
+    /// The door's sticky session.
+    pub session: Option<String>,
 }
 
 /// Longest accepted consumer identifier; it is stored in every lease record.
@@ -56,7 +151,25 @@ impl AcquireRequest {
             Some(u) => Some(crate::callback::validate_callback_url(u, allow_private_callbacks)?),
             None => None,
         };
-        Ok(Acquire { area, consumer: consumer.to_owned(), callback_url })
+        if self.exclude.len() > EXCLUDE_MAX {
+            return Err(ApiError::invalid("exclude", format!("may name at most {EXCLUDE_MAX} proxies")));
+        }
+        let exclude =
+            self.exclude.iter().map(|id| ObjectIdHex::parse_field("exclude", Some(id))).collect::<Result<_, _>>()?;
+        let package = match self.package.as_deref().map(str::trim).filter(|p| !p.is_empty()) {
+            Some(p) if p.len() <= 128 && !p.chars().any(char::is_control) => Some(p.to_owned()),
+            Some(_) => return Err(ApiError::invalid("package", "must be at most 128 printable characters")),
+            None => None,
+        };
+        let door = match self.door.as_deref() {
+            Some(d) => Some(parse_enum::<Door>("door", d, "http, socks5")?),
+            None => None,
+        };
+        let session = match self.session.as_deref() {
+            Some(v) => Some(session_word("session", v)?),
+            None => None,
+        };
+        Ok(Acquire { area, consumer: consumer.to_owned(), callback_url, exclude, package, door, session })
     }
 }
 
@@ -69,6 +182,10 @@ pub struct ReleaseRequest {
     /// The lease key returned by acquire.
     #[serde(default)]
     pub key: Option<String>,
+    /// Set by the forward door when it returns the lease because the upstream failed
+    /// ([`UpstreamFailure`] spelling); recorded on the proxy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
 }
 
 /// A validated release request.
@@ -78,6 +195,8 @@ pub struct Release {
     pub proxy_id: ObjectIdHex,
     /// The lease key.
     pub key: ObjectIdHex,
+    /// How the upstream failed, when that is why it is returned.
+    pub failure: Option<UpstreamFailure>,
 }
 
 impl ReleaseRequest {
@@ -86,6 +205,10 @@ impl ReleaseRequest {
         Ok(Release {
             proxy_id: ObjectIdHex::parse_field("proxy_id", self.proxy_id.as_deref())?,
             key: ObjectIdHex::parse_field("key", self.key.as_deref())?,
+            failure: match self.failure.as_deref() {
+                Some(f) => Some(parse_enum("failure", f, "refused, auth, timeout, reset, bad_answer")?),
+                None => None,
+            },
         })
     }
 }
@@ -127,6 +250,26 @@ pub struct LeaseGrant {
     pub expires_at: Option<DateTime<Utc>>,
 }
 
+/// Broadcast on [`crate::subjects::LEASE_TAKEN`] (core NATS, not durable) for every lease the lease service takes
+/// from its holder, so that the forward door closes the tunnels that use it. The durable, per-consumer form is the
+/// callback ([`crate::callback::CallbackNotice`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeasesTaken {
+    /// The leases taken in one commit.
+    pub leases: Vec<TakenLease>,
+}
+
+/// One lease taken.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TakenLease {
+    /// The proxy.
+    pub proxy_id: String,
+    /// The lease key that is no longer valid.
+    pub key: String,
+    /// Why.
+    pub reason: crate::callback::TakenReason,
+}
+
 /// Reply data of a successful release.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReleaseOutcome {
@@ -144,26 +287,41 @@ mod tests {
 
     #[test]
     fn acquire_validation_names_fields() {
-        let ok = AcquireRequest { area: Some("vn".into()), consumer: Some("10.0.0.1".into()), callback_url: None };
+        let ok = AcquireRequest {
+            area: Some("vn".into()),
+            consumer: Some("10.0.0.1".into()),
+            callback_url: None,
+            ..Default::default()
+        };
         assert!(ok.validate(false).is_ok());
-        let no_area = AcquireRequest { area: None, consumer: Some("c".into()), callback_url: None };
+        let no_area =
+            AcquireRequest { area: None, consumer: Some("c".into()), callback_url: None, ..Default::default() };
         assert_eq!(no_area.validate(false).err().and_then(|e| e.field).as_deref(), Some("area"));
-        let no_consumer =
-            AcquireRequest { area: Some("global".into()), consumer: Some(" ".into()), callback_url: None };
+        let no_consumer = AcquireRequest {
+            area: Some("global".into()),
+            consumer: Some(" ".into()),
+            callback_url: None,
+            ..Default::default()
+        };
         assert_eq!(no_consumer.validate(false).err().and_then(|e| e.field).as_deref(), Some("consumer"));
         let ssrf = AcquireRequest {
             area: Some("vn".into()),
             consumer: Some("c".into()),
             callback_url: Some("http://169.254.169.254/".into()),
+            ..Default::default()
         };
         assert_eq!(ssrf.validate(false).err().and_then(|e| e.field).as_deref(), Some("callback_url"));
     }
 
     #[test]
     fn release_validation_names_fields() {
-        let bad_key = ReleaseRequest { proxy_id: Some("65a1b2c3d4e5f60718293a4b".into()), key: Some("nope".into()) };
+        let bad_key = ReleaseRequest {
+            proxy_id: Some("65a1b2c3d4e5f60718293a4b".into()),
+            key: Some("nope".into()),
+            failure: None,
+        };
         assert_eq!(bad_key.validate().err().and_then(|e| e.field).as_deref(), Some("key"));
-        let bad_id = ReleaseRequest { proxy_id: Some("x".into()), key: None };
+        let bad_id = ReleaseRequest { proxy_id: Some("x".into()), key: None, failure: None };
         assert_eq!(bad_id.validate().err().and_then(|e| e.field).as_deref(), Some("proxy_id"));
     }
 }

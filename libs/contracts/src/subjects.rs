@@ -10,6 +10,10 @@ pub const PREFIX: &str = "proxypool.v1";
 pub const LEASE_ACQUIRE: &str = "proxypool.v1.lease.acquire";
 /// Consumers return a lease here (request-reply). Public contract.
 pub const LEASE_RELEASE: &str = "proxypool.v1.lease.release";
+/// The lease service broadcasts the leases it takes from their holders here (core NATS,
+/// [`crate::lease::LeasesTaken`]); the forward door closes their tunnels. Not under `lease.*`, so that a consumer
+/// allowed to publish there cannot close other consumers' tunnels.
+pub const LEASE_TAKEN: &str = "proxypool.v1.leaseevents.taken";
 /// Wildcard covering every lease subject, for permissions (`deploy/nats/`).
 pub const LEASE_ALL: &str = "proxypool.v1.lease.*";
 

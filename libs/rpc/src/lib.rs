@@ -5,7 +5,7 @@
 //! - [`serve`]: [`Router`], the one server: `Router::new().on::<E>(handler)`, served in a queue group.
 //! - [`jetstream`]: every stream, consumer, key-value bucket and object store, declared and ensured in one place.
 //! - [`workqueue`]: the one work-queue runner with an ack guard.
-//! - [`notices`]: queuing callback notices.
+//! - [`notices`]: the taken-lease broadcast and durable callback notices.
 
 pub mod call;
 pub mod jetstream;

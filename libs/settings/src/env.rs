@@ -92,6 +92,20 @@ impl Env {
             .collect()
     }
 
+    /// A comma-separated list of IP addresses or CIDR ranges (`1.2.3.4`, `::1`, `10.0.0.0/8`); empty when unset.
+    pub fn nets(&self, name: &'static str) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+        let Some(raw) = self.get(name) else { return Ok(Vec::new()) };
+        raw.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                s.parse::<ipnet::IpNet>()
+                    .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| ConfigError::invalid(name, format!("{s:?}: not an IP address or CIDR range")))
+            })
+            .collect()
+    }
+
     /// A boolean (`true/false/1/0/yes/no`), or `default` when unset.
     pub fn bool_or(&self, name: &'static str, default: bool) -> Result<bool, ConfigError> {
         match self.get(name).map(|s| s.trim().to_ascii_lowercase()) {

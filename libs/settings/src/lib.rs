@@ -44,4 +44,19 @@ macro_rules! service_main {
             Ok(())
         }
     };
+    // A service that needs NATS only (no MongoDB): `App::build(config, client)`.
+    ($name:literal, $config:ty, $app:ty, nats_only) => {
+        #[tokio::main]
+        async fn main() -> anyhow::Result<()> {
+            use anyhow::Context as _;
+            let telemetry = proxypool_telemetry::init($name).context("invalid telemetry settings")?;
+            let config = <$config>::from_env(&$crate::env::Env::process()).context("invalid configuration")?;
+            let client = config.nats.connect($name).await.context("cannot connect to NATS")?;
+            let app = <$app>::build(config, client.clone()).await.context("cannot start")?;
+            app.run($crate::shutdown::Shutdown::on_signal()).await.context("stopped on an error")?;
+            $crate::nats::drain(&client, std::time::Duration::from_secs(5)).await;
+            telemetry.shutdown();
+            Ok(())
+        }
+    };
 }

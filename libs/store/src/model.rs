@@ -70,6 +70,21 @@ pub struct ProxyUsed {
     /// Where to notify the consumer if the lease is taken (our addition).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback_url: Option<String>,
+    /// The forward door holding the lease (`http`, `socks5`), when a door holds it (our addition).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub door: Option<String>,
+    /// The door's sticky session id, when the lease belongs to one (our addition).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+}
+
+/// The last time the forward door found a proxy failing (our addition).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpstreamFailureRecord {
+    /// `refused`, `auth`, `timeout`, `reset` or `bad_answer`.
+    pub kind: String,
+    /// When.
+    pub at: DateTime,
 }
 
 fn default_true() -> bool {
@@ -152,6 +167,13 @@ pub struct ProxyDoc {
     /// Id of the rotation job that holds (or last held) the lock. Our addition.
     #[serde(default)]
     pub rotation_job: Option<String>,
+    /// Upstream failures the forward door met on this proxy since its last successful rotation (written by the
+    /// lease service; the input of health scoring). Our addition.
+    #[serde(default)]
+    pub upstream_failures: i64,
+    /// The latest of those failures. Our addition.
+    #[serde(default)]
+    pub last_upstream_failure: Option<UpstreamFailureRecord>,
     /// Return URL of the latest lease.
     #[serde(default)]
     pub webhook_url: Option<String>,
@@ -272,6 +294,8 @@ impl ProxyDoc {
             lease_rev: 0,
             rotating_since: None,
             rotation_job: None,
+            upstream_failures: 0,
+            last_upstream_failure: None,
             webhook_url: None,
             call_webhook_count: 0,
             status: ProxyStatus::Pending,

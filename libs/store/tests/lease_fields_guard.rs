@@ -1,15 +1,23 @@
 //! Lint: only the lease service writes lease state.
 //!
-//! `in_use`, `used_count`, `proxy_used`, `last_used_at`, `webhook_url` and `lease_rev` may be named as database fields (string literals, which is
-//! how every `doc!` filter and update names them) only under `services/lease/`. Whole-document replacement of a
+//! `in_use`, `used_count`, `proxy_used`, `last_used_at`, `webhook_url`, `upstream_failures` and `lease_rev` may be
+//! named as database fields (string literals, which is how every `doc!` filter and update names them) only under
+//! `services/lease/`. Whole-document replacement of a
 //! proxy, which would overwrite them, is refused everywhere. New proxies get the zero defaults from
 //! `ProxyDoc::new`, which names no field as a string. Integration tests (`*/tests/*`) may name them: they set up
 //! state and prove that the admin API refuses them.
 
 use std::path::{Path, PathBuf};
 
-const LEASE_FIELDS: [&str; 6] =
-    ["\"in_use", "\"used_count", "\"proxy_used", "\"lease_rev", "\"last_used_at", "\"webhook_url"];
+const LEASE_FIELDS: [&str; 7] = [
+    "\"in_use",
+    "\"used_count",
+    "\"proxy_used",
+    "\"lease_rev",
+    "\"last_used_at",
+    "\"webhook_url",
+    "\"upstream_failures",
+];
 const REPLACE_CALLS: [&str; 2] = [".replace_one(", ".find_one_and_replace("];
 const ALLOWED_PREFIX: &str = "services/lease/";
 const THIS_FILE: &str = "libs/store/tests/lease_fields_guard.rs";

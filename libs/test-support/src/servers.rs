@@ -231,3 +231,48 @@ impl MongoServer {
         self.proc.start()
     }
 }
+
+/// A `tinyproxy` (Debian's) HTTP forward proxy with basic auth: the upstream proxy of the forward-door tests, a real
+/// one that speaks `CONNECT` and absolute-URI requests.
+#[derive(Debug)]
+pub struct Tinyproxy {
+    proc: Supervised,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// The user it accepts.
+    pub user: String,
+    /// The password it accepts.
+    pub password: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Tinyproxy {
+    /// Starts one on a free port accepting `user:password`.
+    pub fn start(user: &str, password: &str) -> anyhow::Result<Self> {
+        let program = find_binary("TINYPROXY_BIN", &[PathBuf::from("/usr/bin/tinyproxy")], "tinyproxy")
+            .context("tinyproxy is installed by scripts/bootstrap.sh")?;
+        let dir = tempfile::tempdir()?;
+        let port = free_port()?;
+        // No `ConnectPort` line: CONNECT to every port (the test targets listen on free ports).
+        let conf = format!(
+            "Port {port}\nListen 127.0.0.1\nTimeout 600\nMaxClients 4000\nLogLevel Critical\nBasicAuth {user} {password}\n"
+        );
+        let path = dir.path().join("tinyproxy.conf");
+        std::fs::write(&path, conf)?;
+        let args = vec!["-d".into(), "-c".into(), path.display().to_string()];
+        let mut proc = Supervised { program, args, port, child: None, log: dir.path().join("tinyproxy.log") };
+        proc.start()?;
+        Ok(Self {
+            proc,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            user: user.to_owned(),
+            password: password.to_owned(),
+            _dir: dir,
+        })
+    }
+
+    /// Stops it (an upstream going away).
+    pub fn stop(&mut self) {
+        self.proc.kill();
+    }
+}

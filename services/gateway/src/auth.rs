@@ -1,52 +1,25 @@
 //! Consumer and admin authentication: the static key (constant-time compare) and the client-IP allow list.
 //!
-//! The client IP is the TCP peer's address. `X-Forwarded-For` is believed only when the peer is one of
-//! `TRUSTED_PROXIES`; then the client is the right-most address in the header that is not itself a trusted proxy
-//! (addresses further left were written by the client and can be forged).
+//! The client IP and the key comparison are [`proxypool_authn::client`]'s, shared with the forward door.
 
 use std::net::{IpAddr, SocketAddr};
 
 use axum::http::{header, HeaderMap};
 use ipnet::IpNet;
-use subtle::ConstantTimeEq;
 
 use crate::error::HttpError;
 
-/// Normalises IPv4-mapped IPv6 addresses (`::ffff:1.2.3.4`) to IPv4, as dual-stack listeners report them.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
-}
-
-fn contains(nets: &[IpNet], ip: IpAddr) -> bool {
-    nets.iter().any(|n| n.contains(&ip))
-}
-
-/// The client's IP, per the rules in the module doc.
+/// The client's IP, per the rules in [`proxypool_authn::client`].
 pub fn client_ip(peer: SocketAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
-    let peer_ip = canonical(peer.ip());
-    if !contains(trusted, peer_ip) {
-        return peer_ip;
-    }
-    let forwarded: Vec<IpAddr> = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|s| s.trim().parse::<IpAddr>().ok())
-        .map(canonical)
-        .collect();
-    forwarded.iter().rev().copied().find(|ip| !contains(trusted, *ip)).or(forwarded.first().copied()).unwrap_or(peer_ip)
+    let forwarded = headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok());
+    proxypool_authn::client::client_ip(peer, forwarded, trusted)
 }
 
 /// Whether the `Authorization` header is exactly the static key. Constant time in the key's content.
 pub fn has_static_key(headers: &HeaderMap, key: &str) -> bool {
     headers
         .get(header::AUTHORIZATION)
-        .map(|v| v.as_bytes().trim_ascii())
-        .is_some_and(|given| bool::from(given.ct_eq(key.as_bytes())))
+        .is_some_and(|v| proxypool_authn::client::key_matches(v.as_bytes().trim_ascii(), key))
 }
 
 /// The original design's consumer auth (docs/design.md#http-api): the static key AND an allowed client IP.
@@ -64,7 +37,7 @@ pub fn check_consumer(
         return Err(HttpError::unauthorized("the Authorization header does not hold a valid API key"));
     }
     let ip = client_ip(peer, headers, trusted);
-    if !contains(allowed, ip) {
+    if !proxypool_authn::client::contains(allowed, ip) {
         return Err(HttpError::forbidden(format!("client IP {ip} is not in IP_ALLOWED")));
     }
     Ok(ip)

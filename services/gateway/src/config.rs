@@ -1,7 +1,5 @@
 //! Gateway configuration.
 
-use std::net::IpAddr;
-
 use ipnet::IpNet;
 use proxypool_settings::env::{ConfigError, Env};
 use proxypool_settings::nats::NatsConfig;
@@ -30,23 +28,6 @@ pub struct GatewayConfig {
     pub store: StoreConfig,
 }
 
-/// Parses `1.2.3.4`, `::1` or `10.0.0.0/8`.
-fn parse_net(s: &str) -> Result<IpNet, String> {
-    if let Ok(net) = s.parse::<IpNet>() {
-        return Ok(net);
-    }
-    s.parse::<IpAddr>().map(IpNet::from).map_err(|_| "not an IP address or CIDR range".to_owned())
-}
-
-fn nets(env: &Env, name: &'static str) -> Result<Vec<IpNet>, ConfigError> {
-    let Some(raw) = env.get(name) else { return Ok(Vec::new()) };
-    raw.split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| parse_net(s).map_err(|e| ConfigError::invalid(name, format!("{s:?}: {e}"))))
-        .collect()
-}
-
 impl GatewayConfig {
     /// Reads and validates the environment.
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
@@ -65,8 +46,8 @@ impl GatewayConfig {
             port: env.parse_or("PORT", 33033)?,
             allowed_api_key: Secret::new(key),
             jwt_secret: Secret::new(jwt_secret),
-            ip_allowed: nets(env, "IP_ALLOWED")?,
-            trusted_proxies: nets(env, "TRUSTED_PROXIES")?,
+            ip_allowed: env.nets("IP_ALLOWED")?,
+            trusted_proxies: env.nets("TRUSTED_PROXIES")?,
             import_max_bytes: env.parse_or("IMPORT_MAX_BYTES", 20 * 1024 * 1024)?,
             nats: NatsConfig::from_env(env)?,
             store: StoreConfig::from_env(env)?,

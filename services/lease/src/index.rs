@@ -34,6 +34,8 @@ pub struct Entry {
     pub next_rotate_ms: Option<i64>,
     /// `expired_at` (the provider subscription's end), epoch ms.
     pub expired_at_ms: Option<i64>,
+    /// `proxy_package_id`, for leases from one package.
+    pub package: Option<ObjectId>,
 }
 
 impl Entry {
@@ -75,6 +77,17 @@ pub struct PoolIndex {
     max: u32,
     entries: HashMap<ObjectId, Slot>,
     order: HashMap<Area, BTreeSet<Rank>>,
+    /// The same order per (area, package), so that a lease from one package is `O(log n)` too.
+    by_package: HashMap<(Area, ObjectId), BTreeSet<Rank>>,
+}
+
+/// What a pick may hand out.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Filter<'a> {
+    /// Only this package's proxies.
+    pub package: Option<ObjectId>,
+    /// Not these (a retry after they failed). Short lists: checked by scanning.
+    pub exclude: &'a [ObjectId],
 }
 
 #[derive(Debug)]
@@ -85,13 +98,19 @@ struct Slot {
 impl PoolIndex {
     /// An empty index for `PROXY_USE_MAX = max`.
     pub fn new(max: u32) -> Self {
-        Self { max, entries: HashMap::new(), order: HashMap::new() }
+        Self { max, entries: HashMap::new(), order: HashMap::new(), by_package: HashMap::new() }
     }
 
     fn unlink(&mut self, id: ObjectId) -> Option<Slot> {
         let slot = self.entries.remove(&id)?;
+        let rank = slot.entry.rank(id);
         if let Some(set) = self.order.get_mut(&slot.entry.area) {
-            set.remove(&slot.entry.rank(id));
+            set.remove(&rank);
+        }
+        if let Some(pkg) = slot.entry.package {
+            if let Some(set) = self.by_package.get_mut(&(slot.entry.area, pkg)) {
+                set.remove(&rank);
+            }
         }
         Some(slot)
     }
@@ -99,6 +118,9 @@ impl PoolIndex {
     fn link(&mut self, id: ObjectId, entry: Entry) {
         if entry.leasable_now_or_later(self.max) {
             self.order.entry(entry.area).or_default().insert(entry.rank(id));
+            if let Some(pkg) = entry.package {
+                self.by_package.entry((entry.area, pkg)).or_default().insert(entry.rank(id));
+            }
         }
         self.entries.insert(id, Slot { entry });
     }
@@ -121,19 +143,28 @@ impl PoolIndex {
     /// met: time only moves forward, and they come back only through a change (rotation, catalogue edit), which
     /// re-links them.
     pub fn peek(&mut self, area: Area, now_ms: i64) -> Option<ObjectId> {
-        let set = self.order.get_mut(&area)?;
+        self.pick(area, now_ms, Filter::default())
+    }
+
+    /// Like [`PoolIndex::peek`], within `filter`.
+    pub fn pick(&mut self, area: Area, now_ms: i64, filter: Filter<'_>) -> Option<ObjectId> {
+        let Self { entries, order, by_package, .. } = self;
+        let set = match filter.package {
+            Some(pkg) => by_package.get_mut(&(area, pkg))?,
+            None => order.get_mut(&area)?,
+        };
+        let usable = |id: &ObjectId| {
+            entries.get(id).is_some_and(|s| s.entry.within_rotation_window(now_ms) && !s.entry.expired(now_ms))
+        };
         while let Some(rank) = set.first().copied() {
-            let id = rank.2;
-            match self.entries.get(&id) {
-                Some(slot) if slot.entry.within_rotation_window(now_ms) && !slot.entry.expired(now_ms) => {
-                    return Some(id);
-                }
-                _ => {
-                    set.pop_first();
-                }
+            if usable(&rank.2) {
+                break;
             }
+            set.pop_first();
         }
-        None
+        // Excluded proxies stay in the order (they are fine for others); usable ones past them are few steps away,
+        // and unusable ones are left for the next plain pick to drop.
+        set.iter().map(|r| r.2).filter(|id| !filter.exclude.contains(id)).find(|id| usable(id))
     }
 
     /// Counts for `area`.
@@ -179,6 +210,7 @@ mod tests {
             last_used_ms: last,
             next_rotate_ms: Some(NOW + 60_000),
             expired_at_ms: None,
+            package: None,
         }
     }
 
@@ -248,5 +280,25 @@ mod tests {
         idx.remove(id);
         assert!(idx.peek(Area::Vn, NOW).is_none());
         assert!(idx.get(&id).is_none());
+    }
+
+    #[test]
+    fn picks_within_a_package_and_past_excluded_proxies() {
+        let mut idx = PoolIndex::new(3);
+        let (pa, pb) = (ObjectId::new(), ObjectId::new());
+        let (a1, a2, b1) = (ObjectId::new(), ObjectId::new(), ObjectId::new());
+        idx.set(b1, Entry { package: Some(pb), ..entry(Area::Vn, 0, None) });
+        idx.set(a1, Entry { package: Some(pa), ..entry(Area::Vn, 1, Some(NOW - 10)) });
+        idx.set(a2, Entry { package: Some(pa), ..entry(Area::Vn, 2, Some(NOW - 5)) });
+        assert_eq!(idx.peek(Area::Vn, NOW), Some(b1), "the least used of all");
+        assert_eq!(idx.pick(Area::Vn, NOW, Filter { package: Some(pa), exclude: &[] }), Some(a1));
+        assert_eq!(idx.pick(Area::Vn, NOW, Filter { package: Some(pa), exclude: &[a1] }), Some(a2));
+        assert_eq!(idx.pick(Area::Vn, NOW, Filter { package: Some(pa), exclude: &[a1, a2] }), None);
+        assert_eq!(idx.pick(Area::Vn, NOW, Filter { package: None, exclude: &[b1] }), Some(a1));
+        assert_eq!(idx.pick(Area::Global, NOW, Filter { package: Some(pa), exclude: &[] }), None);
+        // A package's proxy that is taken to the cap leaves both orders.
+        idx.set(a1, Entry { package: Some(pa), in_use: 3, ..entry(Area::Vn, 3, Some(NOW)) });
+        assert_eq!(idx.pick(Area::Vn, NOW, Filter { package: Some(pa), exclude: &[] }), Some(a2));
+        assert_eq!(idx.pick(Area::Vn, NOW, Filter { package: None, exclude: &[b1, a2] }), None);
     }
 }

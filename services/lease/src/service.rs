@@ -5,17 +5,19 @@
 //! catalogue in MongoDB and then tell it ([`LeaseService::sync`]), and it answers only once the next lease sees
 //! the change.
 
+use std::collections::HashMap;
+
 use bson::doc;
 use bson::oid::ObjectId;
 use chrono::TimeZone;
 use futures::TryStreamExt;
-use proxypool_contracts::lease::{Acquire, LeaseGrant, Release, ReleaseOutcome};
+use proxypool_contracts::lease::{Acquire, LeaseGrant, Release, ReleaseOutcome, UpstreamFailure};
 use proxypool_contracts::rotation::{LockReply, LockRequest, RotatedReply, RotatedRequest, SyncReply, SyncRequest};
 use proxypool_contracts::{ApiError, ErrorCode};
 use proxypool_store::model::ProxyDoc;
 use proxypool_store::{Store, StoreError};
 
-use crate::engine::state::{Catalog, Lease, Lock, Op};
+use crate::engine::state::{Catalog, Failure, Lease, Lock, Op};
 use crate::engine::{now_ms, Engine};
 use crate::queries::lease_key;
 
@@ -29,7 +31,14 @@ pub struct LeaseService {
     allow_private_callbacks: bool,
     lease_ttl: Option<std::time::Duration>,
     metrics: crate::metrics::LeaseMetrics,
+    packages: PackageCache,
 }
+
+/// How long a package code's id (or its absence) is believed.
+const PACKAGE_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Package codes resolved to ids, so that a lease from one package costs no database read per lease.
+type PackageCache = std::sync::Arc<std::sync::Mutex<HashMap<String, (Option<ObjectId>, std::time::Instant)>>>;
 
 /// Proxies applied per log batch by a sync.
 const SYNC_CHUNK: usize = 500;
@@ -91,7 +100,16 @@ impl LeaseService {
         instance_id: String,
         metrics: crate::metrics::LeaseMetrics,
     ) -> Self {
-        Self { engine, store, webhook_base, instance_id, allow_private_callbacks: false, lease_ttl: None, metrics }
+        Self {
+            engine,
+            store,
+            webhook_base,
+            instance_id,
+            allow_private_callbacks: false,
+            lease_ttl: None,
+            metrics,
+            packages: PackageCache::default(),
+        }
     }
 
     /// Allows callback URLs on private addresses (`CALLBACK_ALLOW_PRIVATE`).
@@ -136,22 +154,53 @@ impl LeaseService {
         self.engine.is_loaded()
     }
 
-    /// Grants a lease in `req.area`, or `no_proxy_available`.
+    /// The id of the package with `code`; `not_found` if there is none.
+    async fn package_id(&self, code: &str) -> Result<ObjectId, ApiError> {
+        let cached = self.packages.lock().ok().and_then(|c| c.get(code).copied());
+        let id = match cached {
+            Some((id, at)) if at.elapsed() < PACKAGE_CACHE_TTL => id,
+            _ => {
+                let found = self.store.packages().find_one(doc! { "code": code }).await.map_err(store_error)?;
+                let id = found.map(|p| p.id);
+                if let Ok(mut c) = self.packages.lock() {
+                    c.insert(code.to_owned(), (id, std::time::Instant::now()));
+                }
+                id
+            }
+        };
+        id.ok_or_else(|| ApiError::not_found(format!("package {code:?} not found")))
+    }
+
+    /// Grants a lease in `req.area` (within `req.package`, never one of `req.exclude`), or `no_proxy_available`.
     pub async fn acquire(&self, req: &Acquire) -> Result<LeaseGrant, ApiError> {
+        let package = match &req.package {
+            Some(code) => Some(self.package_id(code).await?),
+            None => None,
+        };
         let (req, base, ttl) = (req.clone(), self.webhook_base.clone(), self.lease_ttl);
         self.engine
             .submit(move |txn| {
-                let Some(id) = txn.candidate(req.area) else {
+                let exclude: Vec<ObjectId> =
+                    req.exclude.iter().filter_map(|id| ObjectId::parse_str(id.as_str()).ok()).collect();
+                let filter = crate::index::Filter { package, exclude: &exclude };
+                let Some(id) = txn.candidate_within(req.area, filter) else {
+                    let within = req.package.as_deref().map(|p| format!(" (package {p})")).unwrap_or_default();
                     return Err(ApiError::new(
                         ErrorCode::NoProxyAvailable,
-                        format!("no proxy in area {} can take another lease right now", req.area),
+                        format!("no proxy in area {}{within} can take another lease right now", req.area),
                     ));
                 };
                 let key = lease_key();
                 let now = txn.now_ms();
                 let webhook_url = format!("{base}/{}?key={key}", id.to_hex());
-                let lease =
-                    Lease { key: key.clone(), consumer: req.consumer, at_ms: now, callback_url: req.callback_url };
+                let lease = Lease {
+                    key: key.clone(),
+                    consumer: req.consumer,
+                    at_ms: now,
+                    callback_url: req.callback_url,
+                    door: req.door,
+                    session: req.session,
+                };
                 txn.apply(Op::Grant { proxy: id, lease, webhook_url: webhook_url.clone() });
                 let c = txn.state().get(&id).map(|p| p.catalog.clone()).ok_or_else(|| ApiError::internal("lost"))?;
                 Ok(LeaseGrant {
@@ -178,7 +227,7 @@ impl LeaseService {
     /// Returns a lease. The same key twice changes nothing the second time (`not_found`).
     pub async fn release(&self, req: &Release) -> Result<ReleaseOutcome, ApiError> {
         let id = parse_id("proxy_id", req.proxy_id.as_str())?;
-        self.drop_lease(id, req.key.as_str().to_owned(), false).await
+        self.drop_lease(id, req.key.as_str().to_owned(), false, req.failure).await
     }
 
     /// Takes back a grant whose caller was answered `service_unavailable` (its request overran its deadline), as if
@@ -186,14 +235,20 @@ impl LeaseService {
     /// was already gone.
     pub async fn withdraw(&self, grant: &LeaseGrant) -> Result<bool, ApiError> {
         let id = parse_id("id", &grant.id)?;
-        match self.drop_lease(id, grant.key.clone(), true).await {
+        match self.drop_lease(id, grant.key.clone(), true, None).await {
             Ok(_) => Ok(true),
             Err(e) if e.code == ErrorCode::NotFound => Ok(false),
             Err(e) => Err(e),
         }
     }
 
-    async fn drop_lease(&self, id: ObjectId, key: String, uncount: bool) -> Result<ReleaseOutcome, ApiError> {
+    async fn drop_lease(
+        &self,
+        id: ObjectId,
+        key: String,
+        uncount: bool,
+        failure: Option<UpstreamFailure>,
+    ) -> Result<ReleaseOutcome, ApiError> {
         self.engine
             .submit(move |txn| {
                 let Some(p) = txn.state().get(&id) else {
@@ -204,7 +259,8 @@ impl LeaseService {
                         "no active lease with key {key} on proxy {id} (already returned, or never granted)"
                     )));
                 }
-                txn.apply(Op::Release { proxy: id, key: key.clone(), uncount, taken: None });
+                let failure = failure.map(|kind| Failure { kind, at_ms: txn.now_ms() });
+                txn.apply(Op::Release { proxy: id, key: key.clone(), uncount, taken: None, failure });
                 let in_use = txn.state().get(&id).map_or(0, |p| p.in_use());
                 Ok(ReleaseOutcome { proxy_id: id.to_hex(), key, in_use })
             })

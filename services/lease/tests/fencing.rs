@@ -11,7 +11,8 @@ use proxypool_lease::engine::state::{Lease, Op};
 use proxypool_test_support::servers::NatsServer;
 
 fn grant(proxy: ObjectId, key: &str) -> Op {
-    let lease = Lease { key: key.into(), consumer: "c".into(), at_ms: 1, callback_url: None };
+    let lease =
+        Lease { key: key.into(), consumer: "c".into(), at_ms: 1, callback_url: None, door: None, session: None };
     Op::Grant { proxy, lease, webhook_url: "http://w".into() }
 }
 

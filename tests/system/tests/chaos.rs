@@ -140,7 +140,12 @@ async fn consumer(app: Ctx, http: bool, n: usize, stop: Arc<AtomicBool>, rec: Ar
                 Err(_) => None,
             }
         } else {
-            let req = AcquireRequest { area: Some("vn".into()), consumer: Some(name.clone()), callback_url: None };
+            let req = AcquireRequest {
+                area: Some("vn".into()),
+                consumer: Some(name.clone()),
+                callback_url: None,
+                ..Default::default()
+            };
             match proxypool_rpc::call::<LeaseAcquire>(&app.client, &req).await {
                 Ok(g) => Some((g.id, g.key)),
                 Err(proxypool_rpc::CallError::Remote(e)) if !e.code.is_retryable() => {
@@ -167,7 +172,7 @@ async fn consumer(app: Ctx, http: bool, n: usize, stop: Arc<AtomicBool>, rec: Ar
                     _ => Err(None),
                 }
             } else {
-                let req = ReleaseRequest { proxy_id: Some(proxy.clone()), key: Some(key.clone()) };
+                let req = ReleaseRequest { proxy_id: Some(proxy.clone()), key: Some(key.clone()), failure: None };
                 match proxypool_rpc::call::<LeaseRelease>(&app.client, &req).await {
                     Ok(_) => Ok(()),
                     Err(proxypool_rpc::CallError::Remote(e)) if e.code == ErrorCode::NotFound => {
@@ -204,7 +209,7 @@ async fn consumer(app: Ctx, http: bool, n: usize, stop: Arc<AtomicBool>, rec: Ar
 /// `not_found`. That answer comes only from a leader that has proved, through the log's fence, that it leads and
 /// is up to date, and it uses no capacity: it times each fault's healing without competing with the consumers.
 async fn probe(app: Ctx, proxy: String, stop: Arc<AtomicBool>, rec: Arc<Records>) {
-    let req = ReleaseRequest { proxy_id: Some(proxy), key: Some("000000000000000000000000".into()) };
+    let req = ReleaseRequest { proxy_id: Some(proxy), key: Some("000000000000000000000000".into()), failure: None };
     while !stop.load(Ordering::Relaxed) {
         // A short timeout: a request lost with a killed leader must not hide how soon the next one is answered.
         let sent = Instant::now();
@@ -352,10 +357,13 @@ async fn leases_survive_leader_kills_a_standby_kill_and_a_nats_restart() -> R {
     let over: Vec<_> = most_held_at_once(&held).into_iter().filter(|(_, n)| *n > MAX).collect();
     anyhow::ensure!(over.is_empty(), "held by more than PROXY_USE_MAX at once: {over:?}");
 
-    // No new rotation is due from now on; those under way finish and unlock. The projection settles: consistent, and
-    // no returned lease is still held.
+    // No new rotation is due from now on; those under way finish and unlock. The cycle goes to an hour as well: a job
+    // that read the document before this write stores `next_rotate` = now + its `rotate_time`, and with 2 s that
+    // proxy would rotate on for ever, so that "all unlocked at once" would be luck. The projection settles:
+    // consistent, and no returned lease is still held.
     let later = bson::DateTime::from_millis(bson::DateTime::now().timestamp_millis() + 3_600_000);
-    app.store.proxies().update_many(bson::doc! {}, bson::doc! { "$set": { "next_rotate": later } }).await?;
+    let calm = bson::doc! { "$set": { "next_rotate": later, "rotate_time": 3_600 } };
+    app.store.proxies().update_many(bson::doc! {}, calm).await?;
     let known: HashSet<&str> = held.iter().map(|h| h.key.as_str()).collect();
     let deadline = Instant::now() + Duration::from_secs(30);
     let rotated = loop {

@@ -374,7 +374,15 @@ async fn a_503_past_the_callers_deadline_leaves_no_lease() -> R {
     // A grant stored after its caller was answered is withdrawn, the use it counted included; a second withdrawal
     // (or one after a rotation or a release) changes nothing.
     let service = &app.lease_replicas()[0].service;
-    let acquire = proxypool_contracts::lease::Acquire { area: Area::Vn, consumer: "late".into(), callback_url: None };
+    let acquire = proxypool_contracts::lease::Acquire {
+        area: Area::Vn,
+        consumer: "late".into(),
+        callback_url: None,
+        exclude: Vec::new(),
+        package: None,
+        door: None,
+        session: None,
+    };
     let grant = service.acquire(&acquire).await?;
     wait_for_leases(&app, &id, 1).await?;
     assert!(service.withdraw(&grant).await?);

@@ -44,6 +44,7 @@ pub async fn get_proxy(
         area: Some(area.as_str().to_owned()),
         consumer: Some(ip.to_string()),
         callback_url: q.callback_url.clone(),
+        ..Default::default()
     };
     Ok(Json(state.call::<LeaseAcquire>(&req).await?))
 }
@@ -71,6 +72,6 @@ pub async fn return_proxy(
     Query(q): Query<ReturnQuery>,
 ) -> HttpResult<Json<ReleaseOutcome>> {
     let key = ObjectIdHex::parse_field("key", q.key.as_deref())?;
-    let req = ReleaseRequest { proxy_id: Some(id.to_hex()), key: Some(key.to_string()) };
+    let req = ReleaseRequest { proxy_id: Some(id.to_hex()), key: Some(key.to_string()), failure: None };
     Ok(Json(state.call::<LeaseRelease>(&req).await?))
 }

@@ -145,6 +145,13 @@ pub struct ProxyView {
     pub in_use: i32,
     /// Leases granted this rotation cycle (read-only).
     pub used_count: i32,
+    /// The leases held (read-only): who holds each, since when, and whether the forward door holds it (`door`,
+    /// `session`). Lease keys are not shown: a key returns the lease.
+    pub leases: Vec<LeaseView>,
+    /// Upstream failures the forward door met since the last successful rotation (read-only).
+    pub upstream_failures: i64,
+    /// The latest of them (read-only): `kind` (`refused`, `auth`, `timeout`, `reset`, `bad_answer`) and `at`.
+    pub last_upstream_failure: Option<UpstreamFailureView>,
     /// Rotation status: 0 pending, 1 processing, 2 completed.
     pub status: i32,
     /// HTTP status of the last rotate call.
@@ -167,6 +174,28 @@ pub struct ProxyView {
     /// Updated.
     #[serde(rename = "updatedAt")]
     pub updated_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// One lease held on a proxy, as the listing shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct LeaseView {
+    /// The holder: the consumer's IP or id (`proxy_used[].ip`); for the forward door `<consumer>@<client IP>`.
+    pub holder: String,
+    /// When it was granted.
+    pub since: chrono::DateTime<chrono::Utc>,
+    /// `http` or `socks5` when the forward door holds it.
+    pub door: Option<String>,
+    /// The door's sticky session.
+    pub session: Option<String>,
+}
+
+/// The latest upstream failure of a proxy.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct UpstreamFailureView {
+    /// How it failed.
+    pub kind: String,
+    /// When.
+    pub at: chrono::DateTime<chrono::Utc>,
 }
 
 impl ProxyView {
@@ -205,6 +234,13 @@ impl ProxyView {
             expired_at: d.expired_at.map(iso),
             in_use: d.in_use,
             used_count: d.used_count,
+            leases: d
+                .proxy_used
+                .into_iter()
+                .map(|u| LeaseView { holder: u.ip, since: iso(u.time), door: u.door, session: u.session })
+                .collect(),
+            upstream_failures: d.upstream_failures,
+            last_upstream_failure: d.last_upstream_failure.map(|f| UpstreamFailureView { kind: f.kind, at: iso(f.at) }),
             status: d.status.into(),
             status_code: d.status_code,
             response: d.response,

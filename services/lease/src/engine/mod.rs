@@ -101,7 +101,12 @@ impl<'a> Txn<'a> {
 
     /// The best lease candidate in `area` now.
     pub fn candidate(&mut self, area: Area) -> Option<ObjectId> {
-        self.state.candidate(area, self.now_ms)
+        self.state.candidate(area, self.now_ms, crate::index::Filter::default())
+    }
+
+    /// The best candidate within `filter` (one package, some proxies excluded).
+    pub fn candidate_within(&mut self, area: Area, filter: crate::index::Filter<'_>) -> Option<ObjectId> {
+        self.state.candidate(area, self.now_ms, filter)
     }
 
     /// Decides an operation: applies it to the state at once (the next job sees it) and logs it with the batch.
@@ -655,7 +660,13 @@ impl Actor {
         let job: Job = Box::new(move |txn: Option<&mut Txn<'_>>| {
             if let Some(txn) = txn {
                 for (proxy, key) in expired {
-                    txn.apply(Op::Release { proxy, key, uncount: false, taken: Some(TakenReason::Expired) });
+                    txn.apply(Op::Release {
+                        proxy,
+                        key,
+                        uncount: false,
+                        taken: Some(TakenReason::Expired),
+                        failure: None,
+                    });
                 }
             }
             None
@@ -734,7 +745,7 @@ async fn return_orphans(client: async_nats::Client, grants: Vec<(ObjectId, Strin
     use proxypool_contracts::endpoints::LeaseRelease;
     use proxypool_contracts::lease::ReleaseRequest;
     for (proxy, key) in grants {
-        let req = ReleaseRequest { proxy_id: Some(proxy.to_hex()), key: Some(key.clone()) };
+        let req = ReleaseRequest { proxy_id: Some(proxy.to_hex()), key: Some(key.clone()), failure: None };
         for _ in 0..60 {
             match proxypool_rpc::call::<LeaseRelease>(&client, &req).await {
                 Ok(_) => {

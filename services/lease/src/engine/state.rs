@@ -11,6 +11,7 @@ use std::collections::{BTreeSet, HashMap};
 use bson::oid::ObjectId;
 use bson::{doc, DateTime, Document};
 use proxypool_contracts::callback::{CallbackNotice, TakenReason};
+use proxypool_contracts::lease::{Door, UpstreamFailure};
 use proxypool_contracts::Area;
 use proxypool_store::model::ProxyDoc;
 use serde::{Deserialize, Serialize};
@@ -49,6 +50,9 @@ pub struct Catalog {
     pub next_rotate_ms: Option<i64>,
     /// The document's `updatedAt`, epoch ms: a re-read older than what is held is not applied.
     pub updated_ms: i64,
+    /// Its package (`proxy_package_id`), for leases from one package.
+    #[serde(default)]
+    pub package: Option<ObjectId>,
 }
 
 impl From<&ProxyDoc> for Catalog {
@@ -66,6 +70,7 @@ impl From<&ProxyDoc> for Catalog {
             expired_at_ms: d.expired_at.map(|t| t.timestamp_millis()),
             next_rotate_ms: d.next_rotate.map(|t| t.timestamp_millis()),
             updated_ms: d.updated_at.timestamp_millis(),
+            package: Some(d.proxy_package_id),
         }
     }
 }
@@ -82,6 +87,22 @@ pub struct Lease {
     /// Where to call the holder back when the lease is taken.
     #[serde(default)]
     pub callback_url: Option<String>,
+    /// The forward door holding it, if one does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub door: Option<Door>,
+    /// The door's sticky session, if it belongs to one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+}
+
+/// An upstream failure the forward door reported with a release. The time is in the operation, not read while
+/// applying it, so that every replica applies the same state.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Failure {
+    /// How it failed.
+    pub kind: UpstreamFailure,
+    /// When it was reported, epoch ms.
+    pub at_ms: i64,
 }
 
 /// A rotation lock.
@@ -108,6 +129,10 @@ pub struct ProxyState {
     pub webhook_url: Option<String>,
     /// The rotation lock, when locked.
     pub lock: Option<Lock>,
+    /// Upstream failures the forward door met since the last successful rotation.
+    pub upstream_failures: u32,
+    /// The latest of them: kind and epoch ms.
+    pub last_failure: Option<(UpstreamFailure, i64)>,
     /// The log sequence this state reflects (the projection's `lease_rev`).
     pub seq: u64,
 }
@@ -125,6 +150,8 @@ impl ProxyState {
                     consumer: u.ip.clone(),
                     at_ms: u.time.timestamp_millis(),
                     callback_url: u.callback_url.clone(),
+                    door: u.door.as_deref().and_then(|d| serde_json::from_value(d.into()).ok()),
+                    session: u.session.clone(),
                 })
                 .collect(),
             used_count: u32::try_from(d.used_count).unwrap_or(0),
@@ -134,13 +161,28 @@ impl ProxyState {
                 job: d.rotation_job.clone().unwrap_or_default(),
                 since_ms: d.rotating_since.map_or(0, |t| t.timestamp_millis()),
             }),
+            upstream_failures: u32::try_from(d.upstream_failures).unwrap_or(0),
+            last_failure: d.last_upstream_failure.as_ref().and_then(|f| {
+                let kind = serde_json::from_value(f.kind.as_str().into()).ok()?;
+                Some((kind, f.at.timestamp_millis()))
+            }),
             seq: u64::try_from(d.lease_rev).unwrap_or(0),
         }
     }
 
     /// A new proxy with no lease history.
     pub fn new(catalog: Catalog) -> Self {
-        Self { catalog, leases: Vec::new(), used_count: 0, last_used_ms: None, webhook_url: None, lock: None, seq: 0 }
+        Self {
+            catalog,
+            leases: Vec::new(),
+            used_count: 0,
+            last_used_ms: None,
+            webhook_url: None,
+            lock: None,
+            upstream_failures: 0,
+            last_failure: None,
+            seq: 0,
+        }
     }
 
     /// Leases held.
@@ -159,6 +201,7 @@ impl ProxyState {
             last_used_ms: self.last_used_ms,
             next_rotate_ms: self.catalog.next_rotate_ms,
             expired_at_ms: self.catalog.expired_at_ms,
+            package: self.catalog.package,
         }
     }
 
@@ -173,6 +216,12 @@ impl ProxyState {
                 if let Some(url) = &l.callback_url {
                     d.insert("callback_url", url);
                 }
+                if let Some(door) = l.door {
+                    d.insert("door", door.as_str());
+                }
+                if let Some(session) = &l.session {
+                    d.insert("session", session);
+                }
                 d
             })
             .collect();
@@ -184,6 +233,8 @@ impl ProxyState {
             "webhook_url": self.webhook_url.as_deref(),
             "is_rotating": self.lock.is_some(),
             "rotating_since": self.lock.as_ref().map(|l| ms(l.since_ms)),
+            "upstream_failures": i64::from(self.upstream_failures),
+            "last_upstream_failure": self.last_failure.map(|(kind, at)| doc! { "kind": kind.as_str(), "at": ms(at) }),
             "lease_rev": i64::try_from(seq).unwrap_or(i64::MAX),
         }
     }
@@ -192,14 +243,12 @@ impl ProxyState {
         let at = chrono::Utc::now();
         leases
             .iter()
-            .filter_map(|l| {
-                Some(CallbackNotice {
-                    callback_url: l.callback_url.clone()?,
-                    proxy_id: id.to_hex(),
-                    key: l.key.clone(),
-                    reason,
-                    at,
-                })
+            .map(|l| CallbackNotice {
+                callback_url: l.callback_url.clone().unwrap_or_default(),
+                proxy_id: id.to_hex(),
+                key: l.key.clone(),
+                reason,
+                at,
             })
             .collect()
     }
@@ -229,6 +278,9 @@ pub enum Op {
         /// Why it ended, when it was taken rather than returned (its holder is called back).
         #[serde(default)]
         taken: Option<TakenReason>,
+        /// How the upstream failed the forward door, when that is why it was returned.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        failure: Option<Failure>,
     },
     /// A rotation lock taken (or taken over, or restarted).
     Lock {
@@ -336,8 +388,8 @@ impl State {
     }
 
     /// The best candidate for a lease in `area` at `now_ms`.
-    pub fn candidate(&mut self, area: Area, now_ms: i64) -> Option<ObjectId> {
-        self.index.peek(area, now_ms)
+    pub fn candidate(&mut self, area: Area, now_ms: i64, filter: crate::index::Filter<'_>) -> Option<ObjectId> {
+        self.index.pick(area, now_ms, filter)
     }
 
     /// Leases granted before `cutoff_ms`, oldest first, at most `limit`.
@@ -368,9 +420,13 @@ impl State {
                 p.webhook_url = Some(webhook_url.clone());
                 p.leases.push(lease.clone());
             }
-            Op::Release { key, uncount, taken, .. } => {
+            Op::Release { key, uncount, taken, failure, .. } => {
                 let Some(at) = p.leases.iter().position(|l| &l.key == key) else { return Vec::new() };
                 let gone = p.leases.remove(at);
+                if let Some(f) = failure {
+                    p.upstream_failures = p.upstream_failures.saturating_add(1);
+                    p.last_failure = Some((f.kind, f.at_ms));
+                }
                 if *uncount {
                     p.used_count = p.used_count.saturating_sub(1);
                 }
@@ -388,6 +444,8 @@ impl State {
                     let gone = std::mem::take(&mut p.leases);
                     notices = p.notices(id, &gone, TakenReason::Rotated);
                     p.used_count = 0;
+                    // A new address: its health starts over.
+                    p.upstream_failures = 0;
                 }
             }
             Op::Upsert { catalog, clear, .. } => {
@@ -429,6 +487,7 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::index::Filter;
 
     fn catalog() -> Catalog {
         Catalog {
@@ -444,11 +503,19 @@ mod tests {
             expired_at_ms: None,
             next_rotate_ms: Some(i64::MAX / 2),
             updated_ms: 0,
+            package: None,
         }
     }
 
     fn grant(proxy: ObjectId, key: &str, at_ms: i64) -> Op {
-        let lease = Lease { key: key.into(), consumer: "c".into(), at_ms, callback_url: Some("http://cb".into()) };
+        let lease = Lease {
+            key: key.into(),
+            consumer: "c".into(),
+            at_ms,
+            callback_url: Some("http://cb".into()),
+            door: None,
+            session: None,
+        };
         Op::Grant { proxy, lease, webhook_url: "http://w".into() }
     }
 
@@ -457,23 +524,23 @@ mod tests {
         let mut s = State::new(2);
         let id = ObjectId::new();
         s.apply(&Op::Upsert { proxy: id, catalog: catalog(), clear: false });
-        assert_eq!(s.candidate(Area::Vn, 1), Some(id));
+        assert_eq!(s.candidate(Area::Vn, 1, Filter::default()), Some(id));
         s.apply(&grant(id, "a", 10));
         s.apply(&grant(id, "b", 20));
-        assert_eq!(s.candidate(Area::Vn, 30), None, "full at PROXY_USE_MAX");
+        assert_eq!(s.candidate(Area::Vn, 30, Filter::default()), None, "full at PROXY_USE_MAX");
         assert_eq!(s.expired_leases(15, 10), vec![(id, "a".to_owned())]);
-        let notices = s.apply(&Op::Release { proxy: id, key: "a".into(), uncount: false, taken: None });
+        let notices = s.apply(&Op::Release { proxy: id, key: "a".into(), uncount: false, taken: None, failure: None });
         assert!(notices.is_empty());
         // Returning the same key again changes nothing.
         let before = s.get(&id).cloned();
-        s.apply(&Op::Release { proxy: id, key: "a".into(), uncount: false, taken: None });
+        s.apply(&Op::Release { proxy: id, key: "a".into(), uncount: false, taken: None, failure: None });
         assert_eq!(s.get(&id).cloned(), before);
         // used_count still 2: no more leases in this cycle.
-        assert_eq!(s.candidate(Area::Vn, 30), None);
+        assert_eq!(s.candidate(Area::Vn, 30, Filter::default()), None);
         s.apply(&Op::Lock { proxy: id, lock: Lock { job: "j".into(), since_ms: 40 } });
         let notices = s.apply(&Op::Unlock { proxy: id, reset: true, catalog: None });
         assert_eq!(notices.len(), 1, "the holder of b is called back");
-        assert_eq!(s.candidate(Area::Vn, 50), Some(id));
+        assert_eq!(s.candidate(Area::Vn, 50, Filter::default()), Some(id));
         assert!(s.expired_leases(i64::MAX, 10).is_empty());
     }
 
@@ -487,7 +554,7 @@ mod tests {
         let notices = s.apply(&Op::Upsert { proxy: id, catalog: off, clear: true });
         assert_eq!(notices[0].reason, TakenReason::ProxyDisabled);
         assert_eq!(s.get(&id).map(ProxyState::in_use), Some(0));
-        assert_eq!(s.candidate(Area::Vn, 20), None);
+        assert_eq!(s.candidate(Area::Vn, 20, Filter::default()), None);
         s.apply(&Op::Remove { proxy: id });
         assert!(s.get(&id).is_none());
         assert!(s.expired_leases(i64::MAX, 10).is_empty());

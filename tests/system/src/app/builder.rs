@@ -167,7 +167,7 @@ impl TestAppBuilder {
 fn test_auth_conf() -> anyhow::Result<String> {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/nats/auth.conf");
     let mut text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    for name in ["gateway", "lease", "auth", "rotator", "importer", "consumer"] {
+    for name in ["gateway", "lease", "auth", "rotator", "importer", "consumer", "forward"] {
         let var = format!("${}_NATS_PASSWORD", name.to_uppercase());
         anyhow::ensure!(text.contains(&var), "{} has no {var}", path.display());
         text = text.replace(&var, &format!("\"{name}-test-password\""));

@@ -52,7 +52,12 @@ impl TestApp {
 
     /// `lease.acquire` over NATS.
     pub async fn nats_acquire(&self, area: &str, consumer: &str) -> anyhow::Result<Reply<LeaseGrant>> {
-        let req = AcquireRequest { area: Some(area.into()), consumer: Some(consumer.into()), callback_url: None };
+        let req = AcquireRequest {
+            area: Some(area.into()),
+            consumer: Some(consumer.into()),
+            callback_url: None,
+            ..Default::default()
+        };
         self.call::<proxypool_contracts::endpoints::LeaseAcquire>(&req).await
     }
 
@@ -67,6 +72,7 @@ impl TestApp {
             area: Some(area.into()),
             consumer: Some(consumer.into()),
             callback_url: Some(callback_url.into()),
+            ..Default::default()
         };
         self.call::<proxypool_contracts::endpoints::LeaseAcquire>(&req).await
     }
@@ -88,7 +94,7 @@ impl TestApp {
 
     /// `lease.release` over NATS.
     pub async fn nats_release(&self, id: &str, key: &str) -> anyhow::Result<Reply<ReleaseOutcome>> {
-        let req = ReleaseRequest { proxy_id: Some(id.into()), key: Some(key.into()) };
+        let req = ReleaseRequest { proxy_id: Some(id.into()), key: Some(key.into()), failure: None };
         self.call::<proxypool_contracts::endpoints::LeaseRelease>(&req).await
     }
 }

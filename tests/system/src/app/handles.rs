@@ -72,3 +72,31 @@ pub struct LeaseReplica {
     pub(super) trigger: ShutdownTrigger,
     pub(super) handle: JoinHandle<()>,
 }
+
+/// A running forward door (see [`TestApp::start_forward`]).
+#[derive(Debug)]
+pub struct ForwardHandle {
+    /// The HTTP door.
+    pub http_addr: SocketAddr,
+    /// The SOCKS5 door.
+    pub socks_addr: SocketAddr,
+    /// Its admin endpoint (`/metrics`, `/healthz`, `/readyz`).
+    pub admin_addr: SocketAddr,
+    /// Its shared state (the lease book, metrics).
+    pub shared: std::sync::Arc<proxypool_forward::Shared>,
+    pub(super) trigger: ShutdownTrigger,
+    pub(super) handle: JoinHandle<()>,
+}
+
+impl ForwardHandle {
+    /// Graceful stop, as on SIGTERM: connections closed, every lease returned.
+    pub async fn stop(self) {
+        self.trigger.fire();
+        let _ = self.handle.await;
+    }
+
+    /// `http://<user>:<key>@<http door>`.
+    pub fn http_url(&self, user: &str, key: &str) -> String {
+        format!("http://{user}:{key}@{}", self.http_addr)
+    }
+}

@@ -155,6 +155,42 @@ impl TestApp {
         Ok(RotatorHandle { admin_addr, trigger, kill: kill_tx, thread })
     }
 
+    /// A forward door configuration for tests: both doors and the admin endpoint on free local ports, the test key,
+    /// `IP_ALLOWED=127.0.0.1`; `extra` adds or overrides variables.
+    pub fn forward_config(&self, extra: &[(&str, String)]) -> proxypool_forward::ForwardConfig {
+        let mut vars = vec![
+            ("FORWARD_HTTP_ADDR", "127.0.0.1:0".to_owned()),
+            ("FORWARD_SOCKS_ADDR", "127.0.0.1:0".to_owned()),
+            ("IP_ALLOWED", "127.0.0.1".to_owned()),
+        ];
+        vars.extend(extra.iter().cloned());
+        match proxypool_forward::ForwardConfig::from_env(&self.env_for("forward", &vars)) {
+            Ok(c) => c,
+            Err(e) => panic!("the test forward configuration is invalid: {e}"),
+        }
+    }
+
+    /// Starts a forward door on this app's NATS, built and run as `main.rs` does.
+    pub async fn start_forward(&self, config: proxypool_forward::ForwardConfig) -> anyhow::Result<ForwardHandle> {
+        let client = config.nats.connect("test-forward").await?;
+        // Ready as its probe says: once connected to NATS.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while client.connection_state() != async_nats::connection::State::Connected {
+            anyhow::ensure!(std::time::Instant::now() < deadline, "the forward door did not connect to NATS");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let app = proxypool_forward::App::build(config, client).await?;
+        let (http_addr, socks_addr, admin_addr) = (app.http_addr(), app.socks_addr(), app.admin_addr());
+        let shared = app.shared().clone();
+        let (trigger, shutdown) = Shutdown::new();
+        let handle = tokio::spawn(async move {
+            if let Err(e) = app.run(shutdown).await {
+                tracing::error!(error = %e, "forward door failed");
+            }
+        });
+        Ok(ForwardHandle { http_addr, socks_addr, admin_addr, shared, trigger, handle })
+    }
+
     /// An importer configuration for tests, read by `ImporterConfig::from_env`: no provider integrations (set
     /// `kiot`/`zing` to point at fakes), a free admin port.
     pub fn importer_config(&self) -> proxypool_importer::ImporterConfig {

@@ -7,11 +7,13 @@
 //! cargo run --release -p proxypool-bench -- [--secs 3] [--sizes 1000,10000] [--out docs/benchmarks.md]
 //! cargo run --release -p proxypool-bench -- --suite rotation [--sizes 1000,10000]
 //! cargo run --release -p proxypool-bench -- --suite import --sizes 100000
+//! cargo build --release -p proxypool-forward && cargo run --release -p proxypool-bench -- --suite forward
 //! ```
 //!
 //! The benchmark sets `PROXY_USE_MAX` very high so that a run never spends the per-rotation budget (`used_count`);
 //! the write a lease makes is the same whatever the limit.
 
+mod forward;
 mod import;
 mod measure;
 mod rotation;
@@ -67,6 +69,8 @@ enum Suite {
     Rotation,
     /// Spreadsheet imports.
     Import,
+    /// The forward door beside direct, proxy-chain and squid.
+    Forward,
 }
 
 /// One row of the report.
@@ -82,10 +86,10 @@ struct Row {
 async fn main() -> anyhow::Result<()> {
     let args = <Args as clap::Parser>::parse();
     if args.suite != Suite::Lease {
-        let report = if args.suite == Suite::Rotation {
-            rotation::run(&args.sizes).await?
-        } else {
-            import::run(&args.sizes).await?
+        let report = match args.suite {
+            Suite::Rotation => rotation::run(&args.sizes).await?,
+            Suite::Forward => forward::run(args.secs, &args.concurrency).await?,
+            _ => import::run(&args.sizes).await?,
         };
         println!("{report}");
         if let Some(path) = &args.out {

@@ -15,7 +15,11 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 
 async fn serve(app: Router) -> anyhow::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    serve_on(app, SocketAddr::from(([127, 0, 0, 1], 0))).await
+}
+
+async fn serve_on(app: Router, addr: SocketAddr) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
@@ -99,8 +103,13 @@ async fn callback(State(s): State<Arc<FakeState>>, Json(v): Json<serde_json::Val
 }
 
 impl FakeWorld {
-    /// Starts it. The echo answers `public_ip` (default `203.0.113.1`).
+    /// Starts it on a free port. The echo answers `public_ip` (default `203.0.113.1`).
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// Starts it on `addr` (the local demo's provider, `examples/demo-world`).
+    pub async fn start_on(addr: SocketAddr) -> anyhow::Result<Self> {
         let state = Arc::new(FakeState::default());
         *lock(&state.public_ip) = "203.0.113.1".into();
         let app = Router::new()
@@ -109,7 +118,7 @@ impl FakeWorld {
             .route("/region/{ip}", get(region))
             .route("/callback", post(callback))
             .with_state(state.clone());
-        let addr = serve(app).await?;
+        let addr = serve_on(app, addr).await?;
         Ok(Self { base: format!("http://{addr}"), state })
     }
 

@@ -28,12 +28,13 @@ wait_port() { for _ in $(seq 1 200); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/n
 echo "run: building the services (release)…"
 cargo build --release --locked -p proxypool-lease -p proxypool-auth -p proxypool-rotator -p proxypool-importer \
   -p proxypool-gateway -p proxypool-forward -p demo-world
+bin=${CARGO_TARGET_DIR:-target}/release
 
 demo=${SEED_DEMO:-1}
 # The local outside world's ports.
 DEMO_PROVIDER=127.0.0.1:33090 DEMO_TARGET=127.0.0.1:33091 DEMO_UPSTREAMS="33092 33093"
 if [ "$demo" = 1 ]; then
-  target/release/proxypool-demo-world "$DEMO_PROVIDER" "$DEMO_TARGET" >var/log/demo-world.log 2>&1 & pids+=($!)
+  "$bin"/proxypool-demo-world "$DEMO_PROVIDER" "$DEMO_TARGET" >var/log/demo-world.log 2>&1 & pids+=($!)
   mkdir -p var/demo
   for p in $DEMO_UPSTREAMS; do
     printf 'Port %s\nListen 127.0.0.1\nTimeout 600\nMaxClients 1000\nLogLevel Warning\nBasicAuth demo demo-pass\n' "$p" >"var/demo/tinyproxy-$p.conf"
@@ -49,12 +50,12 @@ wait_port "$nats_port" nats-server
 wait_port "$mongo_port" secantusd
 
 export NATS_URL MONGODB_URI PORT
-target/release/proxypool-lease >var/log/lease.log 2>&1 & pids+=($!)
-target/release/proxypool-auth >var/log/auth.log 2>&1 & pids+=($!)
-target/release/proxypool-rotator >var/log/rotator.log 2>&1 & pids+=($!)
-target/release/proxypool-importer >var/log/importer.log 2>&1 & pids+=($!)
-target/release/proxypool-gateway >var/log/gateway.log 2>&1 & pids+=($!)
-target/release/proxypool-forward >var/log/forward.log 2>&1 & pids+=($!)
+"$bin"/proxypool-lease >var/log/lease.log 2>&1 & pids+=($!)
+"$bin"/proxypool-auth >var/log/auth.log 2>&1 & pids+=($!)
+"$bin"/proxypool-rotator >var/log/rotator.log 2>&1 & pids+=($!)
+"$bin"/proxypool-importer >var/log/importer.log 2>&1 & pids+=($!)
+"$bin"/proxypool-gateway >var/log/gateway.log 2>&1 & pids+=($!)
+"$bin"/proxypool-forward >var/log/forward.log 2>&1 & pids+=($!)
 wait_port "$PORT" proxypool-gateway
 door_http=${FORWARD_HTTP_ADDR:-0.0.0.0:33080}; door_http=127.0.0.1:${door_http##*:}
 door_socks=${FORWARD_SOCKS_ADDR:-0.0.0.0:33081}; door_socks=127.0.0.1:${door_socks##*:}

@@ -43,8 +43,11 @@ pub struct ForwardConfig {
     pub idle_timeout: Duration,
     /// `FORWARD_HEADER_MAX` (bytes, default 16384, at least 8192): the largest request head.
     pub header_max: usize,
-    /// `FORWARD_MAX_CONNS_PER_CONSUMER` (default 512): open connections per consumer name, and per client IP.
+    /// `FORWARD_MAX_CONNS_PER_CONSUMER` (default 512): open connections per consumer name.
     pub max_conns_per_consumer: usize,
+    /// `FORWARD_MAX_CONNS_PER_IP` (default 1024): open connections per client IP (before authentication too, so
+    /// that one host cannot fill the door with handshakes). A trusted load balancer's address is not limited.
+    pub max_conns_per_ip: usize,
     /// `FORWARD_MAX_CONNS` (default 20000): open client connections in all.
     pub max_conns: usize,
     /// NATS.
@@ -86,8 +89,15 @@ impl ForwardConfig {
         }
         let max_conns: usize = env.parse_or("FORWARD_MAX_CONNS", 20_000)?;
         let max_conns_per_consumer: usize = env.parse_or("FORWARD_MAX_CONNS_PER_CONSUMER", 512)?;
-        if max_conns == 0 || max_conns_per_consumer == 0 {
-            return Err(ConfigError::invalid("FORWARD_MAX_CONNS", "the connection limits must be at least 1"));
+        let max_conns_per_ip: usize = env.parse_or("FORWARD_MAX_CONNS_PER_IP", 1024)?;
+        for (name, v) in [
+            ("FORWARD_MAX_CONNS", max_conns),
+            ("FORWARD_MAX_CONNS_PER_CONSUMER", max_conns_per_consumer),
+            ("FORWARD_MAX_CONNS_PER_IP", max_conns_per_ip),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::invalid(name, "must be at least 1"));
+            }
         }
         Ok(Self {
             http_addr: env.parse_or("FORWARD_HTTP_ADDR", SocketAddr::from(([0, 0, 0, 0], 33080)))?,
@@ -105,6 +115,7 @@ impl ForwardConfig {
             idle_timeout: env.seconds_or("FORWARD_IDLE_TIMEOUT", Duration::from_secs(300))?,
             header_max,
             max_conns_per_consumer,
+            max_conns_per_ip,
             max_conns,
             nats: NatsConfig::from_env(env)?,
         })

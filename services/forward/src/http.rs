@@ -306,7 +306,9 @@ async fn handle(conn: Arc<Conn>, req: Request<Incoming>) -> Response<Body> {
             }
             Some(b) => (b.want.clone(), b.session.as_ref().map(|s| s.session.clone())),
             None => {
-                let Some(permit) = conn.shared.limits.enter(format!("consumer:{}", user.consumer)) else {
+                let Some(permit) =
+                    conn.shared.limits.enter(format!("consumer:{}", user.consumer), c.max_conns_per_consumer)
+                else {
                     conn.set_result("limited");
                     let e = ApiError::new(
                         ErrorCode::ServiceUnavailable,
@@ -367,7 +369,7 @@ async fn connect(conn: Arc<Conn>, req: Request<Incoming>, want: Want, session: O
     let mut res = Response::new(empty());
     mark(&mut res, &lease, &want, changed.as_deref());
     let tunnel_conn = conn.clone();
-    tokio::spawn(async move {
+    conn.shared.tunnels.spawn(async move {
         let conn = tunnel_conn;
         let upgraded = match hyper::upgrade::on(req).await {
             Ok(u) => u,

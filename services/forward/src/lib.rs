@@ -65,6 +65,8 @@ pub struct Shared {
     pub limits: Limits,
     /// Metrics.
     pub metrics: ForwardMetrics,
+    /// Tunnels of upgraded HTTP connections (they outlive their connection's task), so that a stop waits for them.
+    pub tunnels: TaskTracker,
 }
 
 /// Accepts connections on one door until the service stops, admitting each under the limits and running `serve_one`
@@ -111,7 +113,7 @@ pub(crate) fn admit(shared: &Shared, door: Door, peer: SocketAddr) -> Option<Vec
     if door == Door::Http && proxypool_authn::client::contains(&shared.config.trusted_proxies, ip) {
         return Some(vec![total]);
     }
-    let Some(per_ip) = shared.limits.enter(format!("ip:{ip}")) else { return refuse() };
+    let Some(per_ip) = shared.limits.enter(format!("ip:{ip}"), shared.config.max_conns_per_ip) else { return refuse() };
     Some(vec![total, per_ip])
 }
 
@@ -164,8 +166,8 @@ impl App {
             .map_err(|e| RunError::Listen("FORWARD_ADMIN_ADDR", e))?;
         tracing::info!(%http_addr, %socks_addr, %admin_addr, "forward door listening (HTTP, SOCKS5, admin)");
         let book = Book::new(client.clone(), metrics.clone(), config.retries);
-        let limits = Limits::new(config.max_conns, config.max_conns_per_consumer);
-        let shared = Arc::new(Shared { config, book, limits, metrics });
+        let limits = Limits::new(config.max_conns);
+        let shared = Arc::new(Shared { config, book, limits, metrics, tunnels: TaskTracker::new() });
         Ok(Self { shared, client, http, socks, http_addr, socks_addr, admin_addr })
     }
 
@@ -210,7 +212,12 @@ impl App {
             let _ = d.await;
         }
         connections.close();
-        if tokio::time::timeout(STOP_LIMIT, connections.wait()).await.is_err() {
+        shared.tunnels.close();
+        let closed = async {
+            connections.wait().await;
+            shared.tunnels.wait().await;
+        };
+        if tokio::time::timeout(STOP_LIMIT, closed).await.is_err() {
             tracing::warn!("some connections did not close in time");
         }
         let _ = reaper.await;

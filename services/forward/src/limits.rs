@@ -1,4 +1,4 @@
-//! Connection limits: in all (`FORWARD_MAX_CONNS`), per client IP and per consumer name
+//! Connection limits: in all (`FORWARD_MAX_CONNS`), per client IP (`FORWARD_MAX_CONNS_PER_IP`) and per consumer name
 //! (`FORWARD_MAX_CONNS_PER_CONSUMER`). A permit is held for the life of the connection and its tunnel.
 
 use std::collections::HashMap;
@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex};
 #[derive(Debug)]
 pub struct Limits {
     total: Arc<tokio::sync::Semaphore>,
-    per_key: usize,
     open: Arc<Mutex<HashMap<String, usize>>>,
 }
 
@@ -35,9 +34,9 @@ impl Drop for Permit {
 }
 
 impl Limits {
-    /// `total` connections in all, `per_key` per client IP and per consumer.
-    pub fn new(total: usize, per_key: usize) -> Self {
-        Self { total: Arc::new(tokio::sync::Semaphore::new(total)), per_key, open: Arc::default() }
+    /// `total` connections in all.
+    pub fn new(total: usize) -> Self {
+        Self { total: Arc::new(tokio::sync::Semaphore::new(total)), open: Arc::default() }
     }
 
     /// A slot among all connections, `None` when full.
@@ -46,11 +45,11 @@ impl Limits {
         Some(Permit { key: None, open: self.open.clone(), _total: Some(p) })
     }
 
-    /// A slot for `key` (`ip:…`, `consumer:…`), `None` when that key has its limit open.
-    pub fn enter(&self, key: String) -> Option<Permit> {
+    /// A slot for `key` (`ip:…`, `consumer:…`), `None` when that key has `limit` open.
+    pub fn enter(&self, key: String, limit: usize) -> Option<Permit> {
         let mut open = self.open.lock().ok()?;
         let n = open.entry(key.clone()).or_insert(0);
-        if *n >= self.per_key {
+        if *n >= limit {
             return None;
         }
         *n += 1;
@@ -64,14 +63,14 @@ mod tests {
 
     #[test]
     fn counts_per_key_and_in_all() {
-        let l = Limits::new(3, 2);
-        let a = l.enter("ip:1".into());
-        let b = l.enter("ip:1".into());
+        let l = Limits::new(3);
+        let a = l.enter("ip:1".into(), 2);
+        let b = l.enter("ip:1".into(), 2);
         assert!(a.is_some() && b.is_some());
-        assert!(l.enter("ip:1".into()).is_none(), "the third from one IP");
-        assert!(l.enter("ip:2".into()).is_some());
+        assert!(l.enter("ip:1".into(), 2).is_none(), "the third from one IP");
+        assert!(l.enter("ip:2".into(), 2).is_some());
         drop(a);
-        assert!(l.enter("ip:1".into()).is_some(), "a slot freed");
+        assert!(l.enter("ip:1".into(), 2).is_some(), "a slot freed");
         let all: Vec<_> = (0..3).filter_map(|_| l.connection()).collect();
         assert_eq!(all.len(), 3);
         assert!(l.connection().is_none());

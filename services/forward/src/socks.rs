@@ -154,7 +154,9 @@ async fn handshake(shared: &Arc<Shared>, s: &mut TcpStream, peer: SocketAddr) ->
             return Err(Refused::Auth(why));
         }
     };
-    let Some(consumer) = shared.limits.enter(format!("consumer:{}", user.consumer)) else {
+    let Some(consumer) =
+        shared.limits.enter(format!("consumer:{}", user.consumer), shared.config.max_conns_per_consumer)
+    else {
         let _ = s.write_all(&[1, 1]).await;
         return Err(Refused::Auth(format!("consumer {} has its connection limit open", user.consumer)));
     };

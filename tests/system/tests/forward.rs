@@ -725,3 +725,30 @@ async fn rotation_drains_door_leases_then_takes_them_closing_the_tunnel_and_a_st
     drop(upstreams);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_tunnel_is_closed_and_a_consumer_over_its_connection_limit_is_refused() -> R {
+    let env = [("FORWARD_IDLE_TIMEOUT", "1".to_owned()), ("FORWARD_MAX_CONNS_PER_CONSUMER", "2".to_owned())];
+    let w = world(100, 1, &env).await?;
+    let target = http_target().await?;
+    // Two tunnels of consumer "a" are open; its third connection is refused with 429, consumer "b" is not.
+    let (s1, _, mut t1) = raw_connect(w.door.http_addr, "a", API_KEY, target).await?;
+    let (s2, _, _t2) = raw_connect(w.door.http_addr, "a", API_KEY, target).await?;
+    anyhow::ensure!(s1 == 200 && s2 == 200);
+    let (s3, head, _) = raw_connect(w.door.http_addr, "a", API_KEY, target).await?;
+    anyhow::ensure!(s3 == 429 && header(&head, "retry-after").is_some(), "{head}");
+    let (s4, head, _t4) = raw_connect(w.door.http_addr, "b", API_KEY, target).await?;
+    anyhow::ensure!(s4 == 200, "{head}");
+    // With no byte either way for the idle timeout (1 s), the door closes the tunnels and returns their leases.
+    let t0 = Instant::now();
+    let mut b = [0u8; 8];
+    let read = tokio::time::timeout(Duration::from_secs(10), t1.read(&mut b)).await?;
+    anyhow::ensure!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    anyhow::ensure!(
+        t0.elapsed() >= Duration::from_millis(700),
+        "closed after {:?}, before the idle timeout",
+        t0.elapsed()
+    );
+    w.all_returned().await?;
+    Ok(())
+}

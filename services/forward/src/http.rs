@@ -115,7 +115,7 @@ struct Conn {
     slot: Slot,
     bound: tokio::sync::Mutex<Option<Bound>>,
     /// The upstream HTTP connection of absolute-URI requests, by lease key.
-    upstream: tokio::sync::Mutex<Option<(String, hyper::client::conn::http1::SendRequest<Body>)>>,
+    upstream: tokio::sync::Mutex<Cached>,
     /// Closes the connection (its lease was taken, or the service stops).
     cancel: CancellationToken,
     /// The lease whose loss closes this connection.
@@ -558,6 +558,10 @@ async fn forward(conn: Arc<Conn>, req: Request<Incoming>, want: Want, session: O
 
 /// Sends one absolute-URI request through the lease's upstream, over the connection's upstream connection when it
 /// goes to the same lease.
+///
+/// A kept-alive upstream connection may have been closed by the upstream between two requests (tinyproxy answers in
+/// HTTP/1.0 and closes): a request that hyper gives back unsent is sent again on a fresh connection to the same
+/// proxy, so that a normal close is never counted as the proxy failing.
 async fn send(
     conn: &Conn,
     lease: &Arc<Lease>,
@@ -566,28 +570,60 @@ async fn send(
 ) -> Result<Response<Incoming>, DialError> {
     let mut cached = conn.upstream.lock().await;
     let reusable = cached.as_ref().is_some_and(|(key, s)| key == &lease.grant.key && !s.is_closed());
-    if !reusable {
-        let tcp = upstream::connect(&lease.grant, timeout).await?;
-        let handshake = hyper::client::conn::http1::handshake(TokioIo::new(tcp));
-        let (sender, connection) = tokio::time::timeout(timeout, handshake)
-            .await
-            .map_err(|_| DialError::Upstream(UpstreamFailure::Timeout))?
-            .map_err(|_| DialError::Upstream(UpstreamFailure::Reset))?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        *cached = Some((lease.grant.key.clone(), sender));
-    }
-    let Some((_, sender)) = cached.as_mut() else { return Err(DialError::Upstream(UpstreamFailure::Reset)) };
-    sender.ready().await.map_err(|_| DialError::Upstream(UpstreamFailure::Reset))?;
-    let res = match sender.send_request(req).await {
-        Ok(r) => r,
-        Err(_) => {
-            *cached = None;
-            return Err(DialError::Upstream(UpstreamFailure::Reset));
+    let mut req = Some(req);
+    if reusable {
+        if let Some((_, sender)) = cached.as_mut() {
+            let first = req.take().ok_or(DialError::Upstream(UpstreamFailure::Reset))?;
+            let sent = match sender.ready().await {
+                Ok(()) => sender.try_send_request(first).await,
+                Err(_) => {
+                    req = Some(first);
+                    *cached = None;
+                    return send_fresh(&mut cached, lease, req, timeout).await;
+                }
+            };
+            match sent {
+                Ok(res) => return check(&mut cached, res),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => req = Some(unsent),
+                    None => {
+                        *cached = None;
+                        return Err(DialError::Upstream(UpstreamFailure::Reset));
+                    }
+                },
+            }
         }
-    };
-    // 407 is the upstream refusing our credentials. (A 401 may be the target's own answer, so it passes through.)
+    }
+    *cached = None;
+    send_fresh(&mut cached, lease, req, timeout).await
+}
+
+type Cached = Option<(String, hyper::client::conn::http1::SendRequest<Body>)>;
+
+/// Opens a new upstream connection for `lease`, keeps it in `cached`, and sends `req` on it.
+async fn send_fresh(
+    cached: &mut Cached,
+    lease: &Arc<Lease>,
+    req: Option<Request<Body>>,
+    timeout: std::time::Duration,
+) -> Result<Response<Incoming>, DialError> {
+    let req = req.ok_or(DialError::Upstream(UpstreamFailure::Reset))?;
+    let tcp = upstream::connect(&lease.grant, timeout).await?;
+    let handshake = hyper::client::conn::http1::handshake(TokioIo::new(tcp));
+    let (mut sender, connection) = tokio::time::timeout(timeout, handshake)
+        .await
+        .map_err(|_| DialError::Upstream(UpstreamFailure::Timeout))?
+        .map_err(|_| DialError::Upstream(UpstreamFailure::Reset))?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let res = sender.send_request(req).await.map_err(|_| DialError::Upstream(UpstreamFailure::Reset))?;
+    *cached = Some((lease.grant.key.clone(), sender));
+    check(cached, res)
+}
+
+/// 407 is the upstream refusing our credentials. (A 401 may be the target's own answer, so it passes through.)
+fn check(cached: &mut Cached, res: Response<Incoming>) -> Result<Response<Incoming>, DialError> {
     if res.status() == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
         *cached = None;
         return Err(DialError::Upstream(UpstreamFailure::Auth));

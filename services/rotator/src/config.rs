@@ -74,6 +74,11 @@ impl RotatorConfig {
             Some(_) => return Err(ConfigError::invalid("ROTATOR_ROLE", "expected all, scheduler or worker")),
         };
         let drain_max = env.seconds_or("ROTATE_DRAIN_MAX", Duration::from_secs(120))?;
+        let lock_ttl = env.seconds_or("ROTATE_LOCK_TTL", drain_max + Duration::from_secs(180))?;
+        // A lock younger than its drain would be taken over from a job that is still waiting for its holders.
+        if lock_ttl <= drain_max {
+            return Err(ConfigError::invalid("ROTATE_LOCK_TTL", "must be longer than ROTATE_DRAIN_MAX"));
+        }
         let http_timeout = env.seconds_or("ROTATE_TIMEOUT", Duration::from_secs(10))?;
         let ip_check_urls: Vec<String> = env.list("IP_CHECK_URLS")?;
         let ip_check_urls = if ip_check_urls.is_empty() {
@@ -103,7 +108,7 @@ impl RotatorConfig {
             scan_interval: env.seconds_or("ROTATE_SCAN_INTERVAL", Duration::from_secs(10))?,
             scan_batch: env.parse_or("ROTATE_SCAN_BATCH", 500)?,
             drain_max,
-            lock_ttl: env.seconds_or("ROTATE_LOCK_TTL", drain_max + Duration::from_secs(180))?,
+            lock_ttl,
             http_timeout,
             ip_check_urls,
             ip_check_tries,
@@ -138,5 +143,8 @@ mod tests {
         assert!(e.unwrap_or_default().contains("ROTATOR_ROLE"));
         let e = RotatorConfig::from_env(&Env::from_pairs([("IP_CHECK_URLS", "ftp://x")])).err().map(|e| e.to_string());
         assert!(e.unwrap_or_default().contains("IP_CHECK_URLS"));
+        let short = Env::from_pairs([("ROTATE_DRAIN_MAX", "60"), ("ROTATE_LOCK_TTL", "60")]);
+        let e = RotatorConfig::from_env(&short).err().map(|e| e.to_string());
+        assert!(e.unwrap_or_default().contains("ROTATE_LOCK_TTL"), "a lock TTL within the drain is refused");
     }
 }

@@ -136,6 +136,8 @@ pub struct Engine {
     serving: watch::Receiver<bool>,
     shared: Arc<Shared>,
     hand_over: Arc<watch::Sender<bool>>,
+    /// The longest a hand-over waits for a standby to take over.
+    hand_over_limit: Duration,
 }
 
 /// The answer to a caller when the engine cannot commit.
@@ -176,7 +178,11 @@ impl Engine {
     pub async fn hand_over(&self) {
         self.hand_over.send_replace(true);
         let mut serving = self.serving.clone();
-        let _ = serving.wait_for(|s| !*s).await;
+        // Bounded: with no standby, or NATS gone too (a whole local run stopped at once), nobody takes over and
+        // the stop must not wait for ever; callers meanwhile get the retryable service_unavailable.
+        if tokio::time::timeout(self.hand_over_limit, serving.wait_for(|s| !*s)).await.is_err() {
+            tracing::warn!("no standby took the leadership over in time; stopping anyway");
+        }
     }
 
     /// Whether this replica leads and serves (changes as leadership moves).
@@ -206,6 +212,7 @@ pub fn start(
     metrics: LeaseMetrics,
     shutdown: Shutdown,
 ) -> (Engine, tokio::task::JoinHandle<()>) {
+    let hand_over_limit = config.leader_ttl * 2 + Duration::from_secs(2);
     let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
     let (serving_tx, serving) = watch::channel(false);
     let (leading_tx, leading) = watch::channel(false);
@@ -252,7 +259,7 @@ pub fn start(
         actor.run(shutdown).await;
         let _ = election.await;
     });
-    (Engine { tx, serving, shared, hand_over: Arc::new(hand_over_tx) }, task)
+    (Engine { tx, serving, shared, hand_over: Arc::new(hand_over_tx), hand_over_limit }, task)
 }
 
 type ProjectionDone = (Result<u64, proxypool_store::StoreError>, Vec<ObjectId>, Instant);
@@ -430,11 +437,20 @@ impl Actor {
         self.serving.send_replace(false);
         self.metrics.leader.set(0);
         let Some(log) = self.log.clone() else { return Next::Rebuild };
-        let mut reader = match log.read_from(self.applied + 1).await {
+        // Every wait here also watches the stop: with NATS gone, setting up the reader fails after its timeout
+        // again and again, and a stop must not wait for NATS to come back.
+        let opened = tokio::select! {
+            r = log.read_from(self.applied + 1) => r,
+            () = shutdown.wait() => return Next::Stop,
+        };
+        let mut reader = match opened {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the lease log");
-                tokio::time::sleep(Duration::from_millis(250)).await;
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    () = shutdown.wait() => return Next::Stop,
+                }
                 return Next::Follow;
             }
         };

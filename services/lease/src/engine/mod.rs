@@ -136,8 +136,6 @@ pub struct Engine {
     serving: watch::Receiver<bool>,
     shared: Arc<Shared>,
     hand_over: Arc<watch::Sender<bool>>,
-    /// The longest a hand-over waits for a standby to take over.
-    hand_over_limit: Duration,
 }
 
 /// The answer to a caller when the engine cannot commit.
@@ -178,11 +176,8 @@ impl Engine {
     pub async fn hand_over(&self) {
         self.hand_over.send_replace(true);
         let mut serving = self.serving.clone();
-        // Bounded: with no standby, or NATS gone too (a whole local run stopped at once), nobody takes over and
-        // the stop must not wait for ever; callers meanwhile get the retryable service_unavailable.
-        if tokio::time::timeout(self.hand_over_limit, serving.wait_for(|s| !*s)).await.is_err() {
-            tracing::warn!("no standby took the leadership over in time; stopping anyway");
-        }
+        // The election bounds this: with no standby it gives the leadership up after two TTLs.
+        let _ = serving.wait_for(|s| !*s).await;
     }
 
     /// Whether this replica leads and serves (changes as leadership moves).
@@ -212,7 +207,6 @@ pub fn start(
     metrics: LeaseMetrics,
     shutdown: Shutdown,
 ) -> (Engine, tokio::task::JoinHandle<()>) {
-    let hand_over_limit = config.leader_ttl * 2 + Duration::from_secs(2);
     let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
     let (serving_tx, serving) = watch::channel(false);
     let (leading_tx, leading) = watch::channel(false);
@@ -259,7 +253,7 @@ pub fn start(
         actor.run(shutdown).await;
         let _ = election.await;
     });
-    (Engine { tx, serving, shared, hand_over: Arc::new(hand_over_tx), hand_over_limit }, task)
+    (Engine { tx, serving, shared, hand_over: Arc::new(hand_over_tx) }, task)
 }
 
 type ProjectionDone = (Result<u64, proxypool_store::StoreError>, Vec<ObjectId>, Instant);

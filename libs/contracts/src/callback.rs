@@ -21,6 +21,18 @@ pub enum TakenReason {
     Expired,
 }
 
+impl TakenReason {
+    /// The wire spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TakenReason::Rotated => "rotated",
+            TakenReason::ProxyDisabled => "proxy_disabled",
+            TakenReason::ProxyDeleted => "proxy_deleted",
+            TakenReason::Expired => "expired",
+        }
+    }
+}
+
 /// The JSON POSTed to a consumer's `callback_url`, and the job on [`crate::subjects::CALLBACKS`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CallbackNotice {

@@ -87,15 +87,6 @@ impl UpstreamFailure {
             UpstreamFailure::BadAnswer => "bad_answer",
         }
     }
-
-    /// Every kind, for metrics.
-    pub const ALL: [UpstreamFailure; 5] = [
-        UpstreamFailure::Refused,
-        UpstreamFailure::Auth,
-        UpstreamFailure::Timeout,
-        UpstreamFailure::Reset,
-        UpstreamFailure::BadAnswer,
-    ];
 }
 
 fn parse_enum<T: serde::de::DeserializeOwned>(field: &str, value: &str, valid: &str) -> Result<T, ApiError> {
@@ -103,10 +94,15 @@ fn parse_enum<T: serde::de::DeserializeOwned>(field: &str, value: &str, valid: &
         .map_err(|_| ApiError::invalid(field, format!("unknown value {value:?} (expected one of: {valid})")))
 }
 
-fn session_word(field: &str, v: &str) -> Result<String, ApiError> {
+/// The longest word of [`check_word`].
+pub const WORD_MAX: usize = 64;
+
+/// A session id (and, in the forward door's username, a consumer name or package code): 1 to [`WORD_MAX`] of
+/// `A–Z a–z 0–9 _ .`; the error names `field`.
+pub fn check_word(field: &str, v: &str) -> Result<String, ApiError> {
     let ok = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '.';
-    if v.is_empty() || v.len() > 64 || !v.chars().all(ok) {
-        return Err(ApiError::invalid(field, "must be 1-64 of A-Z a-z 0-9 _ ."));
+    if v.is_empty() || v.len() > WORD_MAX || !v.chars().all(ok) {
+        return Err(ApiError::invalid(field, format!("must be 1-{WORD_MAX} of A-Z a-z 0-9 _ .")));
     }
     Ok(v.to_owned())
 }
@@ -166,7 +162,7 @@ impl AcquireRequest {
             None => None,
         };
         let session = match self.session.as_deref() {
-            Some(v) => Some(session_word("session", v)?),
+            Some(v) => Some(check_word("session", v)?),
             None => None,
         };
         Ok(Acquire { area, consumer: consumer.to_owned(), callback_url, exclude, package, door, session })

@@ -13,7 +13,6 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Instant;
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -31,7 +30,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::leases::{DoorError, Lease, Session, SessionUse, Slot, Want};
 use crate::limits::Permit;
-use crate::tunnel::{self, Activity, Meter};
+use crate::tunnel::{self, Activity};
 use crate::upstream::{self, DialError};
 use crate::username::Username;
 use crate::Shared;
@@ -391,47 +390,10 @@ async fn connect(conn: Arc<Conn>, req: Request<Incoming>, want: Want, session: O
         if !leftover.is_empty() && client.write_all(&leftover).await.is_err() {
             return;
         }
-        run_tunnel(&conn.shared, "http", &client, &up, &lease, &want, &conn.cancel).await;
+        tunnel::relay(&conn.shared, "http", &client, &up, &lease, &want, &conn.cancel).await;
         drop(session);
     });
     res
-}
-
-/// Relays a tunnel and records it: bytes, duration.
-pub(crate) async fn run_tunnel(
-    shared: &Shared,
-    door: &'static str,
-    client: &TcpStream,
-    up: &TcpStream,
-    lease: &Arc<Lease>,
-    want: &Want,
-    cancel: &CancellationToken,
-) {
-    let started = Instant::now();
-    let meter = Meter::default();
-    let both = CancellationToken::new();
-    let link = {
-        let (a, b, both) = (lease.cancel.clone(), cancel.clone(), both.clone());
-        tokio::spawn(async move {
-            tokio::select! {
-                () = a.cancelled() => {}
-                () = b.cancelled() => {}
-            }
-            both.cancel();
-        })
-    };
-    let end = tunnel::splice(client, up, shared.config.idle_timeout, &both, &meter).await;
-    link.abort();
-    let (sent, received) =
-        (meter.up.load(std::sync::atomic::Ordering::Relaxed), meter.down.load(std::sync::atomic::Ordering::Relaxed));
-    let consumer = want.holder.split('@').next().unwrap_or_default();
-    shared.metrics.bytes(&lease.grant.id, consumer, sent, received);
-    shared
-        .metrics
-        .tunnel_duration
-        .get_or_create(&crate::metrics::DoorLabel { door })
-        .observe(started.elapsed().as_secs_f64());
-    tracing::debug!(proxy = %lease.grant.id, end = end.as_str(), sent, received, "tunnel closed");
 }
 
 /// Hop-by-hop headers, and ours, that never pass the door.

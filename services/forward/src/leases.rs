@@ -267,7 +267,7 @@ impl Book {
             if !l.cancel.is_cancelled() {
                 return Ok((l.clone(), None));
             }
-            changed = Some(l.taken().map_or("stopped".to_owned(), |r| taken_str(r).to_owned()));
+            changed = Some(l.taken().map_or("stopped".to_owned(), |r| r.as_str().to_owned()));
         }
         *held = None;
         let lease = self.acquire(want, exclude).await?;
@@ -387,7 +387,7 @@ impl Book {
             let Some(t) = t else { return };
             let lease = self.inner.held.lock().ok().and_then(|h| h.get(&t.key).and_then(std::sync::Weak::upgrade));
             if let Some(lease) = lease {
-                tracing::info!(proxy = %t.proxy_id, reason = taken_str(t.reason), "a door lease was taken; closing its tunnels");
+                tracing::info!(proxy = %t.proxy_id, reason = t.reason.as_str(), "a door lease was taken; closing its tunnels");
                 if let Ok(mut r) = lease.taken.lock() {
                     *r = Some(t.reason);
                 }
@@ -416,14 +416,5 @@ impl Book {
     /// Leases the door holds now.
     pub fn held(&self) -> usize {
         self.inner.held.lock().map(|h| h.len()).unwrap_or(0)
-    }
-}
-
-fn taken_str(r: TakenReason) -> &'static str {
-    match r {
-        TakenReason::Rotated => "rotated",
-        TakenReason::ProxyDisabled => "proxy_disabled",
-        TakenReason::ProxyDeleted => "proxy_deleted",
-        TakenReason::Expired => "expired",
     }
 }

@@ -76,7 +76,7 @@ async fn connection(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr, p
         Ok(Ok(ready)) => {
             let Ready { up, lease, want, session, _consumer } = ready;
             let cancel = shared.book.stopping().clone();
-            crate::http::run_tunnel(&shared, "socks5", &tcp, &up, &lease, &want, &cancel).await;
+            crate::tunnel::relay(&shared, "socks5", &tcp, &up, &lease, &want, &cancel).await;
             drop(session);
             "ok"
         }

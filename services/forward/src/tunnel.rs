@@ -55,7 +55,7 @@ fn now_ms(origin: Instant) -> i64 {
 }
 
 /// Copies `from` → `to` until `from` ends (then half-closes `to`) or a socket fails.
-async fn pump(from: &TcpStream, to: &TcpStream, count: &AtomicU64, last: &AtomicI64, origin: Instant) -> bool {
+async fn pump(from: &TcpStream, to: &TcpStream, count: &AtomicU64, activity: &Activity) -> bool {
     loop {
         if from.readable().await.is_err() {
             return false;
@@ -82,7 +82,7 @@ async fn pump(from: &TcpStream, to: &TcpStream, count: &AtomicU64, last: &Atomic
             }
         }
         count.fetch_add(u64::try_from(n).unwrap_or(0), Ordering::Relaxed);
-        last.store(now_ms(origin), Ordering::Relaxed);
+        activity.touch();
     }
 }
 
@@ -94,10 +94,9 @@ pub async fn splice(
     cancel: &CancellationToken,
     meter: &Meter,
 ) -> End {
-    let origin = Instant::now();
-    let last = AtomicI64::new(0);
-    let up = pump(client, upstream, &meter.up, &last, origin);
-    let down = pump(upstream, client, &meter.down, &last, origin);
+    let activity = Activity::default();
+    let up = pump(client, upstream, &meter.up, &activity);
+    let down = pump(upstream, client, &meter.down, &activity);
     let both = async {
         let (a, b) = tokio::join!(up, down);
         if a && b {
@@ -106,21 +105,45 @@ pub async fn splice(
             End::Error
         }
     };
-    let idle_ms = i64::try_from(idle.as_millis()).unwrap_or(i64::MAX);
-    let watchdog = async {
-        loop {
-            let quiet = now_ms(origin) - last.load(Ordering::Relaxed);
-            if quiet >= idle_ms {
-                return End::Idle;
-            }
-            tokio::time::sleep(Duration::from_millis(u64::try_from(idle_ms - quiet).unwrap_or(1).max(1))).await;
-        }
-    };
     tokio::select! {
         end = both => end,
-        end = watchdog => end,
+        () = activity.idle_for(idle) => End::Idle,
         () = cancel.cancelled() => End::Cancelled,
     }
+}
+
+/// Relays a tunnel of either door until it ends or its lease is taken (or `cancel` fires), and records it: bytes
+/// per proxy and consumer, duration.
+pub(crate) async fn relay(
+    shared: &crate::Shared,
+    door: &'static str,
+    client: &TcpStream,
+    up: &TcpStream,
+    lease: &crate::leases::Lease,
+    want: &crate::leases::Want,
+    cancel: &CancellationToken,
+) {
+    let started = Instant::now();
+    let meter = Meter::default();
+    let either = CancellationToken::new();
+    let link = {
+        let (a, b, either) = (lease.cancel.clone(), cancel.clone(), either.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                () = a.cancelled() => {}
+                () = b.cancelled() => {}
+            }
+            either.cancel();
+        })
+    };
+    let end = splice(client, up, shared.config.idle_timeout, &either, &meter).await;
+    link.abort();
+    let (sent, received) = (meter.up.load(Ordering::Relaxed), meter.down.load(Ordering::Relaxed));
+    let consumer = want.holder.split('@').next().unwrap_or_default();
+    shared.metrics.bytes(&lease.grant.id, consumer, sent, received);
+    let label = crate::metrics::DoorLabel { door };
+    shared.metrics.tunnel_duration.get_or_create(&label).observe(started.elapsed().as_secs_f64());
+    tracing::debug!(proxy = %lease.grant.id, end = end.as_str(), sent, received, "tunnel closed");
 }
 
 /// A shared "last activity" clock for a connection, for idle timeouts outside tunnels.

@@ -18,10 +18,8 @@
 //! Options come in any order, each at most once. Anything else is refused with the option's name, so a typo never
 //! silently leases from the wrong place.
 
+use proxypool_contracts::lease::check_word as word;
 use proxypool_contracts::{ApiError, Area};
-
-/// The longest consumer name, session id or package code.
-pub const PART_MAX: usize = 64;
 
 /// A parsed username.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -47,19 +45,11 @@ pub struct Grammar {
     pub session_max_minutes: u32,
 }
 
-fn word(field: &'static str, value: &str, extra: &[char]) -> Result<String, ApiError> {
-    let ok = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '.' || extra.contains(&c);
-    if value.is_empty() || value.len() > PART_MAX || !value.chars().all(ok) {
-        return Err(ApiError::invalid(field, format!("must be 1-{PART_MAX} of A-Z a-z 0-9 _ .")));
-    }
-    Ok(value.to_owned())
-}
-
 impl Grammar {
     /// Parses a username per the module doc; the error names the option (`username.<option>`).
     pub fn parse(&self, raw: &str) -> Result<Username, ApiError> {
         let mut parts = raw.split('-');
-        let consumer = word("username.consumer", parts.next().unwrap_or_default(), &[])?;
+        let consumer = word("username.consumer", parts.next().unwrap_or_default())?;
         let mut u =
             Username { consumer, area: self.default_area, session: None, sesstime_minutes: None, package: None };
         let mut seen: Vec<&str> = Vec::new();
@@ -72,7 +62,7 @@ impl Grammar {
             }
             match key {
                 "area" => u.area = Area::parse_field("username.area", Some(value))?,
-                "session" => u.session = Some(word("username.session", value, &[])?),
+                "session" => u.session = Some(word("username.session", value)?),
                 "sesstime" => {
                     let max = self.session_max_minutes;
                     let n: u32 = value.parse().ok().filter(|n| (1..=max).contains(n)).ok_or_else(|| {
@@ -80,7 +70,7 @@ impl Grammar {
                     })?;
                     u.sesstime_minutes = Some(n);
                 }
-                "package" => u.package = Some(word("username.package", value, &[])?),
+                "package" => u.package = Some(word("username.package", value)?),
                 other => {
                     return Err(ApiError::invalid(
                         "username",

@@ -754,3 +754,38 @@ async fn an_idle_tunnel_is_closed_and_a_consumer_over_its_connection_limit_is_re
     w.all_returned().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_whose_lease_is_taken_moves_to_another_proxy_and_says_why() -> R {
+    let w = world(100, 2, &[]).await?;
+    let target = http_target().await?;
+    let url = format!("http://{target}/moved");
+    let user = w.http_proxy("app-session-mover");
+    let (code, _, err) = curl(&["-v", "-x", &user, &url]).await?;
+    let first = header(&err, "x-proxypool-proxy-id").unwrap_or_default();
+    anyhow::ensure!(code == 0 && !first.is_empty(), "{err}");
+    anyhow::ensure!(header(&err, "x-proxypool-session-changed").is_none(), "a new session reports a change: {err}");
+    // An admin disables the session's proxy: the lease service takes the lease and broadcasts it.
+    let id = ObjectId::parse_str(&first)?;
+    w.app.update_proxy(id, bson::doc! { "$set": { "is_active": false } }).await?;
+    w.app.announce(id).await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, _, err) = curl(&["-v", "-x", &user, &url]).await?;
+        anyhow::ensure!(code == 0, "{err}");
+        let now = header(&err, "x-proxypool-proxy-id").unwrap_or_default();
+        if now != first {
+            anyhow::ensure!(
+                header(&err, "x-proxypool-session-changed").as_deref() == Some("proxy_disabled"),
+                "the answer does not say why the session moved: {err}"
+            );
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the session kept its taken lease");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The next connection stays on the new proxy and reports no further change.
+    let (_, _, err) = curl(&["-v", "-x", &user, &url]).await?;
+    anyhow::ensure!(header(&err, "x-proxypool-session-changed").is_none(), "{err}");
+    Ok(())
+}

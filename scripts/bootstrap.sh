@@ -4,7 +4,8 @@
 #   - a pinned SecantusDB in .venv/ (a MongoDB wire-protocol server) for the database, since there is no mongod,
 #   - nats-py (the Python consumer example), schemathesis (the API fuzzer CI runs), requests and httpx (the forward
 #     door's test clients), pinned, in .venv/,
-#   - curl, openssl and tinyproxy from Debian (the forward door's tests and the local run).
+#   - curl, openssl and tinyproxy from Debian (the forward door's tests and the local run), and faketime (libfaketime:
+#     the lease engine's clock-skew test runs a standby with its wall clock shifted).
 # Rust (cargo) must already be installed.
 set -euo pipefail
 
@@ -49,5 +50,5 @@ pip_pin socksio 1.0.0
 # The forward door's tests and the local run: curl as a client, openssl for the self-signed test target, and
 # tinyproxy as the upstream proxies (real HTTP forward proxies with basic auth and CONNECT).
 missing=()
-for tool in curl openssl tinyproxy; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+for tool in curl openssl tinyproxy faketime; do command -v "$tool" >/dev/null || missing+=("$tool"); done
 if [ ${#missing[@]} -gt 0 ]; then apt_install bootstrap "${missing[@]}"; fi

@@ -15,7 +15,7 @@ use crate::auth::{
     UserView,
 };
 use crate::import::{ExcelImportRequest, ImportJob, JobStatusRequest, ProviderImportRequest};
-use crate::lease::{AcquireRequest, LeaseGrant, ReleaseOutcome, ReleaseRequest};
+use crate::lease::{AcquireRequest, LeaseGrant, ReleaseOutcome, ReleaseRequest, RenewOutcome, RenewRequest};
 use crate::rotation::{
     LockReply, LockRequest, RotateNowReply, RotateNowRequest, RotatedReply, RotatedRequest, SyncReply, SyncRequest,
 };
@@ -60,6 +60,11 @@ endpoint!(
 endpoint!(
     /// Return a lease (public contract). Idempotent.
     LeaseRelease, subjects::LEASE_RELEASE, ReleaseRequest => ReleaseOutcome
+);
+
+endpoint!(
+    /// Extend a lease by `LEASE_TTL` (public contract). Idempotent.
+    LeaseRenew, subjects::LEASE_RENEW, RenewRequest => RenewOutcome
 );
 endpoint!(
     /// Rotator → lease service after a stored rotation: reset the lease state and unlock.

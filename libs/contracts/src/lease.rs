@@ -34,6 +34,33 @@ pub struct AcquireRequest {
     /// Set by the forward door for a sticky session: its id, shown in the lease records.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<String>,
+    /// The caller's id for this request (1–64 of `A–Z a–z 0–9 _ . -`). The lease service remembers it for
+    /// [`REQUEST_WINDOW`] and answers a repeated id with the grant it already made, so a caller that lost an answer
+    /// (a leader failover) can ask again without taking a second proxy or leaving the first held by nobody.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+/// How long the lease service remembers a request id: at least twice the longest caller deadline (the gateway's and
+/// the door's retries stop within [`RETRY_WINDOW`]).
+pub const REQUEST_WINDOW: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// How long the gateway and the forward door retry an acquire with the same request id while the lease service is
+/// between leaders (a failover takes `LEASE_LEADER_TTL`, 1.5 s by default, and a catch-up).
+pub const RETRY_WINDOW: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A new request id: 128 random bits, so ids from any number of gateways and doors never meet.
+pub fn new_request_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// Checks a request id: 1 to [`WORD_MAX`] of `A–Z a–z 0–9 _ . -`.
+pub fn check_request_id(v: &str) -> Result<String, ApiError> {
+    let ok = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '-';
+    if v.is_empty() || v.len() > WORD_MAX || !v.chars().all(ok) {
+        return Err(ApiError::invalid("request_id", format!("must be 1-{WORD_MAX} of A-Z a-z 0-9 _ . -")));
+    }
+    Ok(v.to_owned())
 }
 
 /// The most proxy ids an acquire may exclude.
@@ -124,6 +151,8 @@ pub struct Acquire {
     pub door: Option<Door>,
     /// The door's sticky session.
     pub session: Option<String>,
+    /// The caller's request id (a repeat gets the same grant).
+    pub request_id: Option<String>,
 }
 
 /// Longest accepted consumer identifier; it is stored in every lease record.
@@ -165,7 +194,11 @@ impl AcquireRequest {
             Some(v) => Some(check_word("session", v)?),
             None => None,
         };
-        Ok(Acquire { area, consumer: consumer.to_owned(), callback_url, exclude, package, door, session })
+        let request_id = match self.request_id.as_deref() {
+            Some(v) => Some(check_request_id(v)?),
+            None => None,
+        };
+        Ok(Acquire { area, consumer: consumer.to_owned(), callback_url, exclude, package, door, session, request_id })
     }
 }
 
@@ -207,6 +240,48 @@ impl ReleaseRequest {
             },
         })
     }
+}
+
+/// Request on [`crate::subjects::LEASE_RENEW`]: `{"proxy_id": "...", "key": "..."}`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RenewRequest {
+    /// The leased proxy's id.
+    #[serde(default)]
+    pub proxy_id: Option<String>,
+    /// The lease key returned by acquire.
+    #[serde(default)]
+    pub key: Option<String>,
+}
+
+/// A validated renew request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Renew {
+    /// The leased proxy's id.
+    pub proxy_id: ObjectIdHex,
+    /// The lease key.
+    pub key: ObjectIdHex,
+}
+
+impl RenewRequest {
+    /// Validates the request.
+    pub fn validate(&self) -> Result<Renew, ApiError> {
+        Ok(Renew {
+            proxy_id: ObjectIdHex::parse_field("proxy_id", self.proxy_id.as_deref())?,
+            key: ObjectIdHex::parse_field("key", self.key.as_deref())?,
+        })
+    }
+}
+
+/// Reply data of a successful renew.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RenewOutcome {
+    /// The proxy's id.
+    pub proxy_id: String,
+    /// The renewed key.
+    pub key: String,
+    /// When the lease service now takes the lease back unless it is returned or renewed again; none when `LEASE_TTL`
+    /// is not set (leases never expire).
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 /// A granted lease: the original's `{ ip, port, username, password, auth_token, webhook_url, … }` plus the lease key.

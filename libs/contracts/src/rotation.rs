@@ -50,20 +50,35 @@ pub struct RotateNowReply {
     pub job_id: String,
 }
 
-/// Request on [`crate::subjects::LEASECTL_LOCK`]: lock `proxy_id` for rotation job `job_id`, or (same job again)
-/// report on the lock. While locked the proxy takes no new lease.
+/// Request on [`crate::subjects::LEASECTL_LOCK`]. The rotation lock is a lease held by one rotation job in the lease
+/// engine: it has a deadline in the engine's logged state, the job renews it while it works, and the engine's
+/// leader takes it back (and logs the unlock) once the deadline passes. While locked the proxy takes no new lease.
+///
+/// Only a claim creates a lock: a restart or a check of a lock that is absent or held by another job answers
+/// `conflict`, so a late or redelivered job can never re-create a lock that its own rotation already released.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LockRequest {
     /// The proxy.
     pub proxy_id: String,
     /// The rotation job taking (or holding) the lock.
     pub job_id: String,
-    /// Take the lock over from another job whose lock is older than this many milliseconds (a crashed rotation).
+    /// The scheduler's claim: create the lock if the proxy is unlocked (asking again with the same job confirms it).
+    /// Absent (`false`) in a check, so a request from an older rotator that cannot say which it is never creates one.
     #[serde(default)]
-    pub take_over_after_ms: Option<u64>,
-    /// The job starts its work now: the lock's age (for take-over and the drain limit) counts from here.
+    pub claim: bool,
+    /// The job starts its work now: the lock's age (for the drain limit) counts from here.
     #[serde(default)]
     pub restart: bool,
+    /// How long the lock lives without a renewal (`ROTATE_LOCK_TTL`); the engine's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_ms: Option<u64>,
+}
+
+impl LockRequest {
+    /// A check (and renewal) of a lock `job_id` already holds.
+    pub fn check(proxy_id: &str, job_id: &str, ttl_ms: Option<u64>) -> Self {
+        Self { proxy_id: proxy_id.to_owned(), job_id: job_id.to_owned(), claim: false, restart: false, ttl_ms }
+    }
 }
 
 /// Reply of [`crate::subjects::LEASECTL_LOCK`].
@@ -71,8 +86,14 @@ pub struct LockRequest {
 pub struct LockReply {
     /// Leases still held on the proxy (the drain waits for 0).
     pub in_use: u32,
-    /// When the lock was taken or last restarted, Unix milliseconds.
+    /// When the lock was taken or last restarted, on the engine's clock (Unix milliseconds).
     pub since_ms: i64,
+    /// How long ago that was, measured by the engine: the drain's wait, on one clock whatever the rotator's says.
+    #[serde(default)]
+    pub held_ms: u64,
+    /// When the engine takes the lock back unless it is renewed, on the engine's clock (Unix milliseconds).
+    #[serde(default)]
+    pub deadline_ms: i64,
 }
 
 /// Request on [`crate::subjects::LEASECTL_SYNC`]: these proxies changed in MongoDB (created, edited, enabled,

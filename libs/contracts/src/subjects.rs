@@ -10,6 +10,8 @@ pub const PREFIX: &str = "proxypool.v1";
 pub const LEASE_ACQUIRE: &str = "proxypool.v1.lease.acquire";
 /// Consumers return a lease here (request-reply). Public contract.
 pub const LEASE_RELEASE: &str = "proxypool.v1.lease.release";
+/// Consumers extend a lease by `LEASE_TTL` here (request-reply). Public contract.
+pub const LEASE_RENEW: &str = "proxypool.v1.lease.renew";
 /// The lease service broadcasts the leases it takes from their holders here (core NATS,
 /// [`crate::lease::LeasesTaken`]); the forward door closes their tunnels. Not under `lease.*`, so that a consumer
 /// allowed to publish there cannot close other consumers' tunnels.

@@ -76,6 +76,12 @@ pub struct ProxyUsed {
     /// The door's sticky session id, when the lease belongs to one (our addition).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<String>,
+    /// The request id the lease was granted for (a repeated request gets this lease back). Our addition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
+    /// When the holder last renewed the lease (`LEASE_TTL` counts from here, else from `time`). Our addition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewed_at: Option<DateTime>,
 }
 
 /// The last time the forward door found a proxy failing (our addition).
@@ -160,13 +166,15 @@ pub struct ProxyDoc {
     /// keep the newest state instead of whichever arrived last.
     #[serde(default)]
     pub lease_rev: i64,
-    /// When the current rotation claimed the proxy (`is_rotating`); a lock older than the rotator's lock TTL is
-    /// taken over, so a crashed rotation never locks a proxy forever. Our addition.
+    /// When the current rotation claimed (or started) the proxy (`is_rotating`). Our addition.
     #[serde(default)]
     pub rotating_since: Option<DateTime>,
-    /// Id of the rotation job that holds (or last held) the lock. Our addition.
+    /// Id of the rotation job that holds the lock (written by the lease service's projection). Our addition.
     #[serde(default)]
     pub rotation_job: Option<String>,
+    /// When the lease service takes the rotation lock back unless its job renews it. Our addition.
+    #[serde(default)]
+    pub rotation_deadline: Option<DateTime>,
     /// Upstream failures the forward door met on this proxy since its last successful rotation (written by the
     /// lease service; the input of health scoring). Our addition.
     #[serde(default)]
@@ -294,6 +302,7 @@ impl ProxyDoc {
             lease_rev: 0,
             rotating_since: None,
             rotation_job: None,
+            rotation_deadline: None,
             upstream_failures: 0,
             last_upstream_failure: None,
             webhook_url: None,

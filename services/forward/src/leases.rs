@@ -26,8 +26,10 @@ use crate::upstream::DialError;
 
 /// Tries of a release whose answer did not come (a lease-leader failover takes about 1.5 s).
 const RELEASE_TRIES: u32 = 8;
-/// How long an acquire keeps asking while the lease service is unreachable.
-const ACQUIRE_PATIENCE: Duration = Duration::from_secs(3);
+/// How long an acquire keeps asking (with the same request id) while the lease service is between leaders.
+const ACQUIRE_PATIENCE: Duration = proxypool_contracts::lease::RETRY_WINDOW;
+/// Longest one attempt waits: a leader that died holding the request never answers it.
+const ACQUIRE_ATTEMPT: Duration = Duration::from_secs(2);
 /// How often idle sessions are looked at.
 const REAP_EVERY: Duration = Duration::from_secs(1);
 
@@ -219,12 +221,14 @@ impl Book {
             package: want.package.clone(),
             door: Some(want.door.as_str().to_owned()),
             session: want.session.clone(),
+            // Asked again with the same id below: a failover that lost the answer hands back the same grant.
+            request_id: Some(proxypool_contracts::lease::new_request_id()),
         };
         // A lease-leader failover or a NATS reconnect takes a second or two: a client behind the door is better
         // served by waiting that long than by a 503 it may not retry.
         let give_up = tokio::time::Instant::now() + ACQUIRE_PATIENCE;
         let grant = loop {
-            match proxypool_rpc::call::<LeaseAcquire>(&self.inner.client, &req).await {
+            match proxypool_rpc::call_within::<LeaseAcquire>(&self.inner.client, &req, Some(ACQUIRE_ATTEMPT)).await {
                 Ok(g) => break g,
                 Err(CallError::Remote(e)) if e.code == ErrorCode::NoProxyAvailable => {
                     return Err(DoorError::NoProxy(e))

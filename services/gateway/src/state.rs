@@ -39,4 +39,37 @@ impl AppState {
         let timeout = Some(timeout.unwrap_or(self.config.nats.request_timeout));
         Ok(proxypool_rpc::call_within::<E>(&self.nats, req, timeout).await?)
     }
+
+    /// Calls `E` with a request that carries its own id (an acquire), asking again with the same request while the
+    /// lease service is between leaders (no responder, no answer in time, `service_unavailable`), for at most
+    /// [`RETRY_WINDOW`](proxypool_contracts::lease::RETRY_WINDOW). The service answers a repeated id with the grant
+    /// it already made, so a failover that heals within the window shows the consumer no error and leaves no lease
+    /// held by nobody. A gateway cut off from NATS answers at once.
+    pub async fn call_retrying<E: Endpoint>(&self, req: &E::Request) -> Result<E::Reply, ApiError> {
+        use proxypool_rpc::CallError;
+        let give_up = std::time::Instant::now() + proxypool_contracts::lease::RETRY_WINDOW;
+        // One attempt must not eat the window: a leader that died holding the request never answers it.
+        let attempt = self.config.nats.request_timeout.min(ATTEMPT_TIMEOUT);
+        loop {
+            let e = match proxypool_rpc::call_within::<E>(&self.nats, req, Some(attempt)).await {
+                Ok(reply) => return Ok(reply),
+                Err(e) => e,
+            };
+            let between_leaders = match &e {
+                CallError::NoResponders { .. } | CallError::TimedOut { .. } | CallError::Transport { .. } => true,
+                CallError::Remote(r) => r.code == proxypool_contracts::ErrorCode::ServiceUnavailable,
+                _ => false,
+            };
+            if !between_leaders || std::time::Instant::now() + RETRY_PAUSE >= give_up {
+                return Err(e.into());
+            }
+            tracing::debug!(error = %e, "the lease service is between leaders; asking again with the same request id");
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
+    }
 }
+
+/// Longest one attempt of [`AppState::call_retrying`] waits.
+const ATTEMPT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// Pause between its attempts.
+const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);

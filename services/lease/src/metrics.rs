@@ -11,7 +11,8 @@ use proxypool_telemetry::metrics::{latency_buckets, Metrics, RequestMetrics};
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     /// `granted`, `refused` (no proxy available), `returned`, `withdrawn` (made past the request's deadline, after
-    /// the caller was answered `service_unavailable`, and undone), `expired` (taken back at `LEASE_TTL`), or
+    /// the caller was answered `service_unavailable`, and undone), `expired` (taken back at `LEASE_TTL`), `renewed`,
+    /// `lock_expired` (a rotation lock past its deadline, taken back), or
     /// `step_down` (an append refused or failed; the replica stopped leading).
     pub result: &'static str,
 }
@@ -98,5 +99,23 @@ impl LeaseMetrics {
 impl Default for LeaseMetrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+impl LeaseMetrics {
+    /// Sets the pool gauges from the state, and the projection backlog.
+    pub fn pool_gauges(&self, state: &crate::engine::state::State, backlog: usize) {
+        for area in [proxypool_contracts::Area::Vn, proxypool_contracts::Area::Global] {
+            let (total, leasable, held, rotating) = state.counts(area);
+            let set = |state: &'static str, v: u64| {
+                let labels = PoolLabels { area: area.as_str(), state };
+                self.pool.get_or_create(&labels).set(i64::try_from(v).unwrap_or(i64::MAX));
+            };
+            set("total", total as u64);
+            set("leasable", leasable as u64);
+            set("in_use", held);
+            set("rotating", rotating as u64);
+        }
+        self.projection_backlog.set(i64::try_from(backlog).unwrap_or(i64::MAX));
     }
 }

@@ -4,8 +4,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::Client;
-use proxypool_contracts::endpoints::{LeaseAcquire, LeaseCtlLock, LeaseCtlRotated, LeaseCtlSync, LeaseRelease};
-use proxypool_contracts::lease::{AcquireRequest, LeaseGrant, ReleaseOutcome, ReleaseRequest};
+use proxypool_contracts::endpoints::{
+    LeaseAcquire, LeaseCtlLock, LeaseCtlRotated, LeaseCtlSync, LeaseRelease, LeaseRenew,
+};
+use proxypool_contracts::lease::{
+    AcquireRequest, LeaseGrant, ReleaseOutcome, ReleaseRequest, RenewOutcome, RenewRequest,
+};
 use proxypool_contracts::rotation::{LockRequest, RotatedRequest, SyncRequest};
 use proxypool_contracts::{subjects, ApiError};
 use proxypool_rpc::{Router, ServeOptions};
@@ -82,11 +86,21 @@ async fn release(service: LeaseService, req: ReleaseRequest) -> Result<ReleaseOu
     result
 }
 
+async fn renew(service: LeaseService, req: RenewRequest) -> Result<RenewOutcome, ApiError> {
+    let req = req.validate()?;
+    let result = tracing::Instrument::instrument(service.renew(&req), tracing::info_span!("lease.renew")).await;
+    if result.is_ok() {
+        service.metrics().lease("renewed");
+    }
+    result
+}
+
 /// The lease service's endpoints.
 fn router(service: &LeaseService) -> Router<LeaseService> {
     Router::new(service.clone())
         .on::<LeaseAcquire, _, _>(acquire)
         .on::<LeaseRelease, _, _>(release)
+        .on::<LeaseRenew, _, _>(renew)
         .on::<LeaseCtlSync, _, _>(|s, req: SyncRequest| async move { s.sync(&req).await })
         .on::<LeaseCtlLock, _, _>(|s, req: LockRequest| async move { s.lock(&req).await })
         .on::<LeaseCtlRotated, _, _>(|s, req: RotatedRequest| async move { s.rotated(&req).await })

@@ -11,7 +11,7 @@ use bson::doc;
 use bson::oid::ObjectId;
 use chrono::TimeZone;
 use futures::TryStreamExt;
-use proxypool_contracts::lease::{Acquire, LeaseGrant, Release, ReleaseOutcome, UpstreamFailure};
+use proxypool_contracts::lease::{Acquire, LeaseGrant, Release, ReleaseOutcome, Renew, RenewOutcome, UpstreamFailure};
 use proxypool_contracts::rotation::{LockReply, LockRequest, RotatedReply, RotatedRequest, SyncReply, SyncRequest};
 use proxypool_contracts::{ApiError, ErrorCode};
 use proxypool_store::model::ProxyDoc;
@@ -42,6 +42,44 @@ type PackageCache = std::sync::Arc<std::sync::Mutex<HashMap<String, (Option<Obje
 
 /// Proxies applied per log batch by a sync.
 const SYNC_CHUNK: usize = 500;
+
+/// The rotation lock's lifetime without a renewal when the rotator does not say (`ROTATE_LOCK_TTL`'s default).
+const DEFAULT_LOCK_TTL_MS: i64 = 300_000;
+/// Bounds of a requested lock lifetime.
+const LOCK_TTL_RANGE_MS: (i64, i64) = (1_000, 24 * 3_600_000);
+
+/// What a grant hands out: the proxy as the state holds it, and the lease `key` granted at `at_ms`.
+fn grant_of(
+    txn: &crate::engine::Txn<'_>,
+    id: ObjectId,
+    lease: &Lease,
+    base: &str,
+    ttl: Option<std::time::Duration>,
+) -> Result<LeaseGrant, ApiError> {
+    let c = txn.state().get(&id).map(|p| &p.catalog).ok_or_else(|| ApiError::internal("lost"))?;
+    Ok(LeaseGrant {
+        id: id.to_hex(),
+        ip: c.ip.clone(),
+        port: c.port,
+        username: c.username.clone(),
+        password: c.password.clone(),
+        auth_token: c.auth_token.clone(),
+        webhook_url: format!("{base}/{}?key={}", id.to_hex(), lease.key),
+        key: lease.key.clone(),
+        area: c.area,
+        ip_public: c.ip_public.clone(),
+        region: c.region.clone(),
+        expired_at: c.expired_at_ms.map(utc),
+        next_rotate: c.next_rotate_ms.map(utc),
+        leased_at: utc(lease.at_ms),
+        expires_at: expires_at(lease.base_ms(), ttl),
+    })
+}
+
+/// When a lease whose `LEASE_TTL` counts from `base_ms` is taken back.
+fn expires_at(base_ms: i64, ttl: Option<std::time::Duration>) -> Option<chrono::DateTime<chrono::Utc>> {
+    ttl.and_then(|t| chrono::Duration::from_std(t).ok()).map(|d| utc(base_ms) + d)
+}
 
 /// Applies re-read documents (`None`: deleted) to the state.
 fn apply_docs(txn: &mut crate::engine::Txn<'_>, docs: Vec<(ObjectId, Option<ProxyDoc>)>) -> SyncReply {
@@ -180,6 +218,13 @@ impl LeaseService {
         let (req, base, ttl) = (req.clone(), self.webhook_base.clone(), self.lease_ttl);
         self.engine
             .submit(move |txn| {
+                // A repeated request (its caller lost the answer) gets the lease it was granted, if still held.
+                if let Some((id, key)) = req.request_id.as_deref().and_then(|r| txn.state().recall(r)) {
+                    let lease = txn.state().get(&id).and_then(|p| p.leases.iter().find(|l| l.key == key).cloned());
+                    if let Some(lease) = lease {
+                        return grant_of(txn, id, &lease, &base, ttl);
+                    }
+                }
                 let exclude: Vec<ObjectId> =
                     req.exclude.iter().filter_map(|id| ObjectId::parse_str(id.as_str()).ok()).collect();
                 let filter = crate::index::Filter { package, exclude: &exclude };
@@ -191,35 +236,44 @@ impl LeaseService {
                     ));
                 };
                 let key = lease_key();
-                let now = txn.now_ms();
                 let webhook_url = format!("{base}/{}?key={key}", id.to_hex());
                 let lease = Lease {
-                    key: key.clone(),
+                    key,
                     consumer: req.consumer,
-                    at_ms: now,
+                    at_ms: txn.now_ms(),
                     callback_url: req.callback_url,
                     door: req.door,
                     session: req.session,
+                    request: req.request_id,
+                    renewed_ms: None,
                 };
-                txn.apply(Op::Grant { proxy: id, lease, webhook_url: webhook_url.clone() });
-                let c = txn.state().get(&id).map(|p| p.catalog.clone()).ok_or_else(|| ApiError::internal("lost"))?;
-                Ok(LeaseGrant {
-                    id: id.to_hex(),
-                    ip: c.ip,
-                    port: c.port,
-                    username: c.username,
-                    password: c.password,
-                    auth_token: c.auth_token,
-                    webhook_url,
-                    key,
-                    area: c.area,
-                    ip_public: c.ip_public,
-                    region: c.region,
-                    expired_at: c.expired_at_ms.map(utc),
-                    next_rotate: c.next_rotate_ms.map(utc),
-                    leased_at: utc(now),
-                    expires_at: ttl.and_then(|t| chrono::Duration::from_std(t).ok().map(|d| utc(now) + d)),
-                })
+                txn.apply(Op::Grant { proxy: id, lease: lease.clone(), webhook_url });
+                grant_of(txn, id, &lease, &base, ttl)
+            })
+            .await
+    }
+
+    /// Extends a lease by `LEASE_TTL` from now (engine clock). `not_found` when the key is not held (returned, taken
+    /// or expired).
+    pub async fn renew(&self, req: &Renew) -> Result<RenewOutcome, ApiError> {
+        let id = parse_id("proxy_id", req.proxy_id.as_str())?;
+        let (key, ttl) = (req.key.as_str().to_owned(), self.lease_ttl);
+        self.engine
+            .submit(move |txn| {
+                let Some(p) = txn.state().get(&id) else {
+                    return Err(ApiError::not_found(format!("proxy {id} not found")));
+                };
+                if !p.leases.iter().any(|l| l.key == key) {
+                    return Err(ApiError::not_found(format!(
+                        "no active lease with key {key} on proxy {id} (returned, taken back, or never granted)"
+                    )));
+                }
+                let now = txn.now_ms();
+                // Without LEASE_TTL nothing expires: nothing to log.
+                if ttl.is_some() {
+                    txn.apply(Op::Renew { proxy: id, key: key.clone(), at_ms: now });
+                }
+                Ok(RenewOutcome { proxy_id: id.to_hex(), key, expires_at: expires_at(now, ttl) })
             })
             .await
     }
@@ -267,10 +321,14 @@ impl LeaseService {
             .await
     }
 
-    /// Takes, checks or takes over the rotation lock (see [`LockRequest`]).
+    /// Claims, restarts, checks or renews the rotation lock (see [`LockRequest`]). Only a claim creates one.
     pub async fn lock(&self, req: &LockRequest) -> Result<LockReply, ApiError> {
         let id = parse_id("proxy_id", &req.proxy_id)?;
         let req = req.clone();
+        let ttl = req
+            .ttl_ms
+            .map_or(DEFAULT_LOCK_TTL_MS, |t| i64::try_from(t).unwrap_or(i64::MAX))
+            .clamp(LOCK_TTL_RANGE_MS.0, LOCK_TTL_RANGE_MS.1);
         self.engine
             .submit(move |txn| {
                 let now = txn.now_ms();
@@ -278,35 +336,44 @@ impl LeaseService {
                     return Err(ApiError::not_found(format!("proxy {id} not found")));
                 };
                 let in_use = p.in_use();
-                let take = |txn: &mut crate::engine::Txn<'_>| {
-                    txn.apply(Op::Lock { proxy: id, lock: Lock { job: req.job_id.clone(), since_ms: now } });
-                    Ok(LockReply { in_use, since_ms: now })
+                let reply = |lock: &Lock| LockReply {
+                    in_use,
+                    since_ms: lock.since_ms,
+                    held_ms: u64::try_from(now - lock.since_ms).unwrap_or(0),
+                    deadline_ms: lock.deadline(),
                 };
                 match &p.lock {
                     Some(l) if l.job == req.job_id => {
-                        if req.restart {
-                            take(txn)
+                        // A restart starts the clock of the drain; any call renews the deadline, logged only once
+                        // half of the lifetime is gone so that a drain's polls do not log an operation each.
+                        if req.restart || l.deadline() - now < ttl / 2 {
+                            let since_ms = if req.restart { now } else { l.since_ms };
+                            let lock = Lock { job: req.job_id.clone(), since_ms, deadline_ms: now + ttl };
+                            txn.apply(Op::Lock { proxy: id, lock: lock.clone() });
+                            Ok(reply(&lock))
                         } else {
-                            Ok(LockReply { in_use, since_ms: l.since_ms })
+                            Ok(reply(l))
                         }
                     }
-                    Some(l) => {
-                        let stale = req
-                            .take_over_after_ms
-                            .is_some_and(|after| now - l.since_ms >= i64::try_from(after).unwrap_or(i64::MAX));
-                        if stale {
-                            tracing::warn!(proxy = %id, from = %l.job, to = %req.job_id, "rotation lock taken over");
-                            take(txn)
-                        } else {
-                            Err(ApiError::new(ErrorCode::Conflict, "the proxy is already rotating"))
-                        }
-                    }
+                    Some(l) => Err(ApiError::new(
+                        ErrorCode::Conflict,
+                        format!("proxy {id} is already rotating (locked by job {})", l.job),
+                    )),
+                    // A restart or check of a lock that is gone (released, taken back) never re-creates it.
+                    None if !req.claim => Err(ApiError::new(
+                        ErrorCode::Conflict,
+                        format!("proxy {id} is not locked by rotation job {}", req.job_id),
+                    )),
                     None if !p.catalog.active => Err(ApiError::new(ErrorCode::Conflict, "the proxy is disabled")),
                     None if p.entry().expired(now) => Err(ApiError::new(
                         ErrorCode::Conflict,
                         "the proxy's provider subscription has ended (expired_at)",
                     )),
-                    None => take(txn),
+                    None => {
+                        let lock = Lock { job: req.job_id.clone(), since_ms: now, deadline_ms: now + ttl };
+                        txn.apply(Op::Lock { proxy: id, lock: lock.clone() });
+                        Ok(reply(&lock))
+                    }
                 }
             })
             .await
@@ -314,10 +381,14 @@ impl LeaseService {
 
     /// After a rotation job stored its result: releases the lock; with `req.reset` (success) also drops every lease
     /// (holders are called back) and starts a new cycle. Applies only while `req.job_id` holds the lock.
+    ///
+    /// The catalogue the rotation stored is applied like a sync, guarded the same way: a disable, edit or delete
+    /// that reached the engine after this re-read is newer and wins.
     pub async fn rotated(&self, req: &RotatedRequest) -> Result<RotatedReply, ApiError> {
         let id = parse_id("proxy_id", &req.proxy_id)?;
         let doc = self.store.proxies().find_one(doc! { "_id": id }).await.map_err(store_error)?;
-        let catalog = doc.as_ref().map(Catalog::from);
+        // Between the read and the commit a sync may land (a disable): the guard below must let it win.
+        proxypool_faults::point_at("lease.rotated.read", id).await;
         let (job, reset) = (req.job_id.clone(), req.reset);
         self.engine
             .submit(move |txn| {
@@ -330,8 +401,9 @@ impl LeaseService {
                         format!("proxy {id} is not locked by rotation job {job}"),
                     ));
                 }
-                let dropped_leases = if reset { p.in_use() } else { 0 };
-                txn.apply(Op::Unlock { proxy: id, reset, catalog });
+                let mut dropped_leases = if reset { p.in_use() } else { 0 };
+                txn.apply(Op::Unlock { proxy: id, reset, catalog: None });
+                dropped_leases += apply_docs(txn, vec![(id, doc)]).dropped_leases;
                 Ok(RotatedReply { dropped_leases })
             })
             .await

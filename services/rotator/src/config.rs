@@ -28,7 +28,9 @@ pub struct RotatorConfig {
     pub scan_batch: i64,
     /// `ROTATE_DRAIN_MAX` (seconds, default 120): longest a rotation waits for active leases to be returned.
     pub drain_max: Duration,
-    /// `ROTATE_LOCK_TTL` (seconds, default drain + 180): a rotation lock older than this is taken over.
+    /// `ROTATE_LOCK_TTL` (seconds, default drain + 180): how long a rotation lock lives without its job renewing it.
+    /// A working job renews it every third of this; the lease service takes back a lock whose job stopped (crashed,
+    /// gave up) once it runs out, so this is how long a lost job can keep a proxy out of service.
     pub lock_ttl: Duration,
     /// `ROTATE_TIMEOUT` (seconds, default 10): timeout of each provider and IP-check call.
     pub http_timeout: Duration,
@@ -75,9 +77,9 @@ impl RotatorConfig {
         };
         let drain_max = env.seconds_or("ROTATE_DRAIN_MAX", Duration::from_secs(120))?;
         let lock_ttl = env.seconds_or("ROTATE_LOCK_TTL", drain_max + Duration::from_secs(180))?;
-        // A lock younger than its drain would be taken over from a job that is still waiting for its holders.
-        if lock_ttl <= drain_max {
-            return Err(ConfigError::invalid("ROTATE_LOCK_TTL", "must be longer than ROTATE_DRAIN_MAX"));
+        // Renewed every third of itself: shorter than a few seconds, a slow lease-leader failover would lose it.
+        if lock_ttl < Duration::from_secs(3) {
+            return Err(ConfigError::invalid("ROTATE_LOCK_TTL", "must be at least 3 seconds"));
         }
         let http_timeout = env.seconds_or("ROTATE_TIMEOUT", Duration::from_secs(10))?;
         let ip_check_urls: Vec<String> = env.list("IP_CHECK_URLS")?;
@@ -143,8 +145,11 @@ mod tests {
         assert!(e.unwrap_or_default().contains("ROTATOR_ROLE"));
         let e = RotatorConfig::from_env(&Env::from_pairs([("IP_CHECK_URLS", "ftp://x")])).err().map(|e| e.to_string());
         assert!(e.unwrap_or_default().contains("IP_CHECK_URLS"));
-        let short = Env::from_pairs([("ROTATE_DRAIN_MAX", "60"), ("ROTATE_LOCK_TTL", "60")]);
+        let short = Env::from_pairs([("ROTATE_LOCK_TTL", "2")]);
         let e = RotatorConfig::from_env(&short).err().map(|e| e.to_string());
-        assert!(e.unwrap_or_default().contains("ROTATE_LOCK_TTL"), "a lock TTL within the drain is refused");
+        assert!(e.unwrap_or_default().contains("ROTATE_LOCK_TTL"), "a lock TTL too short to renew is refused");
+        // Renewed while the job works, the lock may be shorter than the drain.
+        let renewed = Env::from_pairs([("ROTATE_DRAIN_MAX", "60"), ("ROTATE_LOCK_TTL", "10")]);
+        assert!(RotatorConfig::from_env(&renewed).is_ok());
     }
 }

@@ -2,12 +2,14 @@
 //! a proxy, the rotation lock).
 //!
 //! A proxy is claimed by taking its rotation lock from the lease service (the owner of everything that gates
-//! leasing: no new lease from the moment it answers), then recording the job id on the document; the job is
-//! published with that id as its JetStream message id, so it is queued once however many schedulers run
-//! ([`crate::scheduler`]). A job is acknowledged only after its result is stored and the lease service has released
-//! the lock (resetting the leases on success), so a worker that dies mid-job leaves the job to be redelivered to
-//! another ([`crate::worker`]). Every step checks that the proxy is still locked by this job, so a stale or
-//! duplicate delivery changes nothing.
+//! leasing: no new lease from the moment it answers); the job is published with its id as its JetStream message
+//! id, so it is queued once however many schedulers run ([`crate::scheduler`]). The lock is a lease in the lease
+//! engine: it has a deadline, the job renews it while it works ([`LockKeeper`]), and the lease service takes it
+//! back when the deadline passes, so a job that died or gave up never strands its proxy. A job is acknowledged only
+//! after its result is stored and the lease service has released the lock (resetting the leases on success), so a
+//! worker that dies mid-job leaves the job to be redelivered to another ([`crate::worker`]). Only a claim creates a
+//! lock: every later step asks the lease service whether this job still holds it, so a stale or duplicate delivery
+//! changes nothing.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,9 +17,9 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::PullConsumer};
 use bson::oid::ObjectId;
 use bson::{doc, DateTime};
-use proxypool_contracts::endpoints::LeaseCtlLock;
+use proxypool_contracts::endpoints::{LeaseCtlLock, LeaseCtlRotated};
 use proxypool_contracts::rotation::RotationJob;
-use proxypool_contracts::rotation::{LockReply, LockRequest};
+use proxypool_contracts::rotation::{LockReply, LockRequest, RotatedRequest};
 use proxypool_rpc::jetstream::{Delivery, JetStreamError, ROTATIONS};
 use proxypool_store::model::ProxyDoc;
 use proxypool_store::{Store, StoreError};
@@ -37,6 +39,9 @@ pub enum JobError {
     /// The lease service did not answer (lock, drain, reset).
     #[error("lease service")]
     Lease(#[from] proxypool_rpc::CallError),
+    /// A test's fault point failed this step.
+    #[error("fault injected at {0}")]
+    Fault(&'static str),
 }
 
 impl From<mongodb::error::Error> for JobError {
@@ -108,8 +113,9 @@ impl Rotator {
         ROTATIONS.ensure_consumer(&self.inner.js, delivery).await
     }
 
-    /// Takes, checks or takes over the rotation lock at the lease service. `None` when another job holds it, the
-    /// proxy cannot rotate (disabled, subscription ended) or is gone.
+    /// Claims, restarts or checks (and so renews) the rotation lock at the lease service. `None` when this job does
+    /// not hold it (another does, it was released or taken back), the proxy cannot rotate (disabled, subscription
+    /// ended) or is gone.
     pub(crate) async fn lock(&self, req: &LockRequest) -> Result<Option<LockReply>, JobError> {
         match proxypool_rpc::call::<LeaseCtlLock>(&self.inner.nats, req).await {
             Ok(reply) => Ok(Some(reply)),
@@ -128,8 +134,74 @@ impl Rotator {
         Ok(self.inner.store.proxies().find_one(doc! { "_id": id }).await?)
     }
 
-    /// Whether the document records `job` as the current rotation (the lock itself is the lease service's).
-    pub(crate) fn holds_lock(doc: &ProxyDoc, job: &RotationJob) -> bool {
-        doc.rotation_job.as_deref() == Some(job.job_id.as_str())
+    /// The lock's lifetime without a renewal, as the lease service takes it.
+    pub(crate) fn lock_ttl_ms(&self) -> Option<u64> {
+        Some(u64::try_from(self.inner.config.lock_ttl.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    /// Releases `job`'s lock without resetting the leases (the proxy keeps its address), when a job or a claim stops
+    /// while it may hold it. Best effort: if the lease service cannot be reached, the lock's deadline takes it back.
+    pub(crate) async fn abandon(&self, job: &RotationJob, why: &str) {
+        let req = RotatedRequest { proxy_id: job.proxy_id.clone(), job_id: job.job_id.clone(), reset: false };
+        match proxypool_rpc::call::<LeaseCtlRotated>(&self.inner.nats, &req).await {
+            Ok(_) => tracing::info!(proxy = %job.proxy_id, job = %job.job_id, why, "rotation lock released"),
+            Err(proxypool_rpc::CallError::Remote(e)) if e.code == proxypool_contracts::ErrorCode::Conflict => {}
+            Err(e) => tracing::warn!(
+                proxy = %job.proxy_id, job = %job.job_id, why, error = %e,
+                "cannot release the rotation lock; its deadline will"
+            ),
+        }
+    }
+
+    /// Starts renewing `job`'s lock every third of its lifetime until the keeper is dropped.
+    pub(crate) fn keep(&self, job: &RotationJob) -> LockKeeper {
+        let (lost_tx, lost) = tokio::sync::watch::channel(false);
+        let (rotator, check) = (self.clone(), LockRequest::check(&job.proxy_id, &job.job_id, self.lock_ttl_ms()));
+        let every = self.inner.config.lock_ttl / 3;
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                match rotator.lock(&check).await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => {
+                        tracing::warn!(proxy = %check.proxy_id, job = %check.job_id, "the rotation lock was lost");
+                        lost_tx.send_replace(true);
+                        return;
+                    }
+                    // Not answered (a failover): ask again at the next turn; the deadline leaves two more.
+                    Err(e) => tracing::debug!(error = %e, "cannot renew the rotation lock yet"),
+                }
+            }
+        });
+        LockKeeper { task, lost }
+    }
+}
+
+/// Renews a job's rotation lock while the job works (drain, provider call, IP check); stops when dropped.
+#[derive(Debug)]
+pub(crate) struct LockKeeper {
+    task: tokio::task::JoinHandle<()>,
+    lost: tokio::sync::watch::Receiver<bool>,
+}
+
+impl LockKeeper {
+    /// Resolves when the lease service said the job no longer holds the lock.
+    pub(crate) async fn lost(&self) {
+        let mut lost = self.lost.clone();
+        if lost.wait_for(|l| *l).await.is_err() {
+            // The keeper's task ended without losing the lock (only by being dropped): never lost.
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Whether it was lost.
+    pub(crate) fn is_lost(&self) -> bool {
+        *self.lost.borrow()
+    }
+}
+
+impl Drop for LockKeeper {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }

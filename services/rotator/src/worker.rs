@@ -24,41 +24,62 @@ use crate::rotator::{millis_from_now, truncate, JobError, Rotator};
 const DRAIN_POLL: Duration = Duration::from_millis(250);
 
 impl Rotator {
-    /// Runs one job. `Ok` means acknowledge (done, or nothing to do); `Err` means redeliver.
-    pub async fn process(&self, job: &RotationJob) -> Result<(), JobError> {
+    /// Runs one delivery of a job. `Ok` means acknowledge (done, or nothing to do); `Err` means redeliver. On the
+    /// last delivery a failure releases the lock, since nothing will come back for it.
+    pub async fn process(&self, job: &RotationJob, last_delivery: bool) -> Result<(), JobError> {
         let Ok(id) = ObjectId::parse_str(&job.proxy_id) else { return Ok(()) };
-        let Some(mut doc) = self.load(id).await? else { return Ok(()) };
-        if !Self::holds_lock(&doc, job) {
-            tracing::debug!(proxy = %id, job = %job.job_id, "stale job: the proxy is not locked by it");
-            return Ok(());
+        let result = self.run_job(id, job).await;
+        if result.is_err() && last_delivery {
+            self.abandon(job, "given up after ROTATE_MAX_DELIVER deliveries").await;
         }
+        result
+    }
+
+    async fn run_job(&self, id: ObjectId, job: &RotationJob) -> Result<(), JobError> {
+        // Only the job that holds the lock works, and only a claim creates one: a stale or duplicate delivery (its
+        // lock released by its own rotation, or taken back) stops here instead of locking the proxy again. The
+        // restart also starts the drain's clock: a job may have waited in the queue behind a backlog.
+        let start = LockRequest { restart: true, ..LockRequest::check(&job.proxy_id, &job.job_id, self.lock_ttl_ms()) };
+        let Some(lock) = self.lock(&start).await? else {
+            tracing::debug!(proxy = %id, job = %job.job_id, "stale job: it does not hold the proxy's lock");
+            return Ok(());
+        };
+        let keeper = self.keep(job);
+        if proxypool_faults::point_at("rotator.job.locked", id).await {
+            return Err(JobError::Fault("rotator.job.locked"));
+        }
+        let Some(doc) = self.load(id).await? else {
+            self.abandon(job, "the proxy is gone").await;
+            return Ok(());
+        };
         if doc.status != ProxyStatus::Completed {
-            // The lock's age (for take-over) and the drain limit count from when a worker starts the job, not from
-            // the claim: a job may wait in the queue behind a backlog.
-            let start = LockRequest {
-                proxy_id: job.proxy_id.clone(),
-                job_id: job.job_id.clone(),
-                take_over_after_ms: None,
-                restart: true,
-            };
-            let Some(lock) = self.lock(&start).await? else {
-                tracing::debug!(proxy = %id, job = %job.job_id, "stale job: the lease service holds no lock for it");
+            if !self.drain(id, job, lock).await? {
+                return Ok(());
+            }
+            let Some(doc) = self.load(id).await? else {
+                self.abandon(job, "the proxy is gone").await;
                 return Ok(());
             };
-            match self.drain(id, job, lock).await? {
-                Some(d) => doc = d,
-                None => return Ok(()),
-            }
             let started = Instant::now();
-            let outcome = self.rotate(&doc).await;
+            let outcome = tokio::select! {
+                outcome = self.rotate(&doc) => outcome,
+                () = keeper.lost() => {
+                    tracing::warn!(proxy = %id, job = %job.job_id, "rotation abandoned: its lock was lost");
+                    return Ok(());
+                }
+            };
             tracing::info!(proxy = %id, ok = outcome.is_ok(), took = ?started.elapsed(), "rotation finished");
             let m = &self.inner.metrics;
             m.duration.observe(started.elapsed().as_secs_f64());
             let result = if outcome.is_ok() { "succeeded" } else { "failed" };
             m.rotations.get_or_create(&ResultLabel { result }).inc();
+            if keeper.is_lost() {
+                return Ok(());
+            }
             match outcome {
                 Ok((addr, ip, region)) => {
-                    if !self.store_success(&doc, job, &addr, &ip, region).await? {
+                    if !self.store_success(&doc, &addr, &ip, region).await? {
+                        self.abandon(job, "the proxy is no longer marked as rotating").await;
                         return Ok(());
                     }
                 }
@@ -72,33 +93,25 @@ impl Rotator {
     }
 
     /// Waits until no lease is held or `ROTATE_DRAIN_MAX` has passed since the job started, asking the lease service
-    /// (which counts the holders). `None` if the lock was lost.
-    async fn drain(&self, id: ObjectId, job: &RotationJob, mut lock: LockReply) -> Result<Option<ProxyDoc>, JobError> {
+    /// (which counts the holders and measures the wait on its own clock); each poll renews the lock. `false` if the
+    /// lock was lost.
+    async fn drain(&self, id: ObjectId, job: &RotationJob, mut lock: LockReply) -> Result<bool, JobError> {
         let max = self.inner.config.drain_max;
-        let check = LockRequest {
-            proxy_id: job.proxy_id.clone(),
-            job_id: job.job_id.clone(),
-            take_over_after_ms: None,
-            restart: false,
-        };
+        let check = LockRequest::check(&job.proxy_id, &job.job_id, self.lock_ttl_ms());
         loop {
-            let waited =
-                Duration::from_millis(u64::try_from(DateTime::now().timestamp_millis() - lock.since_ms).unwrap_or(0));
             if lock.in_use == 0 {
-                break;
+                return Ok(true);
             }
-            if waited >= max {
+            if Duration::from_millis(lock.held_ms) >= max {
                 tracing::warn!(proxy = %id, held = lock.in_use, "drain timed out; rotating with leases still held");
-                break;
+                return Ok(true);
             }
             tokio::time::sleep(DRAIN_POLL).await;
             match self.lock(&check).await? {
                 Some(l) => lock = l,
-                None => return Ok(None),
+                None => return Ok(false),
             }
         }
-        let Some(doc) = self.load(id).await? else { return Ok(None) };
-        Ok(Self::holds_lock(&doc, job).then_some(doc))
     }
 
     /// Calls the rotate URL (unless disabled), reads the new address, checks the public IP through the proxy and
@@ -162,7 +175,6 @@ impl Rotator {
     async fn store_success(
         &self,
         doc: &ProxyDoc,
-        job: &RotationJob,
         addr: &Address,
         ip_public: &str,
         region: Option<String>,
@@ -176,7 +188,8 @@ impl Rotator {
         if let Some(r) = region {
             set.insert("region", r);
         }
-        let filter = doc! { "_id": doc.id, "rotation_job": &job.job_id, "status": i32::from(ProxyStatus::Processing) };
+        // The lock (the lease service's, held by this job) makes this job the only writer of the rotation's result.
+        let filter = doc! { "_id": doc.id, "status": i32::from(ProxyStatus::Processing) };
         let res = self.inner.store.proxies().update_one(filter, doc! { "$set": set }).await?;
         Ok(res.matched_count == 1)
     }
@@ -196,7 +209,7 @@ impl Rotator {
             "next_rotate": millis_from_now(self.inner.config.error_backoff),
             "status": i32::from(ProxyStatus::Pending), "updatedAt": DateTime::now(),
         };
-        let filter = doc! { "_id": doc.id, "rotation_job": &job.job_id, "status": i32::from(ProxyStatus::Processing) };
+        let filter = doc! { "_id": doc.id, "status": i32::from(ProxyStatus::Processing) };
         self.inner.store.proxies().update_one(filter, doc! { "$set": set }).await?;
         // The lock goes, the leases stay (the old address still works).
         self.finish_with_lease_service(job, false).await
@@ -238,12 +251,13 @@ pub async fn run_workers(rotator: Rotator, shutdown: Shutdown) -> Result<(), Jet
         retry_max: Duration::from_secs(60),
         drain: Duration::from_secs(30),
     };
+    let c_max_deliver = c.max_deliver;
     workqueue::run(consumer, options, shutdown, move |job: RotationJob, attempt| {
         let rotator = rotator.clone();
         let span = tracing::info_span!("rotation.process", proxy = %job.proxy_id, job = %job.job_id, attempt);
         tracing::Instrument::instrument(
             async move {
-                match rotator.process(&job).await {
+                match rotator.process(&job, attempt >= c_max_deliver).await {
                     Ok(()) => Outcome::Done,
                     Err(e) => Outcome::Retry(proxypool_rpc::error_chain(&e)),
                 }

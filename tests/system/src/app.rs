@@ -30,7 +30,7 @@ mod launch;
 
 pub use builder::TestAppBuilder;
 pub use consumer::nats_call;
-pub use handles::{ForwardHandle, GatewayHandle, ImporterHandle, LeaseReplica, RotatorHandle};
+pub use handles::{ForwardHandle, GatewayHandle, ImporterHandle, LeaseProcess, LeaseReplica, RotatorHandle};
 pub use proxypool_test_support::{API_KEY, JWT_SECRET};
 
 /// The whole system for one test.

@@ -283,12 +283,11 @@ async fn leases_survive_leader_kills_a_standby_kill_and_a_nats_restart() -> R {
     let full = proxypool_contracts::rotation::SyncRequest { proxy_ids: Vec::new(), full: true };
     proxypool_rpc::call_within::<proxypool_contracts::endpoints::LeaseCtlSync>(&app.client, &full, None).await?;
     let mut rotator_config = app.rotator_config(&fake);
-    // A lock whose job was lost in a fault is taken over after ROTATE_LOCK_TTL (the operator's safety net); short here
-    // so that "no proxy stays locked" is checked within the test. Holders return within 40 ms, so no drain is near it.
+    // A lock whose job was lost in a fault is taken back by the lease service at its deadline, ROTATE_LOCK_TTL after
+    // the job last renewed it; short here so that "no proxy stays locked" is checked within the test.
     rotator_config.lock_ttl = Duration::from_secs(8);
     // A grant orphaned by a leader kill (appended, never answered) is held by nobody until LEASE_TTL, so a rotation
-    // of its proxy drains for the whole ROTATE_DRAIN_MAX: shorter than the lock TTL (as the configuration requires)
-    // and than the settle window below.
+    // of its proxy drains for the whole ROTATE_DRAIN_MAX: shorter than the settle window below.
     rotator_config.drain_max = Duration::from_secs(5);
     let rotator = app.start_rotator(rotator_config).await?;
 
@@ -393,12 +392,11 @@ async fn leases_survive_leader_kills_a_standby_kill_and_a_nats_restart() -> R {
             for d in docs.iter().filter(|d| d.is_rotating) {
                 // Asked with the job MongoDB names: the lease service answers its lock's age and holders if that job
                 // holds it, and a conflict if another one does (the projection then trails the lease service).
-                let ask = proxypool_contracts::rotation::LockRequest {
-                    proxy_id: d.id.to_hex(),
-                    job_id: d.rotation_job.clone().unwrap_or_default(),
-                    take_over_after_ms: None,
-                    restart: false,
-                };
+                let ask = proxypool_contracts::rotation::LockRequest::check(
+                    &d.id.to_hex(),
+                    d.rotation_job.as_deref().unwrap_or_default(),
+                    None,
+                );
                 let held = proxypool_rpc::call::<proxypool_contracts::endpoints::LeaseCtlLock>(&app.client, &ask).await;
                 why.push(format!(
                     "{}: job {:?} status {:?} since {:?} in_use {} held by {:?} lease_rev {}; lease service: {held:?}",

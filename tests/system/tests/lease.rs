@@ -162,8 +162,7 @@ async fn disabled_locked_expired_addressless_and_overused_proxies_are_never_leas
     let past = DateTime::from_millis(DateTime::now().timestamp_millis() - 60_000);
     app.update_proxy(ids[0], doc! { "$set": { "is_active": false, "updatedAt": DateTime::now() } }).await?;
     // Locked for rotation, as the rotator does it: through the lease service.
-    let lock =
-        LockRequest { proxy_id: ids[1].to_hex(), job_id: "job-1".into(), take_over_after_ms: None, restart: false };
+    let lock = LockRequest { claim: true, ..LockRequest::check(&ids[1].to_hex(), "job-1", None) };
     app.call::<LeaseCtlLock>(&lock).await?.into_result()?;
     // The provider subscription has ended.
     app.update_proxy(ids[2], doc! { "$set": { "expired_at": past, "updatedAt": DateTime::now() } }).await?;
@@ -182,8 +181,7 @@ async fn disabled_locked_expired_addressless_and_overused_proxies_are_never_leas
     let e = app.nats_acquire("vn", "c").await?.into_result().err();
     assert_eq!(e.map(|e| e.code), Some(ErrorCode::NoProxyAvailable));
     // An expired subscription is not rotated either, and the listing says why it is not leased.
-    let again =
-        LockRequest { proxy_id: ids[2].to_hex(), job_id: "job-2".into(), take_over_after_ms: None, restart: false };
+    let again = LockRequest { claim: true, ..LockRequest::check(&ids[2].to_hex(), "job-2", None) };
     let refused = app.call::<LeaseCtlLock>(&again).await?.into_result().err().map(|e| e.message).unwrap_or_default();
     assert!(refused.contains("subscription has ended"), "{refused}");
     let listed = listed_proxy(&app, &ids[2].to_hex()).await?;
@@ -382,6 +380,7 @@ async fn a_503_past_the_callers_deadline_leaves_no_lease() -> R {
         package: None,
         door: None,
         session: None,
+        request_id: None,
     };
     let grant = service.acquire(&acquire).await?;
     wait_for_leases(&app, &id, 1).await?;

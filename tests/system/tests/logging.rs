@@ -52,6 +52,8 @@ async fn internal_errors_are_logged_once_at_error_and_outages_at_warn() -> R {
 
     // A service that answers garbage: the gateway cannot decode the reply, an internal error.
     let mut sub = app.client.subscribe(subjects::ROTATOR_ROTATE_NOW).await?;
+    // Confirmed by the server before the gateway asks: otherwise its request can find no responder yet (a 503).
+    app.client.flush().await?;
     let nc = app.client.clone();
     tokio::spawn(async move {
         while let Some(msg) = sub.next().await {

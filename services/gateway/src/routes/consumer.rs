@@ -1,11 +1,15 @@
 //! Consumer routes: lease a proxy and return it (the original design's `/api/get-proxy` and `/webhook/return-proxy/:id`).
 //!
-//! Both forward to the lease service over NATS, so HTTP and NATS consumers get the same answers and codes.
+//! They forward to the lease service over NATS, so HTTP and NATS consumers get the same answers and codes. Each
+//! lease request carries an id of the gateway's making, and is asked again with it while the lease service changes
+//! leaders, so a failover is no error to the consumer (and a grant whose answer was lost is not left held).
 
 use axum::extract::State;
 use axum::Json;
-use proxypool_contracts::endpoints::{LeaseAcquire, LeaseRelease};
-use proxypool_contracts::lease::{AcquireRequest, LeaseGrant, ReleaseOutcome, ReleaseRequest};
+use proxypool_contracts::endpoints::{LeaseAcquire, LeaseRelease, LeaseRenew};
+use proxypool_contracts::lease::{
+    new_request_id, AcquireRequest, LeaseGrant, ReleaseOutcome, ReleaseRequest, RenewOutcome, RenewRequest,
+};
 use proxypool_contracts::{Area, ObjectIdHex};
 use serde::Deserialize;
 
@@ -44,9 +48,10 @@ pub async fn get_proxy(
         area: Some(area.as_str().to_owned()),
         consumer: Some(ip.to_string()),
         callback_url: q.callback_url.clone(),
+        request_id: Some(new_request_id()),
         ..Default::default()
     };
-    Ok(Json(state.call::<LeaseAcquire>(&req).await?))
+    Ok(Json(state.call_retrying::<LeaseAcquire>(&req).await?))
 }
 
 /// Query of the return webhook.
@@ -74,4 +79,24 @@ pub async fn return_proxy(
     let key = ObjectIdHex::parse_field("key", q.key.as_deref())?;
     let req = ReleaseRequest { proxy_id: Some(id.to_hex()), key: Some(key.to_string()), failure: None };
     Ok(Json(state.call::<LeaseRelease>(&req).await?))
+}
+
+/// Renew a lease: `LEASE_TTL` counts again from now (static key + IP allow list).
+#[utoipa::path(post, path = "/webhook/renew-proxy/{id}", tag = "consumer",
+    params(("id" = inline(crate::extract::Id), Path, description = "Proxy id"), ReturnQuery), security(("api_key" = [])),
+    responses((status = 200, body = RenewOutcome), (status = 400, body = crate::openapi::ErrorBody),
+        (status = 401, body = crate::openapi::ErrorBody), (status = 403, body = crate::openapi::ErrorBody),
+        (status = 404, description = "no such lease: returned, taken back (rotation, disable, LEASE_TTL) or never granted",
+            body = crate::openapi::ErrorBody),
+        (status = 503, body = crate::openapi::ErrorBody)))]
+#[tracing::instrument(skip_all)]
+pub async fn renew_proxy(
+    State(state): State<AppState>,
+    _consumer: Consumer,
+    Path(Id(id)): Path<Id>,
+    Query(q): Query<ReturnQuery>,
+) -> HttpResult<Json<RenewOutcome>> {
+    let key = ObjectIdHex::parse_field("key", q.key.as_deref())?;
+    let req = RenewRequest { proxy_id: Some(id.to_hex()), key: Some(key.to_string()) };
+    Ok(Json(state.call::<LeaseRenew>(&req).await?))
 }

@@ -3,10 +3,17 @@
 //! The state is a pure function of the MongoDB projection it was loaded from and the log operations applied after
 //! it: [`State::apply`] is deterministic, so the leader (which applies an operation as it decides it) and every
 //! follower (which applies it from the log) hold the same state. Two secondary structures are kept in step by every
-//! change: the candidate index ([`PoolIndex`], `O(log n)` per pick) and the expiry order (leases by grant time, so
-//! the `LEASE_TTL` reaper never scans).
+//! change: the candidate index ([`PoolIndex`], `O(log n)` per pick), the expiry order (leases by grant or renewal
+//! time, so the `LEASE_TTL` reaper never scans), the lock deadlines (so an abandoned rotation lock is taken back
+//! without a scan) and the request ids recently granted (so a repeated acquire gets the same grant).
+//!
+//! Every time in the state is on the engine's clock ([`super::clock`]), carried in the log, never a replica's own
+//! wall clock.
 
 use std::collections::{BTreeSet, HashMap};
+
+/// A rotation lock of a legacy projection (written before locks had deadlines) lives this long from its start.
+const LEGACY_LOCK_TTL_MS: i64 = 300_000;
 
 use bson::oid::ObjectId;
 use bson::{doc, DateTime, Document};
@@ -93,6 +100,19 @@ pub struct Lease {
     /// The door's sticky session, if it belongs to one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<String>,
+    /// The caller's request id, if it sent one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
+    /// Last renewed, epoch ms (engine clock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewed_ms: Option<i64>,
+}
+
+impl Lease {
+    /// Where `LEASE_TTL` counts from: the last renewal, else the grant.
+    pub fn base_ms(&self) -> i64 {
+        self.renewed_ms.unwrap_or(self.at_ms)
+    }
 }
 
 /// An upstream failure the forward door reported with a release. The time is in the operation, not read while
@@ -105,13 +125,28 @@ pub struct Failure {
     pub at_ms: i64,
 }
 
-/// A rotation lock.
+/// A rotation lock: a lease held by one rotation job, with a deadline the job renews while it works.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Lock {
     /// The rotation job holding it.
     pub job: String,
     /// When taken or restarted, epoch ms.
     pub since_ms: i64,
+    /// When the leader takes it back unless renewed, epoch ms (0 in batches written before deadlines existed: read
+    /// as `since_ms` plus the default lock TTL).
+    #[serde(default)]
+    pub deadline_ms: i64,
+}
+
+impl Lock {
+    /// The deadline, with the legacy default applied.
+    pub fn deadline(&self) -> i64 {
+        if self.deadline_ms > 0 {
+            self.deadline_ms
+        } else {
+            self.since_ms.saturating_add(LEGACY_LOCK_TTL_MS)
+        }
+    }
 }
 
 /// The state of one proxy.
@@ -152,6 +187,8 @@ impl ProxyState {
                     callback_url: u.callback_url.clone(),
                     door: u.door.as_deref().and_then(|d| serde_json::from_value(d.into()).ok()),
                     session: u.session.clone(),
+                    request: u.request.clone(),
+                    renewed_ms: u.renewed_at.map(|t| t.timestamp_millis()),
                 })
                 .collect(),
             used_count: u32::try_from(d.used_count).unwrap_or(0),
@@ -160,6 +197,7 @@ impl ProxyState {
             lock: d.is_rotating.then(|| Lock {
                 job: d.rotation_job.clone().unwrap_or_default(),
                 since_ms: d.rotating_since.map_or(0, |t| t.timestamp_millis()),
+                deadline_ms: d.rotation_deadline.map_or(0, |t| t.timestamp_millis()),
             }),
             upstream_failures: u32::try_from(d.upstream_failures).unwrap_or(0),
             last_failure: d.last_upstream_failure.as_ref().and_then(|f| {
@@ -222,10 +260,16 @@ impl ProxyState {
                 if let Some(session) = &l.session {
                     d.insert("session", session);
                 }
+                if let Some(request) = &l.request {
+                    d.insert("request", request);
+                }
+                if let Some(at) = l.renewed_ms {
+                    d.insert("renewed_at", ms(at));
+                }
                 d
             })
             .collect();
-        doc! {
+        let mut set = doc! {
             "in_use": i32::try_from(self.leases.len()).unwrap_or(i32::MAX),
             "used_count": i32::try_from(self.used_count).unwrap_or(i32::MAX),
             "proxy_used": proxy_used,
@@ -236,7 +280,13 @@ impl ProxyState {
             "upstream_failures": i64::from(self.upstream_failures),
             "last_upstream_failure": self.last_failure.map(|(kind, at)| doc! { "kind": kind.as_str(), "at": ms(at) }),
             "lease_rev": i64::try_from(seq).unwrap_or(i64::MAX),
+        };
+        // The job stays on the document after the unlock: it names the rotation that last held the proxy.
+        if let Some(l) = &self.lock {
+            set.insert("rotation_job", l.job.as_str());
+            set.insert("rotation_deadline", ms(l.deadline()));
         }
+        set
     }
 
     fn notices(&self, id: ObjectId, leases: &[Lease], reason: TakenReason) -> Vec<CallbackNotice> {
@@ -282,7 +332,16 @@ pub enum Op {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         failure: Option<Failure>,
     },
-    /// A rotation lock taken (or taken over, or restarted).
+    /// A lease renewed by its holder: `LEASE_TTL` counts from `at_ms`.
+    Renew {
+        /// Proxy.
+        proxy: ObjectId,
+        /// Lease key.
+        key: String,
+        /// When renewed, epoch ms (engine clock).
+        at_ms: i64,
+    },
+    /// A rotation lock taken, restarted or renewed.
     Lock {
         /// Proxy.
         proxy: ObjectId,
@@ -320,6 +379,7 @@ impl Op {
         match self {
             Op::Grant { proxy, .. }
             | Op::Release { proxy, .. }
+            | Op::Renew { proxy, .. }
             | Op::Lock { proxy, .. }
             | Op::Unlock { proxy, .. }
             | Op::Upsert { proxy, .. }
@@ -328,20 +388,34 @@ impl Op {
     }
 }
 
-/// The state of every proxy, with its index and expiry order.
+/// The state of every proxy, with its index, expiry order, lock deadlines and recent request ids.
 #[derive(Debug)]
 pub struct State {
     max: u32,
     proxies: HashMap<ObjectId, ProxyState>,
     index: PoolIndex,
-    /// Leases by grant time: (granted ms, proxy, key).
+    /// Leases by grant or renewal time: (base ms, proxy, key).
     expiry: BTreeSet<(i64, ObjectId, String)>,
+    /// Rotation locks by deadline: (deadline ms, proxy).
+    locks: BTreeSet<(i64, ObjectId)>,
+    /// Request ids granted recently: id → (proxy, key, granted ms).
+    requests: HashMap<String, (ObjectId, String, i64)>,
+    /// The same ids by grant time, to forget them after the window.
+    request_order: BTreeSet<(i64, String)>,
 }
 
 impl State {
     /// An empty state for `PROXY_USE_MAX = max`.
     pub fn new(max: u32) -> Self {
-        Self { max, proxies: HashMap::new(), index: PoolIndex::new(max), expiry: BTreeSet::new() }
+        Self {
+            max,
+            proxies: HashMap::new(),
+            index: PoolIndex::new(max),
+            expiry: BTreeSet::new(),
+            locks: BTreeSet::new(),
+            requests: HashMap::new(),
+            request_order: BTreeSet::new(),
+        }
     }
 
     /// `PROXY_USE_MAX`.
@@ -374,13 +448,23 @@ impl State {
     pub fn put(&mut self, id: ObjectId, state: Option<ProxyState>) {
         if let Some(old) = self.proxies.remove(&id) {
             for l in &old.leases {
-                self.expiry.remove(&(l.at_ms, id, l.key.clone()));
+                self.expiry.remove(&(l.base_ms(), id, l.key.clone()));
+            }
+            if let Some(lock) = &old.lock {
+                self.locks.remove(&(lock.deadline(), id));
             }
             self.index.remove(id);
         }
         if let Some(new) = state {
             for l in &new.leases {
-                self.expiry.insert((l.at_ms, id, l.key.clone()));
+                self.expiry.insert((l.base_ms(), id, l.key.clone()));
+                // A lease loaded or restored with its request id answers a repeat of that request.
+                if let Some(r) = &l.request {
+                    self.remember(r, id, &l.key, l.at_ms);
+                }
+            }
+            if let Some(lock) = &new.lock {
+                self.locks.insert((lock.deadline(), id));
             }
             self.index.set(id, new.entry());
             self.proxies.insert(id, new);
@@ -392,7 +476,43 @@ impl State {
         self.index.pick(area, now_ms, filter)
     }
 
-    /// Leases granted before `cutoff_ms`, oldest first, at most `limit`.
+    /// Rotation locks whose deadline is before `now_ms`, at most `limit`: (proxy, job).
+    pub fn expired_locks(&self, now_ms: i64, limit: usize) -> Vec<(ObjectId, String)> {
+        self.locks
+            .iter()
+            .take_while(|(deadline, _)| *deadline < now_ms)
+            .take(limit)
+            .filter_map(|(_, id)| Some((*id, self.proxies.get(id)?.lock.as_ref()?.job.clone())))
+            .collect()
+    }
+
+    fn remember(&mut self, request: &str, proxy: ObjectId, key: &str, at_ms: i64) {
+        if let Some((_, _, old)) = self.requests.insert(request.to_owned(), (proxy, key.to_owned(), at_ms)) {
+            self.request_order.remove(&(old, request.to_owned()));
+        }
+        self.request_order.insert((at_ms, request.to_owned()));
+    }
+
+    /// The lease still held for request id `request`, if one was granted within the window: (proxy, key).
+    pub fn recall(&self, request: &str) -> Option<(ObjectId, String)> {
+        let (proxy, key, _) = self.requests.get(request)?;
+        let held = self.proxies.get(proxy)?.leases.iter().any(|l| &l.key == key);
+        held.then(|| (*proxy, key.clone()))
+    }
+
+    /// Forgets request ids granted before `cutoff_ms`. Run with each batch's own time, on the leader and on every
+    /// follower alike.
+    pub fn forget_requests_before(&mut self, cutoff_ms: i64) {
+        while let Some((at, id)) = self.request_order.first().cloned() {
+            if at >= cutoff_ms {
+                break;
+            }
+            self.request_order.remove(&(at, id.clone()));
+            self.requests.remove(&id);
+        }
+    }
+
+    /// Leases whose `LEASE_TTL` counts from before `cutoff_ms`, oldest first, at most `limit`.
     pub fn expired_leases(&self, cutoff_ms: i64, limit: usize) -> Vec<(ObjectId, String)> {
         self.expiry
             .iter()
@@ -415,6 +535,9 @@ impl State {
         let mut notices = Vec::new();
         match op {
             Op::Grant { lease, webhook_url, .. } => {
+                if let Some(r) = &lease.request {
+                    self.remember(r, id, &lease.key, lease.at_ms);
+                }
                 p.used_count += 1;
                 p.last_used_ms = Some(lease.at_ms);
                 p.webhook_url = Some(webhook_url.clone());
@@ -433,6 +556,10 @@ impl State {
                 if let Some(reason) = taken {
                     notices = p.notices(id, std::slice::from_ref(&gone), *reason);
                 }
+            }
+            Op::Renew { key, at_ms, .. } => {
+                let Some(l) = p.leases.iter_mut().find(|l| &l.key == key) else { return Vec::new() };
+                l.renewed_ms = Some(*at_ms);
             }
             Op::Lock { lock, .. } => p.lock = Some(lock.clone()),
             Op::Unlock { reset, catalog, .. } => {
@@ -515,6 +642,8 @@ mod tests {
             callback_url: Some("http://cb".into()),
             door: None,
             session: None,
+            request: Some(format!("r-{key}")),
+            renewed_ms: None,
         };
         Op::Grant { proxy, lease, webhook_url: "http://w".into() }
     }
@@ -537,11 +666,31 @@ mod tests {
         assert_eq!(s.get(&id).cloned(), before);
         // used_count still 2: no more leases in this cycle.
         assert_eq!(s.candidate(Area::Vn, 30, Filter::default()), None);
-        s.apply(&Op::Lock { proxy: id, lock: Lock { job: "j".into(), since_ms: 40 } });
+        s.apply(&Op::Lock { proxy: id, lock: Lock { job: "j".into(), since_ms: 40, deadline_ms: 100 } });
+        assert!(s.expired_locks(100, 10).is_empty());
+        assert_eq!(s.expired_locks(101, 10), vec![(id, "j".to_owned())]);
         let notices = s.apply(&Op::Unlock { proxy: id, reset: true, catalog: None });
         assert_eq!(notices.len(), 1, "the holder of b is called back");
         assert_eq!(s.candidate(Area::Vn, 50, Filter::default()), Some(id));
         assert!(s.expired_leases(i64::MAX, 10).is_empty());
+        assert!(s.expired_locks(i64::MAX, 10).is_empty(), "the unlock drops the deadline");
+    }
+
+    #[test]
+    fn renewal_moves_the_expiry_and_request_ids_recall_held_leases_only() {
+        let mut s = State::new(3);
+        let id = ObjectId::new();
+        s.apply(&Op::Upsert { proxy: id, catalog: catalog(), clear: false });
+        s.apply(&grant(id, "a", 10));
+        assert_eq!(s.recall("r-a"), Some((id, "a".to_owned())));
+        s.apply(&Op::Renew { proxy: id, key: "a".into(), at_ms: 50 });
+        assert!(s.expired_leases(40, 10).is_empty(), "renewed at 50");
+        assert_eq!(s.expired_leases(51, 10), vec![(id, "a".to_owned())]);
+        s.apply(&Op::Release { proxy: id, key: "a".into(), uncount: true, taken: None, failure: None });
+        assert_eq!(s.recall("r-a"), None, "a withdrawn grant is not handed out again");
+        s.apply(&grant(id, "b", 20));
+        s.forget_requests_before(21);
+        assert_eq!(s.recall("r-b"), None, "forgotten after the window");
     }
 
     #[test]

@@ -100,3 +100,37 @@ impl ForwardHandle {
         format!("http://{user}:{key}@{}", self.http_addr)
     }
 }
+
+/// A `proxypool-lease` process (see [`TestApp::spawn_lease_process`]): SIGKILL is a real crash.
+#[derive(Debug)]
+pub struct LeaseProcess {
+    /// The child.
+    pub child: tokio::process::Child,
+    /// Its admin endpoint (`/metrics`, `/readyz`).
+    pub admin: String,
+}
+
+impl LeaseProcess {
+    /// Whether it reports that it leads.
+    pub async fn leads(&self, http: &reqwest::Client) -> bool {
+        let url = format!("http://{}/metrics", self.admin);
+        let Ok(res) = http.get(url).timeout(Duration::from_secs(1)).send().await else { return false };
+        res.text().await.unwrap_or_default().lines().any(|l| l.trim() == "proxypool_lease_leader 1")
+    }
+
+    /// Waits (at most `within`) until it leads.
+    pub async fn wait_to_lead(&self, http: &reqwest::Client, within: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + within;
+        while !self.leads(http).await {
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "lease process {} did not lead", self.admin);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    /// SIGKILL, and reaps it.
+    pub async fn kill(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+}

@@ -218,6 +218,45 @@ impl TestApp {
         Ok(ImporterHandle { importer, admin_addr, trigger, handle })
     }
 
+    /// Starts a `proxypool-lease` process (the workspace's binary) named `name` with `extra` variables, optionally
+    /// under a `wrapper` command (such as `faketime`), and waits until it is ready (state loaded).
+    pub async fn spawn_lease_process(
+        &self,
+        name: &str,
+        extra: &[(&str, String)],
+        wrapper: &[&str],
+    ) -> anyhow::Result<LeaseProcess> {
+        let bin = proxypool_test_support::process::workspace_binary("proxypool-lease")?;
+        let mut vars = vec![("HOSTNAME", name.to_owned()), ("LOG_LEVEL", "warn".to_owned())];
+        vars.extend(extra.iter().cloned());
+        let env = self.env_pairs_for("lease", &vars);
+        let admin = env.iter().rev().find(|(k, _)| k == "LEASE_ADMIN_ADDR").map(|(_, v)| v.clone()).unwrap_or_default();
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = tokio::process::Command::new(program);
+                c.args(args).arg(&bin);
+                c
+            }
+            None => tokio::process::Command::new(&bin),
+        };
+        let child = command
+            .envs(env)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()?;
+        let process = LeaseProcess { child, admin };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let ready = self.http.get(format!("http://{}/readyz", process.admin)).send().await;
+            if matches!(ready, Ok(r) if r.status().is_success()) {
+                return Ok(process);
+            }
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "lease process {name} not ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Stops lease replica `i` gracefully and waits for it.
     pub async fn stop_lease(&mut self, i: usize) -> anyhow::Result<()> {
         let r = self.leases.remove(i);

@@ -33,9 +33,13 @@ impl TakenReason {
     }
 }
 
-/// The JSON POSTed to a consumer's `callback_url`, and the job on [`crate::subjects::CALLBACKS`].
+/// The JSON POSTed to a consumer's `callback_url`, and the job on [`crate::subjects::CALLBACKS`]. Delivered at least
+/// once: a receiver drops a repeat by its `id`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CallbackNotice {
+    /// The notice's id, the same on every delivery of it: `<proxy id>-<key>-<reason>`.
+    #[serde(default)]
+    pub id: String,
     /// Where to POST (not part of the body sent).
     #[serde(skip_serializing_if = "String::is_empty", default)]
     pub callback_url: String,
@@ -47,6 +51,13 @@ pub struct CallbackNotice {
     pub reason: TakenReason,
     /// When.
     pub at: DateTime<Utc>,
+}
+
+impl CallbackNotice {
+    /// The id of the notice that lease `key` on `proxy_id` was taken for `reason`.
+    pub fn id_of(proxy_id: &str, key: &str, reason: TakenReason) -> String {
+        format!("{proxy_id}-{key}-{}", reason.as_str())
+    }
 }
 
 /// Whether `ip` is a public unicast address: not loopback, private, link-local (incl. cloud metadata

@@ -2,7 +2,9 @@
 //! here and nowhere else.
 //!
 //! Each `ensure_*` is idempotent (get or create), so every process that uses a resource ensures it at start and
-//! none depends on another having run first. Names come from [`proxypool_contracts::subjects`].
+//! none depends on another having run first. Names come from [`proxypool_contracts::subjects`]. Every resource is
+//! created with the deployment's `replicas` (`JETSTREAM_REPLICAS`; 3 on a three-server cluster), so the loss of a
+//! server loses no stream, bucket or object store. (An existing resource keeps the replicas it was created with.)
 
 use std::time::Duration;
 
@@ -92,27 +94,33 @@ pub struct Delivery {
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(300);
 
 impl WorkQueue {
-    /// Creates (idempotently) the stream.
-    pub async fn ensure_stream(&self, js: &jetstream::Context) -> Result<jetstream::stream::Stream, JetStreamError> {
+    /// Creates (idempotently) the stream, with `replicas` copies.
+    pub async fn ensure_stream(
+        &self,
+        js: &jetstream::Context,
+        replicas: usize,
+    ) -> Result<jetstream::stream::Stream, JetStreamError> {
         js.get_or_create_stream(jetstream::stream::Config {
             name: self.stream.to_owned(),
             description: Some(self.description.to_owned()),
             subjects: vec![self.subject.to_owned()],
             retention: jetstream::stream::RetentionPolicy::WorkQueue,
             duplicate_window: DUPLICATE_WINDOW,
+            num_replicas: replicas.max(1),
             ..Default::default()
         })
         .await
         .map_err(|e| setup("a work-queue stream")(e.to_string()))
     }
 
-    /// Creates (idempotently) the stream and its durable consumer.
+    /// Creates (idempotently) the stream and its durable consumer (which has the stream's replicas).
     pub async fn ensure_consumer(
         &self,
         js: &jetstream::Context,
         delivery: Delivery,
+        replicas: usize,
     ) -> Result<PullConsumer, JetStreamError> {
-        let stream = self.ensure_stream(js).await?;
+        let stream = self.ensure_stream(js, replicas).await?;
         let backoff = if delivery.backoff {
             // The server requires fewer back-off steps than deliveries.
             (0..delivery.max_deliver.saturating_sub(1).min(3))
@@ -181,16 +189,23 @@ pub async fn ensure_lease_log(
 
 /// The lease leader bucket (see [`subjects::LEASE_LEADER_BUCKET`]): one key whose value names the leader; it
 /// disappears `ttl` after the leader's last renewal, so a standby can take over.
-pub async fn ensure_lease_leader(js: &jetstream::Context, ttl: Duration) -> Result<kv::Store, JetStreamError> {
+pub async fn ensure_lease_leader(
+    js: &jetstream::Context,
+    ttl: Duration,
+    replicas: usize,
+) -> Result<kv::Store, JetStreamError> {
     if let Ok(store) = js.get_key_value(subjects::LEASE_LEADER_BUCKET).await {
         return Ok(store);
     }
+    // File storage: a memory bucket vanishes with a NATS restart, and a healthy leader then fails to renew and
+    // steps down for nothing. Replicated like the log, so the election survives the loss of a server too.
     js.create_key_value(kv::Config {
         bucket: subjects::LEASE_LEADER_BUCKET.to_owned(),
         description: "proxypool: lease leader election".to_owned(),
         history: 1,
         max_age: ttl,
-        storage: jetstream::stream::StorageType::Memory,
+        storage: jetstream::stream::StorageType::File,
+        num_replicas: replicas.max(1),
         ..Default::default()
     })
     .await
@@ -225,7 +240,10 @@ async fn publish_acked<T: Serialize>(
 pub const UPLOAD_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 
 /// Opens the object store of uploaded spreadsheets, creating it when missing.
-pub async fn ensure_import_uploads(js: &jetstream::Context) -> Result<object_store::ObjectStore, JetStreamError> {
+pub async fn ensure_import_uploads(
+    js: &jetstream::Context,
+    replicas: usize,
+) -> Result<object_store::ObjectStore, JetStreamError> {
     if let Ok(store) = js.get_object_store(subjects::IMPORT_UPLOADS_BUCKET).await {
         return Ok(store);
     }
@@ -233,6 +251,8 @@ pub async fn ensure_import_uploads(js: &jetstream::Context) -> Result<object_sto
         bucket: subjects::IMPORT_UPLOADS_BUCKET.to_owned(),
         description: Some("proxypool: spreadsheets waiting for their import".to_owned()),
         max_age: UPLOAD_MAX_AGE,
+        storage: jetstream::stream::StorageType::File,
+        num_replicas: replicas.max(1),
         ..Default::default()
     })
     .await
@@ -241,7 +261,7 @@ pub async fn ensure_import_uploads(js: &jetstream::Context) -> Result<object_sto
 
 /// Opens the importer's key-value bucket of locks (one import at a time; the ZingProxy schedule), creating it when
 /// missing.
-pub async fn ensure_import_locks(js: &jetstream::Context) -> Result<kv::Store, JetStreamError> {
+pub async fn ensure_import_locks(js: &jetstream::Context, replicas: usize) -> Result<kv::Store, JetStreamError> {
     if let Ok(store) = js.get_key_value(subjects::IMPORT_LOCKS_BUCKET).await {
         return Ok(store);
     }
@@ -249,6 +269,7 @@ pub async fn ensure_import_locks(js: &jetstream::Context) -> Result<kv::Store, J
         bucket: subjects::IMPORT_LOCKS_BUCKET.to_owned(),
         description: "proxypool: importer locks and schedule".to_owned(),
         history: 1,
+        num_replicas: replicas.max(1),
         ..Default::default()
     })
     .await

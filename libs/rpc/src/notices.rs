@@ -9,12 +9,12 @@ use proxypool_contracts::subjects::LEASE_TAKEN;
 
 use crate::jetstream::CALLBACKS;
 
-/// Broadcasts every notice and queues the ones with a callback URL durably (one message each, de-duplicated by
-/// lease key and reason). Failures are logged: the lease change they report is already stored and must not be
-/// undone for a notice.
-pub async fn queue(client: &async_nats::Client, notices: &[CallbackNotice]) {
+/// Broadcasts every notice and queues the ones with a callback URL durably (one message each, de-duplicated by the
+/// notice's id). Returns the ids now stored on the callback stream (or with nothing to store): the lease service
+/// marks those sent in its log, and delivers the others again.
+pub async fn queue(client: &async_nats::Client, notices: &[CallbackNotice], replicas: usize) -> Vec<String> {
     if notices.is_empty() {
-        return;
+        return Vec::new();
     }
     let taken = LeasesTaken {
         leases: notices
@@ -30,22 +30,24 @@ pub async fn queue(client: &async_nats::Client, notices: &[CallbackNotice]) {
         }
         Err(e) => tracing::warn!(error = %e, "cannot encode taken leases"),
     }
+    let mut done: Vec<String> = notices.iter().filter(|n| n.callback_url.is_empty()).map(|n| n.id.clone()).collect();
     let callbacks: Vec<&CallbackNotice> = notices.iter().filter(|n| !n.callback_url.is_empty()).collect();
     if callbacks.is_empty() {
-        return;
+        return done;
     }
     let js = async_nats::jetstream::new(client.clone());
-    if let Err(e) = CALLBACKS.ensure_stream(&js).await {
-        tracing::warn!(error = %e, "cannot set up the callback stream; notices lost");
-        return;
+    if let Err(e) = CALLBACKS.ensure_stream(&js, replicas).await {
+        tracing::warn!(error = %e, "cannot set up the callback stream; notices will be queued again");
+        return done;
     }
     for n in callbacks {
         // The trace context rides along, so the delivery joins the trace of the write that took the lease.
-        let id = format!("{}-{:?}", n.key, n.reason);
-        if let Err(e) = CALLBACKS.publish(&js, &id, n).await {
-            tracing::warn!(error = %e, proxy = %n.proxy_id, "cannot queue a callback notice");
+        match CALLBACKS.publish(&js, &n.id, n).await {
+            Ok(()) => done.push(n.id.clone()),
+            Err(e) => tracing::warn!(error = %e, proxy = %n.proxy_id, "cannot queue a callback notice yet"),
         }
     }
+    done
 }
 
 /// The taken-lease broadcast, as a stream of leases (undecodable messages are skipped and logged).

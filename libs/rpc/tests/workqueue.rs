@@ -41,7 +41,8 @@ async fn verdicts_panics_and_shutdown() -> R {
     let nats = NatsServer::start()?;
     let client = async_nats::connect(nats.url()).await?;
     let js = async_nats::jetstream::new(client.clone());
-    let consumer = QUEUE.ensure_consumer(&js, Delivery { ack_wait: ACK_WAIT, max_deliver: 5, backoff: false }).await?;
+    let consumer =
+        QUEUE.ensure_consumer(&js, Delivery { ack_wait: ACK_WAIT, max_deliver: 5, backoff: false }, 1).await?;
     for job in ["panic-once", "retry-once", "reject", "slow"] {
         QUEUE.publish(&js, job, &job.to_owned()).await?;
     }

@@ -8,7 +8,8 @@ use crate::Secret;
 /// How to reach NATS.
 #[derive(Debug, Clone)]
 pub struct NatsConfig {
-    /// `NATS_URL`, default `nats://127.0.0.1:4222`.
+    /// `NATS_URL`, default `nats://127.0.0.1:4222`: one server, or a comma-separated seed list of a cluster's
+    /// servers (`nats://a:4222,nats://b:4222,nats://c:4222`), as NATS clients take it.
     pub url: String,
     /// `NATS_USER` / `NATS_PASSWORD`, when the server requires them.
     pub user: Option<(String, Secret<String>)>,
@@ -16,14 +17,28 @@ pub struct NatsConfig {
     pub creds_file: Option<String>,
     /// `NATS_REQUEST_TIMEOUT` (seconds, default 5): how long a request waits for a reply.
     pub request_timeout: Duration,
+    /// `JETSTREAM_REPLICAS` (default 1, at most 5): copies of every stream, bucket and object store this service
+    /// creates; 3 on a three-server cluster, so that the loss of a server loses nothing.
+    pub replicas: usize,
 }
 
 impl NatsConfig {
     /// Reads the NATS variables.
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
         let url = env.get("NATS_URL").unwrap_or_else(|| "nats://127.0.0.1:4222".to_owned());
-        if !(url.starts_with("nats://") || url.starts_with("tls://") || url.starts_with("ws")) {
-            return Err(ConfigError::invalid("NATS_URL", "must start with nats://, tls:// or ws(s)://"));
+        for server in servers(&url) {
+            if !(server.starts_with("nats://") || server.starts_with("tls://") || server.starts_with("ws")) {
+                return Err(ConfigError::invalid(
+                    "NATS_URL",
+                    format!("{server:?} must start with nats://, tls:// or ws(s)://"),
+                ));
+            }
+            if let Err(e) = server.parse::<async_nats::ServerAddr>() {
+                return Err(ConfigError::invalid("NATS_URL", format!("{server:?} is not a server URL: {e}")));
+            }
+        }
+        if servers(&url).next().is_none() {
+            return Err(ConfigError::invalid("NATS_URL", "names no server"));
         }
         let user = match (env.get("NATS_USER"), env.get("NATS_PASSWORD")) {
             (Some(u), Some(p)) => Some((u, Secret::new(p))),
@@ -31,17 +46,22 @@ impl NatsConfig {
             (Some(_), None) => return Err(ConfigError::Missing("NATS_PASSWORD")),
             (None, Some(_)) => return Err(ConfigError::Missing("NATS_USER")),
         };
+        let replicas: usize = env.parse_or("JETSTREAM_REPLICAS", 1)?;
+        if !(1..=5).contains(&replicas) {
+            return Err(ConfigError::invalid("JETSTREAM_REPLICAS", "must be between 1 and 5"));
+        }
         Ok(Self {
             url,
             user,
             creds_file: env.get("NATS_CREDS"),
             request_timeout: env.seconds_or("NATS_REQUEST_TIMEOUT", Duration::from_secs(5))?,
+            replicas,
         })
     }
 
     /// A config for a local server at `url` (tests, benchmarks).
     pub fn local(url: impl Into<String>) -> Self {
-        Self { url: url.into(), user: None, creds_file: None, request_timeout: Duration::from_secs(5) }
+        Self { url: url.into(), user: None, creds_file: None, request_timeout: Duration::from_secs(5), replicas: 1 }
     }
 
     /// Connects. The client reconnects by itself forever, also when the server is down at start, so a service
@@ -69,8 +89,13 @@ impl NatsConfig {
         if let Some(path) = &self.creds_file {
             opts = opts.credentials_file(path).await.map_err(async_nats::ConnectError::from)?;
         }
-        opts.connect(self.url.as_str()).await
+        opts.connect(servers(&self.url).collect::<Vec<_>>()).await
     }
+}
+
+/// The servers of a `NATS_URL` (one URL, or a comma-separated list).
+fn servers(url: &str) -> impl Iterator<Item = &str> {
+    url.split(',').map(str::trim).filter(|s| !s.is_empty())
 }
 
 /// Delay before reconnection attempt `attempts`: at once for the first, then 250 ms plus up to 250 ms of jitter.
@@ -89,5 +114,22 @@ pub async fn drain(client: &async_nats::Client, limit: Duration) {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!(error = %e, "cannot drain the NATS connection"),
         Err(_) => tracing::warn!(?limit, "the NATS connection did not drain in time; exiting anyway"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seed_list_is_accepted_and_a_bad_entry_is_named() {
+        let list = Env::from_pairs([("NATS_URL", "nats://a:4222, nats://b:4223,nats://c:4224")]);
+        let c = NatsConfig::from_env(&list).map_err(|e| e.to_string());
+        assert_eq!(c.map(|c| servers(&c.url).count()), Ok(3));
+        let bad = Env::from_pairs([("NATS_URL", "nats://a:4222,http://b:80")]);
+        let e = NatsConfig::from_env(&bad).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("NATS_URL") && e.contains("http://b:80"), "{e}");
+        let empty = Env::from_pairs([("NATS_URL", " , ")]);
+        assert!(NatsConfig::from_env(&empty).is_err());
     }
 }

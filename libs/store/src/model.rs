@@ -264,6 +264,7 @@ impl ProxyDoc {
             .iter()
             .filter_map(|u| {
                 Some(proxypool_contracts::callback::CallbackNotice {
+                    id: proxypool_contracts::callback::CallbackNotice::id_of(&self.id.to_hex(), &u.key, reason),
                     callback_url: u.callback_url.clone()?,
                     proxy_id: self.id.to_hex(),
                     key: u.key.clone(),

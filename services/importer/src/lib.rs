@@ -140,7 +140,7 @@ async fn run_zing_schedule(importer: Importer, mut shutdown: Shutdown) {
     // Each replica looks often enough that the schedule is late by a fraction of the interval at most.
     let tick = (interval / 10).clamp(Duration::from_millis(200), Duration::from_secs(60));
     loop {
-        match proxypool_rpc::jetstream::ensure_import_locks(&js).await {
+        match proxypool_rpc::jetstream::ensure_import_locks(&js, importer.config().nats.replicas).await {
             Ok(kv) => match lock::claim_schedule(&kv, ZING_SCHEDULE_KEY, interval).await {
                 Ok(true) => {
                     tracing::info!("scheduled ZingProxy import");

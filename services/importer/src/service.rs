@@ -166,8 +166,8 @@ impl Importer {
 
     /// Opens the buckets and creates the indexes; retried by the caller while NATS or MongoDB are down.
     pub async fn setup(&self) -> Result<(), SetupError> {
-        proxypool_rpc::jetstream::ensure_import_uploads(&self.inner.js).await?;
-        proxypool_rpc::jetstream::ensure_import_locks(&self.inner.js).await?;
+        proxypool_rpc::jetstream::ensure_import_uploads(&self.inner.js, self.inner.config.nats.replicas).await?;
+        proxypool_rpc::jetstream::ensure_import_locks(&self.inner.js, self.inner.config.nats.replicas).await?;
         Ok(self.inner.store.ensure_indexes().await?)
     }
 
@@ -308,7 +308,7 @@ impl Importer {
             Source::Kiot | Source::Zing => None,
         };
         let lock = KvLock::new(
-            proxypool_rpc::jetstream::ensure_import_locks(&self.inner.js).await?,
+            proxypool_rpc::jetstream::ensure_import_locks(&self.inner.js, self.inner.config.nats.replicas).await?,
             IMPORT_LOCK_KEY,
             &self.inner.instance,
             IMPORT_LOCK_TTL,

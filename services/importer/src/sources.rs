@@ -25,7 +25,8 @@ pub(crate) struct Prepared {
 
 impl Importer {
     pub(crate) async fn read_upload(&self, id: &str) -> Result<Vec<Result<SheetRow, RowError>>, JobFailure> {
-        let bucket = proxypool_rpc::jetstream::ensure_import_uploads(&self.inner.js).await?;
+        let bucket =
+            proxypool_rpc::jetstream::ensure_import_uploads(&self.inner.js, self.inner.config.nats.replicas).await?;
         let mut object = bucket
             .get(id)
             .await

@@ -19,8 +19,9 @@ pub struct LeaseConfig {
     /// `LEASE_LEADER_TTL` (seconds, default 1.5): how long the leader's election entry outlives its last renewal,
     /// which is how long a standby waits before it takes over from a leader that died.
     pub leader_ttl: Duration,
-    /// `LEASE_LOG_REPLICAS` (default 1): copies of the lease log stream; set 3 on a three-server NATS cluster so an
-    /// acknowledged lease also survives the loss of a server.
+    /// `LEASE_LOG_REPLICAS` (default `JETSTREAM_REPLICAS`, itself 1 by default): copies of the lease log stream and
+    /// of the election bucket; 3 on a three-server NATS cluster so an acknowledged lease also survives the loss of a
+    /// server.
     pub log_replicas: usize,
     /// `LEASE_MAX_IN_FLIGHT` (default 512): requests handled concurrently by one replica.
     pub max_in_flight: usize,
@@ -63,7 +64,9 @@ impl LeaseConfig {
         if leader_ttl < Duration::from_millis(500) || leader_ttl > Duration::from_secs(60) {
             return Err(ConfigError::invalid("LEASE_LEADER_TTL", "must be between 0.5 and 60 seconds"));
         }
-        let log_replicas: usize = env.parse_or("LEASE_LOG_REPLICAS", 1)?;
+        // The log and the election follow the deployment's JETSTREAM_REPLICAS unless set on their own.
+        let nats_replicas: usize = env.parse_or("JETSTREAM_REPLICAS", 1)?;
+        let log_replicas: usize = env.parse_or("LEASE_LOG_REPLICAS", nats_replicas)?;
         if !(1..=5).contains(&log_replicas) {
             return Err(ConfigError::invalid("LEASE_LOG_REPLICAS", "must be between 1 and 5"));
         }

@@ -38,12 +38,12 @@ async fn a_deposed_leaders_append_is_refused_and_it_must_catch_up() -> anyhow::R
     assert_eq!(b.bounds().await?.1, start);
 
     // A leads and appends.
-    let first = Batch::new("a", 1, vec![grant(proxy, "k1")]);
+    let first = Batch::new("a", 1, 1, vec![grant(proxy, "k1")]);
     let seq = a.append(start, &first).await?;
     assert_eq!(seq, start + 1);
 
     // B still believes it leads, from the old end: refused, and nothing of its batch is stored.
-    let stale = Batch::new("b", 1, vec![grant(proxy, "k2")]);
+    let stale = Batch::new("b", 2, 1, vec![grant(proxy, "k2")]);
     match b.append(start, &stale).await {
         Err(AppendError::Fenced { expected }) => assert_eq!(expected, start),
         other => panic!("a deposed leader's append was not fenced: {other:?}"),

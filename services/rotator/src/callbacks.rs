@@ -127,7 +127,7 @@ pub async fn run_senders(
     let js = async_nats::jetstream::new(nats);
     let ack_wait = config.callback_timeout + Duration::from_secs(10);
     let delivery = Delivery { ack_wait, max_deliver: config.callback_max_attempts, backoff: false };
-    let consumer = CALLBACKS.ensure_consumer(&js, delivery).await?;
+    let consumer = CALLBACKS.ensure_consumer(&js, delivery, config.nats.replicas).await?;
     let options = RunnerOptions {
         name: "callback.deliver",
         concurrency: 16,

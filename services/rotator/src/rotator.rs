@@ -110,7 +110,7 @@ impl Rotator {
     pub async fn ensure_queue(&self) -> Result<PullConsumer, JetStreamError> {
         let c = &self.inner.config;
         let delivery = Delivery { ack_wait: c.ack_wait, max_deliver: c.max_deliver, backoff: true };
-        ROTATIONS.ensure_consumer(&self.inner.js, delivery).await
+        ROTATIONS.ensure_consumer(&self.inner.js, delivery, c.nats.replicas).await
     }
 
     /// Claims, restarts or checks (and so renews) the rotation lock at the lease service. `None` when this job does

@@ -13,6 +13,7 @@ type R<T = ()> = anyhow::Result<T>;
 const EXPECTED: &[(&str, &str)] = &[
     ("get", "/api/get-proxy"),
     ("post", "/webhook/return-proxy/{id}"),
+    ("post", "/webhook/renew-proxy/{id}"),
     ("post", "/api/register"),
     ("post", "/api/login"),
     ("get", "/api/me"),

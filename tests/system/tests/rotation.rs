@@ -348,6 +348,7 @@ async fn callback_urls_into_the_network_are_refused() -> R {
     let mut config = w.app.rotator_config(&w.fake);
     config.callback_allow_private = false;
     let notice = proxypool_contracts::callback::CallbackNotice {
+        id: "n-1".into(),
         callback_url: format!("http://localhost:{}/callback", w.proxy.addr.port()),
         proxy_id: ObjectId::new().to_hex(),
         key: ObjectId::new().to_hex(),

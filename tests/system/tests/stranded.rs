@@ -397,3 +397,84 @@ async fn a_standby_with_its_clock_90_s_ahead_takes_over_without_expiring_anythin
     ahead.kill().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_fenced_by_a_newer_term_steps_down_at_once() -> R {
+    use proxypool_lease::engine::log::{Batch, LeaseLog};
+    let app = TestApp::builder().seed(Area::Vn, 2).spawn().await?;
+    let engine = app.lease_replicas()[0].service.engine().clone();
+    assert!(*engine.serving().borrow());
+    // Another replica opens a newer term (as after a lost election entry): its barrier lands in the log.
+    let log = LeaseLog::open(&app.client, 1, Duration::from_secs(2)).await?;
+    let (_, last) = log.bounds().await?;
+    log.append(last, &Batch::new("usurper", 1_000, 0, Vec::new())).await?;
+    // The old leader's next commit is fenced; it reads the newer term and stops leading there and then, instead of
+    // leading on until its election entry runs out (the two would refuse each other in turn).
+    let fenced = acquire_code(&app).await?;
+    assert_eq!(fenced.err(), Some(ErrorCode::ServiceUnavailable));
+    let mut serving = engine.serving();
+    tokio::time::timeout(Duration::from_millis(500), serving.wait_for(|s| !*s)).await??;
+    // With nobody else standing, it is elected again and opens a term above the usurper's.
+    tokio::time::timeout(Duration::from_secs(10), serving.wait_for(|s| *s)).await??;
+    // (It subscribes a moment after it leads: until then nobody answers.)
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let g = loop {
+        match app.nats_acquire("vn", "after").await {
+            Ok(Reply::Ok(g)) => break g,
+            other if Instant::now() < deadline => {
+                tracing::debug!(?other, "not serving yet");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => anyhow::bail!("the re-elected leader does not serve: {other:?}"),
+        }
+    };
+    app.nats_release(&g.id, &g.key).await?.into_result()?;
+    let (_, end) = log.bounds().await?;
+    let mut reader = log.read_from(end).await?;
+    let newest = futures::StreamExt::next(&mut reader).await.ok_or_else(|| anyhow::anyhow!("log ended"))?;
+    let (_, batch) = newest.map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert!(batch.epoch > 1_000, "the new term is above the usurper's: {batch:?}");
+    app.assert_invariants().await?;
+    app.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_killed_after_storing_a_disable_still_delivers_its_callback_once() -> R {
+    let app = TestApp::builder().lease_instances(0).seed(Area::Vn, 1).callback_allow_private(true).spawn().await?;
+    let fake = FakeWorld::start().await?;
+    let id = app.all_proxies().await?[0].id;
+    // The leader dies at the exact line: the disable (and its notice) is in the log, nothing was queued or answered.
+    let mut doomed = app
+        .spawn_lease_process("doomed-notice", &[proxypool_faults::abort_env(&["lease.notices.appended"])], &[])
+        .await?;
+    doomed.wait_to_lead(&app.http, Duration::from_secs(10)).await?;
+    let mut standby = app.spawn_lease_process("standby-notice", &[], &[]).await?;
+    let held = app.nats_acquire_with_callback("vn", "holder", &fake.callback_url()).await?.into_result()?;
+    let rotator = app.start_rotator(app.rotator_config(&fake)).await?;
+    // The write is stored; its sync's answer never comes (the leader is gone), but its effect is in the log.
+    let disabled = app.update_proxy(id, doc! { "$set": { "is_active": false, "updatedAt": DateTime::now() } }).await;
+    assert!(disabled.is_err(), "the leader answered the sync: it did not die at the fault point");
+    standby.wait_to_lead(&app.http, Duration::from_secs(10)).await?;
+    assert!(doomed.child.try_wait()?.is_some(), "the leader died at the fault point");
+    // The next leader delivers what the log holds and nobody marked sent.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fake.callbacks().is_empty() {
+        anyhow::ensure!(Instant::now() < deadline, "the callback notice was lost with the leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Marked sent once queued: no second delivery follows.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let got = fake.callbacks();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0]["reason"], "proxy_disabled");
+    assert_eq!(got[0]["key"], held.key.as_str());
+    let expected_id = format!("{}-{}-proxy_disabled", id.to_hex(), held.key);
+    assert_eq!(got[0]["id"], expected_id.as_str(), "each notice carries its id for de-duplication");
+    // The disable itself held: nothing is leased.
+    assert_eq!(acquire_code(&app).await?.err(), Some(ErrorCode::NoProxyAvailable));
+    rotator.stop().await;
+    doomed.kill().await;
+    standby.kill().await;
+    Ok(())
+}

@@ -127,7 +127,9 @@ pub async fn import_excel(
     let job_id = ObjectId::new().to_hex();
     let js = async_nats::jetstream::new(state.nats.clone());
     let unreachable = || HttpError::from(ApiError::unavailable("the upload store is unreachable; retry shortly"));
-    let bucket = proxypool_rpc::jetstream::ensure_import_uploads(&js).await.map_err(|e| unreachable().with_cause(e))?;
+    let bucket = proxypool_rpc::jetstream::ensure_import_uploads(&js, state.config.nats.replicas)
+        .await
+        .map_err(|e| unreachable().with_cause(e))?;
     bucket.put(job_id.as_str(), &mut bytes.as_slice()).await.map_err(|e| unreachable().with_cause(e))?;
     let req = ExcelImportRequest {
         job_id: job_id.clone(),

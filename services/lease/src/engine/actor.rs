@@ -94,6 +94,23 @@ pub(super) struct Actor {
     pub(super) serving: watch::Sender<bool>,
     /// Tells the election to stop standing (a replica that met a newer log format).
     pub(super) step_aside: Arc<watch::Sender<bool>>,
+    /// Tells the election that a newer term deposed this replica.
+    pub(super) deposed: watch::Sender<u64>,
+    /// The term this replica leads (while leading).
+    pub(super) epoch: u64,
+    /// The newest term in the log.
+    pub(super) newest_epoch: u64,
+    /// Deposed, and the election has not yet said it no longer leads: do not take the lead on that stale word.
+    pub(super) awaiting_lead_loss: bool,
+    /// Callback notices being queued now (by id).
+    pub(super) delivering: HashSet<String>,
+    /// Notices queued and not yet marked sent in the log.
+    pub(super) sent: Vec<String>,
+    /// Where the delivery tasks report what they queued and what they could not.
+    pub(super) delivered_tx: mpsc::Sender<(Vec<String>, Vec<String>)>,
+    pub(super) delivered_rx: mpsc::Receiver<(Vec<String>, Vec<String>)>,
+    /// The last time undelivered notices were tried.
+    pub(super) last_delivery: Instant,
     pub(super) shared: Arc<Shared>,
     pub(super) last_gauges: Instant,
 }
@@ -163,6 +180,8 @@ impl Actor {
         for d in &docs {
             state.put(d.id, Some(ProxyState::from_doc(d)));
         }
+        // The outbox as the projection left it; the replay below adds what was logged after the mark.
+        state.post(projection::pending(&store).await?);
         self.state = state;
         self.applied = mark.seq;
         self.projector.loaded(mark);
@@ -235,16 +254,21 @@ impl Actor {
         }
         self.clock.observe(batch.at_ms);
         self.forget_requests(batch.at_ms);
+        self.newest_epoch = self.newest_epoch.max(batch.epoch);
         let skip: HashSet<ObjectId> =
             batch.ops.iter().map(Op::proxy).filter(|id| self.state.get(id).is_some_and(|p| p.seq >= seq)).collect();
         let mut changed = HashSet::new();
         for op in &batch.ops {
             let id = op.proxy();
             if !skip.contains(&id) {
-                self.state.apply(op);
+                // The notices an operation causes are part of its batch: every replica puts them in its outbox,
+                // so whichever leads next delivers those not yet marked sent.
+                let notices = self.state.apply(op);
+                self.state.post(notices);
                 changed.insert(id);
             }
         }
+        self.state.mark_sent(&batch.sent);
         for id in &changed {
             self.state.stamp(id, seq);
         }
@@ -336,10 +360,13 @@ impl Actor {
                 _ = self.leading.changed() => {}
                 _ = tick.tick() => {}
             }
-            if *self.leading.borrow() {
-                // Elected: catch up with everything stored before leading.
+            if !*self.leading.borrow() {
+                self.awaiting_lead_loss = false;
+            } else if !self.awaiting_lead_loss {
+                // Elected: catch up with everything stored before leading, on a reader of its own (the one above may
+                // still be resuming after a reconnect, and the lead must not wait for it).
                 match log.bounds().await {
-                    Ok((_, last)) => match self.replay_with(&mut reader, last, shutdown).await {
+                    Ok((_, last)) => match self.replay_to(&log, last, shutdown).await {
                         Ok(()) => return Next::Lead,
                         Err(ReplayError::Read(e @ ReadError::TooNew { .. })) => return self.too_new(&e),
                         Err(e) => {
@@ -353,12 +380,14 @@ impl Actor {
         }
     }
 
-    /// Opens a term: appends an empty batch (proving through the fence that this replica has seen every stored
-    /// batch) and sets the clock from the time the server stored it.
+    /// Opens a term one above the newest in the log: appends an empty batch of that term (proving through the
+    /// fence that this replica has seen every stored batch) and sets the clock from the time the server stored it.
     async fn open_term(&mut self, log: &LeaseLog) -> Result<(), AppendError> {
-        let batch = Batch::new(&self.config.instance_id, self.clock.now_ms(), Vec::new());
+        let epoch = self.newest_epoch + 1;
+        let batch = Batch::new(&self.config.instance_id, epoch, self.clock.now_ms(), Vec::new());
         let seq = log.append(self.applied, &batch).await?;
         self.applied = seq;
+        (self.epoch, self.newest_epoch) = (epoch, epoch);
         match log.stored_at(seq).await {
             Ok(at) => self.clock.observe(at),
             Err(e) => tracing::warn!(error = %e, "cannot read the time of the term's barrier; keeping the log's"),
@@ -373,13 +402,16 @@ impl Actor {
             tracing::warn!(error = %e, "cannot open a lease term; following");
             return Next::Follow;
         }
-        tracing::info!(from = self.applied, clock_ms = self.clock.now_ms(), "lease leader serving");
+        tracing::info!(from = self.applied, epoch = self.epoch, clock_ms = self.clock.now_ms(), "lease leader serving");
         self.metrics.leader.set(1);
         // What followed the log since its load may not be in MongoDB yet.
         self.projector.adopt_followed();
         self.shared.applied.store(self.applied, Ordering::Release);
         self.projector.publish_mark();
         self.serving.send_replace(true);
+        // What the previous leader logged and did not deliver (it may have died in between) goes out now.
+        self.delivering.clear();
+        self.deliver();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let next = loop {
@@ -393,6 +425,12 @@ impl Actor {
                     }
                 }
                 Some(written) = self.projector.written() => self.projector.finish(written, &self.metrics),
+                Some((queued, failed)) = self.delivered_rx.recv() => {
+                    for id in queued.iter().chain(&failed) {
+                        self.delivering.remove(id);
+                    }
+                    self.sent.extend(queued);
+                }
                 job = self.rx.recv() => {
                     let Some(job) = job else { break Next::Stop };
                     let mut jobs = vec![job];
@@ -413,6 +451,16 @@ impl Actor {
                         if let Some(next) = self.recover_lead(&log, e, shutdown).await {
                             break next;
                         }
+                    }
+                    // Mark delivered notices sent (an empty batch when nothing else is going on), and try again
+                    // those that could not be queued, once a second.
+                    if let Err(e) = self.commit(&log, Vec::new()).await {
+                        if let Some(next) = self.recover_lead(&log, e, shutdown).await {
+                            break next;
+                        }
+                    }
+                    if self.last_delivery.elapsed() >= Duration::from_secs(1) {
+                        self.deliver();
                     }
                     self.projector.start(&self.state, self.applied);
                     self.projector.trim(&log).await;
@@ -446,9 +494,19 @@ impl Actor {
             tracing::warn!(error = %e, "cannot catch up with the lease log; reloading");
             return Some(Next::Rebuild);
         }
-        // What another replica appended must reach MongoDB too.
+        // What another replica appended must reach MongoDB too, and its notices (or those of a batch of ours that
+        // was stored although its append failed) must go out.
         self.projector.adopt_followed();
+        self.deliver();
         self.shared.applied.store(self.applied, Ordering::Release);
+        if self.newest_epoch > self.epoch {
+            // Another replica opened a newer term: step down at this first fence, not after our election entry runs
+            // out, or the two would fence each other in turn.
+            tracing::warn!(mine = self.epoch, newest = self.newest_epoch, "deposed by a newer lease term; following");
+            self.awaiting_lead_loss = true;
+            self.deposed.send_modify(|n| *n += 1);
+            return Some(Next::Follow);
+        }
         (!*self.leading.borrow()).then_some(Next::Follow)
     }
 
@@ -459,7 +517,7 @@ impl Actor {
         let mut txn = Txn::new(&mut self.state, now);
         let dones: Vec<Done> = jobs.into_iter().filter_map(|job| job(Some(&mut txn))).collect();
         let Txn { ops, undo, notices, .. } = txn;
-        if ops.is_empty() && dones.is_empty() {
+        if ops.is_empty() && dones.is_empty() && self.sent.is_empty() {
             return Ok(());
         }
         // With no operation the batch is empty: a barrier that only proves, through the fence, that this replica
@@ -475,7 +533,8 @@ impl Actor {
             .collect();
         let n_ops = ops.len();
         let has_grant = ops.iter().any(|op| matches!(op, Op::Grant { .. }));
-        let batch = Batch::new(&self.config.instance_id, now, ops);
+        let mut batch = Batch::new(&self.config.instance_id, self.epoch, now, ops);
+        batch.sent = std::mem::take(&mut self.sent);
         let started = Instant::now();
         let appended = log.append(self.applied, &batch).await;
         self.metrics.append_duration.observe(started.elapsed().as_secs_f64());
@@ -488,22 +547,29 @@ impl Actor {
                     self.state.stamp(id, seq);
                 }
                 self.projector.changed(undo.into_keys());
+                // Stored, not yet answered: a leader that dies here leaves its grants to its callers' retries and its
+                // notices to the next leader's outbox.
                 if has_grant {
-                    // Stored, not yet answered: a leader that dies here leaves grants only a retry can collect.
                     proxypool_faults::point("lease.grant.appended").await;
+                }
+                if !notices.is_empty() {
+                    proxypool_faults::point("lease.notices.appended").await;
                 }
                 for done in dones {
                     done(Ok(()));
                 }
+                self.state.mark_sent(&batch.sent);
                 if !notices.is_empty() {
-                    let client = self.client.clone();
-                    tokio::spawn(async move { proxypool_rpc::notices::queue(&client, &notices).await });
+                    self.state.post(notices);
+                    self.deliver();
                 }
                 Ok(())
             }
             Err(e) => {
                 // Back to the last stored batch: a follower reads the log from there, so if this append was stored
-                // after all (an acknowledgement lost), it is applied from the log like any other batch.
+                // after all (an acknowledgement lost), it is applied from the log like any other batch, its notices
+                // included. The sent marks go in a later batch.
+                self.sent.extend(batch.sent);
                 for (id, before) in undo {
                     self.state.put(id, before);
                 }
@@ -518,6 +584,27 @@ impl Actor {
                 Err(e)
             }
         }
+    }
+
+    /// Queues every notice of the outbox that is not being queued already; the delivery task reports what the callback
+    /// stream stored, and the next batch marks those sent. At least once: a notice queued twice (a leader died between
+    /// queueing and marking) is one message on the stream within its de-duplication window, and carries its `id` to
+    /// the receiver in any case.
+    fn deliver(&mut self) {
+        self.last_delivery = Instant::now();
+        let todo: Vec<_> =
+            self.state.pending_notices().into_iter().filter(|n| !self.delivering.contains(&n.id)).collect();
+        if todo.is_empty() {
+            return;
+        }
+        self.delivering.extend(todo.iter().map(|n| n.id.clone()));
+        let (client, replicas, done) = (self.client.clone(), self.config.log_replicas, self.delivered_tx.clone());
+        tokio::spawn(async move {
+            let queued = proxypool_rpc::notices::queue(&client, &todo, replicas).await;
+            // Those not queued leave `delivering` too, so that the next try picks them up.
+            let failed: Vec<String> = todo.iter().map(|n| n.id.clone()).filter(|id| !queued.contains(id)).collect();
+            let _ = done.send((queued, failed)).await;
+        });
     }
 
     /// Takes back leases whose `LEASE_TTL` has run out and rotation locks past their deadline, from their ordered

@@ -2,6 +2,11 @@
 //! written. The leader renews the key (compare-and-set on its revision) several times per TTL; a standby creates it
 //! once it has expired. The election only decides who *tries* to lead: safety comes from the fenced log
 //! ([`super::log`]), so a leader that lost the key without noticing cannot grant anything.
+//!
+//! Two signals come back from the engine: a replica deposed by a newer term in the log gives up its claim at once
+//! (`deposed`), so two replicas never fence each other in turn; and a leader whose renewal fails because its entry is
+//! gone (the bucket was recreated, the entry aged out during a NATS restart) takes it again at once if nobody else
+//! has, instead of stepping down for nothing.
 
 use std::time::{Duration, Instant};
 
@@ -17,9 +22,10 @@ const KEY: &str = "leader";
 pub async fn run(
     client: async_nats::Client,
     me: String,
-    ttl: Duration,
+    (ttl, replicas): (Duration, usize),
     leading: watch::Sender<bool>,
     mut hand_over: watch::Receiver<bool>,
+    mut deposed: watch::Receiver<u64>,
     mut shutdown: Shutdown,
 ) {
     let js = jetstream::new(client);
@@ -30,10 +36,19 @@ pub async fn run(
     let mut renewed = Instant::now();
     loop {
         let wait = if revision.is_some() { renew_every } else { try_every };
+        let mut was_deposed = false;
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             _ = hand_over.changed() => {}
+            r = deposed.changed() => was_deposed = r.is_ok(),
             () = shutdown.wait() => break,
+        }
+        if was_deposed && revision.take().is_some() {
+            // The log holds a newer term: whatever our entry says, another replica leads. Stop renewing (the entry
+            // expires on its own if it is still ours) and stand again like any standby.
+            tracing::warn!("deposed by a newer term in the lease log");
+            leading.send_replace(false);
+            continue;
         }
         if *hand_over.borrow() {
             if let (Some(kv), Some(_)) = (bucket.as_ref(), revision.take()) {
@@ -45,7 +60,7 @@ pub async fn run(
             break;
         }
         if bucket.is_none() {
-            match proxypool_rpc::jetstream::ensure_lease_leader(&js, ttl).await {
+            match proxypool_rpc::jetstream::ensure_lease_leader(&js, ttl, replicas).await {
                 Ok(b) => bucket = Some(b),
                 Err(e) => {
                     tracing::debug!(error = %e, "lease leader bucket not reachable");
@@ -62,10 +77,25 @@ pub async fn run(
                     renewed = Instant::now();
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot renew the lease leadership");
-                    // The key may be gone with the bucket (a memory bucket after a NATS restart): recreate it.
-                    bucket = None;
-                    lose(&mut revision, &leading, renewed, ttl);
+                    // Our entry may simply be gone (aged out while NATS restarted): if nobody took the key, take it
+                    // again and lead on; the fence in the log keeps this safe whatever happened meanwhile.
+                    match kv.create(KEY, me.clone().into()).await {
+                        Ok(r) => {
+                            tracing::info!(error = %e, "lease leadership entry was gone; taken again");
+                            revision = Some(r);
+                            renewed = Instant::now();
+                        }
+                        Err(c) if c.kind() == jetstream::kv::CreateErrorKind::AlreadyExists => {
+                            tracing::warn!(error = %e, "another replica holds the lease leadership");
+                            revision = None;
+                            leading.send_replace(false);
+                        }
+                        Err(_) => {
+                            tracing::warn!(error = %e, "cannot renew the lease leadership");
+                            bucket = None;
+                            lose(&mut revision, &leading, renewed, ttl);
+                        }
+                    }
                 }
             },
             None => match kv.create(KEY, me.clone().into()).await {

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use super::state::Op;
 
 /// The log format this replica writes and the newest it reads. 1: the first (no `v`, no `at_ms`); 2: batch
-/// times, lock deadlines, renewals and request ids.
+/// times and terms, lock deadlines, renewals, request ids and the callback outbox.
 pub const FORMAT: u32 = 2;
 
 /// One group commit: the operations decided while the previous append was in flight.
@@ -35,8 +35,14 @@ pub struct Batch {
     /// When its leader decided it, on the engine's clock (epoch ms; 0 in format 1).
     #[serde(default)]
     pub at_ms: i64,
+    /// The term of its leader: each new leader opens a term one above the newest in the log (0 in format 1).
+    #[serde(default)]
+    pub epoch: u64,
     /// In the order they were decided.
     pub ops: Vec<Op>,
+    /// Callback notices of earlier batches now stored on the callback stream: out of the outbox.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sent: Vec<String>,
 }
 
 fn format_1() -> u32 {
@@ -44,9 +50,9 @@ fn format_1() -> u32 {
 }
 
 impl Batch {
-    /// A batch in this replica's format.
-    pub fn new(leader: &str, at_ms: i64, ops: Vec<Op>) -> Self {
-        Self { v: FORMAT, leader: leader.to_owned(), at_ms, ops }
+    /// A batch in this replica's format, of term `epoch`.
+    pub fn new(leader: &str, epoch: u64, at_ms: i64, ops: Vec<Op>) -> Self {
+        Self { v: FORMAT, leader: leader.to_owned(), at_ms, epoch, ops, sent: Vec::new() }
     }
 
     /// Decodes a stored batch, refusing a format newer than [`FORMAT`] before reading its operations.
@@ -213,7 +219,7 @@ mod tests {
         let v1 = br#"{"leader":"a","ops":[]}"#;
         let b = Batch::decode(7, v1).map_err(|e| e.to_string());
         assert_eq!(b.map(|b| (b.v, b.at_ms)), Ok((1, 0)));
-        let ours = serde_json::to_vec(&Batch::new("a", 5, Vec::new())).unwrap_or_default();
+        let ours = serde_json::to_vec(&Batch::new("a", 1, 5, Vec::new())).unwrap_or_default();
         assert_eq!(Batch::decode(8, &ours).map(|b| b.v).ok(), Some(FORMAT));
         // A newer format is refused before its operations are read (they may not parse here at all).
         let newer = format!(r#"{{"v":{},"leader":"b","at_ms":1,"ops":[{{"op":"from_the_future"}}]}}"#, FORMAT + 1);

@@ -78,13 +78,16 @@ pub fn start(
     let (leading_tx, leading) = watch::channel(false);
     let (hand_over_tx, hand_over) = watch::channel(false);
     let hand_over_tx = Arc::new(hand_over_tx);
+    let (deposed_tx, deposed) = watch::channel(0u64);
+    let (delivered_tx, delivered_rx) = mpsc::channel(64);
     let shared = Arc::new(Shared::new());
     let election = tokio::spawn(election::run(
         client.clone(),
         config.instance_id.clone(),
-        config.leader_ttl,
+        (config.leader_ttl, config.log_replicas),
         leading_tx,
         hand_over,
+        deposed,
         shutdown.clone(),
     ));
     let actor = actor::Actor {
@@ -100,6 +103,15 @@ pub fn start(
         leading,
         serving: serving_tx,
         step_aside: hand_over_tx.clone(),
+        deposed: deposed_tx,
+        epoch: 0,
+        newest_epoch: 0,
+        awaiting_lead_loss: false,
+        delivering: std::collections::HashSet::new(),
+        sent: Vec::new(),
+        delivered_tx,
+        delivered_rx,
+        last_delivery: Instant::now(),
         shared: shared.clone(),
         last_gauges: Instant::now(),
     };

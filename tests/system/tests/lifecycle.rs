@@ -178,6 +178,10 @@ async fn a_rolling_restart_of_gateway_and_lease_service_loses_no_request() -> R 
 
     let failures = tally.failures.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
     let ok = tally.ok.load(Ordering::Relaxed);
+    eprintln!(
+        "rolling restart: {ok} leases; retryable answers seen by the consumers: {}",
+        tally.retryable.load(Ordering::Relaxed)
+    );
     assert!(failures.is_empty(), "{} lost requests (of {ok} leases): {:?}", failures.len(), failures);
     assert!(ok > 100, "only {ok} leases went through");
     // Every lease was returned, and the lease fields agree with each other.

@@ -33,6 +33,8 @@ use crate::metrics::LeaseMetrics;
 pub(super) const MAX_BATCH: usize = 4096;
 /// How often the leader looks for expired leases and locks, writes the projection and trims the log.
 const TICK: Duration = Duration::from_millis(100);
+/// Attempts to open a term while the previous leader's last batches keep landing.
+const OPEN_TERM_TRIES: u32 = 20;
 /// How long a catch-up waits for the log to deliver a batch it knows exists.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
 
@@ -363,19 +365,8 @@ impl Actor {
             if !*self.leading.borrow() {
                 self.awaiting_lead_loss = false;
             } else if !self.awaiting_lead_loss {
-                // Elected: catch up with everything stored before leading, on a reader of its own (the one above may
-                // still be resuming after a reconnect, and the lead must not wait for it).
-                match log.bounds().await {
-                    Ok((_, last)) => match self.replay_to(&log, last, shutdown).await {
-                        Ok(()) => return Next::Lead,
-                        Err(ReplayError::Read(e @ ReadError::TooNew { .. })) => return self.too_new(&e),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cannot catch up with the lease log before leading");
-                            return Next::Rebuild;
-                        }
-                    },
-                    Err(e) => tracing::warn!(error = %e, "cannot read the lease log's end; not leading yet"),
-                }
+                // Elected: [`Actor::lead`] subscribes, catches up and opens the term.
+                return Next::Lead;
             }
         }
     }
@@ -398,9 +389,48 @@ impl Actor {
     /// Serves as the leader until it loses the election, is fenced, or shuts down.
     async fn lead(&mut self, shutdown: &mut Shutdown) -> Next {
         let Some(log) = self.log.clone() else { return Next::Rebuild };
-        if let Err(e) = self.open_term(&log).await {
-            tracing::warn!(error = %e, "cannot open a lease term; following");
-            return Next::Follow;
+        // Subscribe first (requests wait in the queue until the term is open), then open the term: its barrier
+        // deposes the previous leader, which unsubscribes, and by then this replica is listening.
+        self.serving.send_replace(true);
+        let mut subscribed = self.shared.subscribed.subscribe();
+        tokio::select! {
+            r = tokio::time::timeout(Duration::from_secs(1), subscribed.wait_for(|s| *s)) => {
+                if !matches!(r, Ok(Ok(_))) {
+                    tracing::warn!("the lease subscriptions were not confirmed in time; opening the term anyway");
+                }
+            }
+            () = shutdown.wait() => return Next::Stop,
+        }
+        // Catch up with everything stored before leading, on a reader of its own (the follower's may still be
+        // resuming after a reconnect), and open the term. A previous leader still finishing its last batch fences the
+        // barrier: read it and try again.
+        let mut tries = 0;
+        loop {
+            let caught_up = match log.bounds().await {
+                Ok((_, last)) => self.replay_to(&log, last, shutdown).await,
+                Err(e) => Err(e.into()),
+            };
+            let opened = match caught_up {
+                Ok(()) => self.open_term(&log).await,
+                Err(ReplayError::Read(e @ ReadError::TooNew { .. })) => {
+                    self.serving.send_replace(false);
+                    return self.too_new(&e);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot catch up with the lease log before leading");
+                    self.serving.send_replace(false);
+                    return Next::Rebuild;
+                }
+            };
+            match opened {
+                Ok(()) => break,
+                Err(AppendError::Fenced { .. }) if tries < OPEN_TERM_TRIES && *self.leading.borrow() => tries += 1,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot open a lease term; following");
+                    self.serving.send_replace(false);
+                    return Next::Follow;
+                }
+            }
         }
         tracing::info!(from = self.applied, epoch = self.epoch, clock_ms = self.clock.now_ms(), "lease leader serving");
         self.metrics.leader.set(1);
@@ -408,7 +438,6 @@ impl Actor {
         self.projector.adopt_followed();
         self.shared.applied.store(self.applied, Ordering::Release);
         self.projector.publish_mark();
-        self.serving.send_replace(true);
         // What the previous leader logged and did not deliver (it may have died in between) goes out now.
         self.delivering.clear();
         self.deliver();

@@ -86,9 +86,25 @@ pub async fn run(
                             renewed = Instant::now();
                         }
                         Err(c) if c.kind() == jetstream::kv::CreateErrorKind::AlreadyExists => {
-                            tracing::warn!(error = %e, "another replica holds the lease leadership");
-                            revision = None;
-                            leading.send_replace(false);
+                            // Only a holder we can read is believed: the bucket may be between leaders itself.
+                            match kv.entry(KEY).await {
+                                Ok(Some(entry)) if entry.value.as_ref() == me.as_bytes() => {
+                                    revision = Some(entry.revision);
+                                    renewed = Instant::now();
+                                }
+                                Ok(Some(entry)) if entry.operation == jetstream::kv::Operation::Put => {
+                                    tracing::warn!(
+                                        holder = %String::from_utf8_lossy(&entry.value),
+                                        "another replica holds the lease leadership"
+                                    );
+                                    revision = None;
+                                    leading.send_replace(false);
+                                }
+                                _ => {
+                                    tracing::warn!(error = %e, "cannot renew the lease leadership");
+                                    lose(&mut revision, &leading, renewed, ttl);
+                                }
+                            }
                         }
                         Err(_) => {
                             tracing::warn!(error = %e, "cannot renew the lease leadership");
@@ -125,8 +141,7 @@ pub async fn run(
     leading.send_replace(false);
 }
 
-/// Removes our key, then waits (at most two TTLs) until another replica holds it and has had a moment to catch up
-/// and subscribe.
+/// Removes our key, then waits (at most two TTLs) until another replica holds it.
 async fn hand_over_lead(kv: &jetstream::kv::Store, me: &str, ttl: Duration) {
     tracing::info!("handing the lease leadership over");
     let _ = kv.delete(KEY).await;
@@ -134,8 +149,9 @@ async fn hand_over_lead(kv: &jetstream::kv::Store, me: &str, ttl: Duration) {
     while Instant::now() < until {
         if let Ok(Some(entry)) = kv.entry(KEY).await {
             if entry.operation == jetstream::kv::Operation::Put && entry.value.as_ref() != me.as_bytes() {
+                // Stop appending now: the new leader catches up and opens its term, which our next append would only
+                // fence. (Our subscriptions stay a moment longer: see the server's term end.)
                 tracing::info!(to = %String::from_utf8_lossy(&entry.value), "lease leadership taken over");
-                tokio::time::sleep(Duration::from_millis(300)).await;
                 return;
             }
         }

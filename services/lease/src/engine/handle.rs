@@ -71,11 +71,18 @@ pub(super) struct Shared {
     pub(super) applied: AtomicU64,
     /// The sequence up to which MongoDB holds the projection.
     pub(super) projected: watch::Sender<u64>,
+    /// Whether the request subscriptions are in place (the server's word).
+    pub(super) subscribed: watch::Sender<bool>,
 }
 
 impl Shared {
     pub(super) fn new() -> Self {
-        Self { loaded: AtomicBool::new(false), applied: AtomicU64::new(0), projected: watch::channel(0).0 }
+        Self {
+            loaded: AtomicBool::new(false),
+            applied: AtomicU64::new(0),
+            projected: watch::channel(0).0,
+            subscribed: watch::channel(false).0,
+        }
     }
 }
 
@@ -141,6 +148,12 @@ impl Engine {
         let target = self.shared.applied.load(Ordering::Acquire);
         let mut rx = self.shared.projected.subscribe();
         tokio::time::timeout(timeout, rx.wait_for(|seq| *seq >= target)).await.is_ok_and(|r| r.is_ok())
+    }
+
+    /// The server says whether its request subscriptions are in place: a new leader opens its term only once they
+    /// are, so that requests never find nobody listening while the lead moves.
+    pub fn subscribed(&self, yes: bool) {
+        self.shared.subscribed.send_replace(yes);
     }
 
     /// Whether the state has been loaded (a loaded standby is ready to take over).

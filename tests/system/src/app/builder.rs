@@ -7,6 +7,7 @@ use super::*;
 pub struct TestAppBuilder {
     proxy_use_max: u32,
     lease_instances: usize,
+    nats_cluster: usize,
     ip_allowed: Vec<String>,
     trusted_proxies: Vec<String>,
     seed: Vec<(Area, usize)>,
@@ -23,6 +24,7 @@ impl Default for TestAppBuilder {
         Self {
             proxy_use_max: 3,
             lease_instances: 1,
+            nats_cluster: 1,
             ip_allowed: vec!["127.0.0.1".into()],
             trusted_proxies: Vec::new(),
             seed: Vec::new(),
@@ -45,6 +47,13 @@ impl TestAppBuilder {
     }
 
     /// How many lease-service replicas to run side by side.
+    /// Runs NATS as a cluster of `n` servers (every service given all of them, `JETSTREAM_REPLICAS=n`).
+    pub fn nats_cluster(mut self, n: usize) -> Self {
+        self.nats_cluster = n;
+        self
+    }
+
+    /// Lease replicas started in-process.
     pub fn lease_instances(mut self, n: usize) -> Self {
         self.lease_instances = n;
         self
@@ -102,24 +111,34 @@ impl TestAppBuilder {
     /// Starts the servers and the services.
     pub async fn spawn(self) -> anyhow::Result<TestApp> {
         proxypool_test_support::init_logs();
-        let nats_server = if self.nats_auth {
+        let mut nats_peers = Vec::new();
+        let nats_server = if self.nats_cluster > 1 {
+            nats_peers = NatsServer::start_cluster(self.nats_cluster)?;
+            nats_peers.remove(0)
+        } else if self.nats_auth {
             NatsServer::start_with_config(Some(&test_auth_conf()?))?
         } else {
             NatsServer::start()?
         };
+        let urls: Vec<String> = std::iter::once(&nats_server).chain(&nats_peers).map(NatsServer::url).collect();
         let mongo_server = MongoServer::start()?;
         let db_name = format!("proxypool_test_{}", ObjectId::new().to_hex());
         let store_config = StoreConfig::local(mongo_server.uri(), db_name);
         let store = Store::connect(&store_config, "test").await?;
         store.ensure_indexes().await.context("ensure_indexes")?;
-        let mut nats_config = NatsConfig::local(nats_server.url());
+        let mut nats_config = NatsConfig::local(urls.join(","));
+        nats_config.replicas = self.nats_cluster.max(1);
         if self.nats_auth {
             nats_config.user = Some(("test".to_owned(), Secret::new("test-test-password".to_owned())));
         }
         let client = nats_config.connect("test-client").await?;
+        if self.nats_cluster > 1 {
+            wait_for_jetstream(&client, self.nats_cluster).await?;
+        }
 
         let mut app = TestApp {
             nats_server,
+            nats_peers,
             mongo_server,
             store,
             store_config,
@@ -175,4 +194,30 @@ fn test_auth_conf() -> anyhow::Result<String> {
     let at = text.find("users = [").ok_or_else(|| anyhow::anyhow!("no users list in auth.conf"))? + "users = [".len();
     text.insert_str(at, "\n    { user: test, password: \"test-test-password\" }");
     Ok(text)
+}
+
+/// Waits until a JetStream cluster has elected its meta leader and can place a stream of `replicas` copies.
+async fn wait_for_jetstream(client: &async_nats::Client, replicas: usize) -> anyhow::Result<()> {
+    let js = async_nats::jetstream::new(client.clone());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let probe = async_nats::jetstream::stream::Config {
+            name: "TEST_CLUSTER_READY".to_owned(),
+            subjects: vec!["test.cluster.ready".to_owned()],
+            num_replicas: replicas,
+            storage: async_nats::jetstream::stream::StorageType::Memory,
+            ..Default::default()
+        };
+        match js.get_or_create_stream(probe).await {
+            Ok(_) => {
+                let _ = js.delete_stream("TEST_CLUSTER_READY").await;
+                return Ok(());
+            }
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e, "JetStream cluster not ready yet");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => anyhow::bail!("the JetStream cluster did not become ready: {e}"),
+        }
+    }
 }

@@ -1,7 +1,66 @@
-//! NATS subject names, built in one place.
+//! NATS subject names, built in one place, and the deployment's namespace around them.
 //!
 //! Subjects are versioned (`proxypool.v1.…`) so that a v2 can run beside v1 during a migration; variable tokens,
 //! when a subject has any, come last so that wildcards stay simple.
+
+//!
+//! **Namespaces.** Several deployments (staging and production, say) may share one NATS server or cluster. Each sets
+//! its own `PROXYPOOL_NAMESPACE`, and every subject it uses becomes `<namespace>.<subject>` ([`subject`]) and every
+//! stream, consumer, key-value bucket and object store `<namespace>_<name>` ([`resource`]), so the two never meet.
+//! The default, no namespace, keeps today's names. A process serves one deployment: the namespace is set once, when
+//! the process connects to NATS ([`set_namespace`]), and read by the few places that talk to NATS (the request
+//! client, the router, the JetStream declarations, the lease log, the taken-lease broadcast).
+
+use std::borrow::Cow;
+use std::sync::OnceLock;
+
+static NAMESPACE: OnceLock<String> = OnceLock::new();
+
+/// The longest namespace.
+pub const NAMESPACE_MAX: usize = 32;
+
+/// Checks a namespace: empty (none), or 1 to [`NAMESPACE_MAX`] of `A–Z a–z 0–9 _ -` (a subject token and a part of
+/// a stream name alike).
+pub fn check_namespace(ns: &str) -> Result<(), String> {
+    let ok = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+    if ns.len() > NAMESPACE_MAX || !ns.chars().all(ok) {
+        return Err(format!("must be at most {NAMESPACE_MAX} of A-Z a-z 0-9 _ -"));
+    }
+    Ok(())
+}
+
+/// Sets this process's namespace. Setting the same one again is fine; another one is refused (one process, one
+/// deployment).
+pub fn set_namespace(ns: &str) -> Result<(), String> {
+    check_namespace(ns)?;
+    let set = NAMESPACE.get_or_init(|| ns.to_owned());
+    if set != ns {
+        return Err(format!("this process already serves namespace {set:?}, not {ns:?}"));
+    }
+    Ok(())
+}
+
+/// This process's namespace (empty: none).
+pub fn namespace() -> &'static str {
+    NAMESPACE.get().map_or("", String::as_str)
+}
+
+/// `name` as this deployment's subject: itself without a namespace, `<namespace>.<name>` with one.
+pub fn subject(name: &'static str) -> Cow<'static, str> {
+    match namespace() {
+        "" => Cow::Borrowed(name),
+        ns => Cow::Owned(format!("{ns}.{name}")),
+    }
+}
+
+/// `name` as this deployment's stream, consumer, bucket or object store: itself without a namespace,
+/// `<namespace>_<name>` with one.
+pub fn resource(name: &'static str) -> Cow<'static, str> {
+    match namespace() {
+        "" => Cow::Borrowed(name),
+        ns => Cow::Owned(format!("{ns}_{name}")),
+    }
+}
 
 /// Prefix of every subject proxypool owns.
 pub const PREFIX: &str = "proxypool.v1";

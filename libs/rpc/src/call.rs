@@ -149,7 +149,7 @@ async fn send(
         if timeout.is_some() {
             req = req.timeout(timeout);
         }
-        let res = client.send_request(subject, req).await;
+        let res = client.send_request(proxypool_contracts::subjects::subject(subject).into_owned(), req).await;
         if res.is_err() {
             proxypool_telemetry::metrics::dependency_error("nats");
         }

@@ -34,6 +34,19 @@ pub enum JetStreamError {
         #[source]
         source: serde_json::Error,
     },
+    /// The lease log on this NATS was created by another deployment (another database).
+    #[error(
+        "the lease log {stream} on this NATS belongs to the deployment of database {theirs:?}, and this lease service \
+         uses {ours:?}: two deployments share this NATS; give each its own PROXYPOOL_NAMESPACE"
+    )]
+    ForeignLog {
+        /// The stream.
+        stream: String,
+        /// The database recorded in it.
+        theirs: String,
+        /// This service's database.
+        ours: String,
+    },
     /// A publish was not acknowledged by the stream.
     #[error("cannot publish on {subject}: {message}")]
     Publish {
@@ -101,9 +114,9 @@ impl WorkQueue {
         replicas: usize,
     ) -> Result<jetstream::stream::Stream, JetStreamError> {
         js.get_or_create_stream(jetstream::stream::Config {
-            name: self.stream.to_owned(),
+            name: subjects::resource(self.stream).into_owned(),
             description: Some(self.description.to_owned()),
-            subjects: vec![self.subject.to_owned()],
+            subjects: vec![subjects::subject(self.subject).into_owned()],
             retention: jetstream::stream::RetentionPolicy::WorkQueue,
             duplicate_window: DUPLICATE_WINDOW,
             num_replicas: replicas.max(1),
@@ -131,7 +144,7 @@ impl WorkQueue {
         };
         stream
             .get_or_create_consumer(
-                self.consumer,
+                &subjects::resource(self.consumer),
                 jetstream::consumer::pull::Config {
                     durable_name: Some(self.consumer.to_owned()),
                     ack_policy: jetstream::consumer::AckPolicy::Explicit,
@@ -160,7 +173,10 @@ impl WorkQueue {
 
     /// Messages pending or in hand, as the consumer reports them.
     pub async fn depth(&self, js: &jetstream::Context) -> Option<u64> {
-        let mut consumer: PullConsumer = js.get_consumer_from_stream(self.consumer, self.stream).await.ok()?;
+        let mut consumer: PullConsumer = js
+            .get_consumer_from_stream(&*subjects::resource(self.consumer), &*subjects::resource(self.stream))
+            .await
+            .ok()?;
         let info = consumer.info().await.ok()?;
         Some(info.num_pending.saturating_add(u64::try_from(info.num_ack_pending).unwrap_or(0)))
     }
@@ -169,23 +185,41 @@ impl WorkQueue {
 /// The lease log stream (see [`subjects::LEASE_LOG_STREAM`]): file storage, so an acknowledged append survives
 /// `kill -9` of any process; `replicas` > 1 in a cluster, so it also survives the loss of a server. The leader trims
 /// it once MongoDB holds the projection, so its size is bounded by how far the projection lags, not by traffic.
+///
+/// The log records the MongoDB database of the deployment that created it (stream metadata `proxypool.database`):
+/// a lease service of another database is refused ([`JetStreamError::ForeignLog`]), since replaying another
+/// deployment's log would grant proxies its own database does not hold. (A log created before the record existed is
+/// taken as it is.)
 pub async fn ensure_lease_log(
     js: &jetstream::Context,
     replicas: usize,
+    database: &str,
 ) -> Result<jetstream::stream::Stream, JetStreamError> {
-    js.get_or_create_stream(jetstream::stream::Config {
-        name: subjects::LEASE_LOG_STREAM.to_owned(),
-        description: Some("proxypool: the lease log (group-committed batches from the lease leader)".to_owned()),
-        subjects: vec![subjects::LEASE_LOG.to_owned()],
-        storage: jetstream::stream::StorageType::File,
-        num_replicas: replicas.max(1),
-        // One batch holds a group commit of up to a few thousand operations.
-        max_message_size: 8 * 1024 * 1024,
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| setup("the lease log")(e.to_string()))
+    let name = subjects::resource(subjects::LEASE_LOG_STREAM).into_owned();
+    let stream = js
+        .get_or_create_stream(jetstream::stream::Config {
+            name: name.clone(),
+            description: Some("proxypool: the lease log (group-committed batches from the lease leader)".to_owned()),
+            subjects: vec![subjects::subject(subjects::LEASE_LOG).into_owned()],
+            storage: jetstream::stream::StorageType::File,
+            num_replicas: replicas.max(1),
+            // One batch holds a group commit of up to a few thousand operations.
+            max_message_size: 8 * 1024 * 1024,
+            metadata: [(LOG_DATABASE.to_owned(), database.to_owned())].into_iter().collect(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| setup("the lease log")(e.to_string()))?;
+    match stream.cached_info().config.metadata.get(LOG_DATABASE) {
+        Some(theirs) if theirs != database => {
+            Err(JetStreamError::ForeignLog { stream: name, theirs: theirs.clone(), ours: database.to_owned() })
+        }
+        _ => Ok(stream),
+    }
 }
+
+/// The lease log's metadata key naming its deployment's database.
+const LOG_DATABASE: &str = "proxypool.database";
 
 /// The lease leader bucket (see [`subjects::LEASE_LEADER_BUCKET`]): one key whose value names the leader; it
 /// disappears `ttl` after the leader's last renewal, so a standby can take over.
@@ -194,13 +228,13 @@ pub async fn ensure_lease_leader(
     ttl: Duration,
     replicas: usize,
 ) -> Result<kv::Store, JetStreamError> {
-    if let Ok(store) = js.get_key_value(subjects::LEASE_LEADER_BUCKET).await {
+    if let Ok(store) = js.get_key_value(&*subjects::resource(subjects::LEASE_LEADER_BUCKET)).await {
         return Ok(store);
     }
     // File storage: a memory bucket vanishes with a NATS restart, and a healthy leader then fails to renew and
     // steps down for nothing. Replicated like the log, so the election survives the loss of a server too.
     js.create_key_value(kv::Config {
-        bucket: subjects::LEASE_LEADER_BUCKET.to_owned(),
+        bucket: subjects::resource(subjects::LEASE_LEADER_BUCKET).into_owned(),
         description: "proxypool: lease leader election".to_owned(),
         history: 1,
         max_age: ttl,
@@ -228,7 +262,7 @@ async fn publish_acked<T: Serialize>(
         publish = publish.message_id(id);
     }
     let ack = js
-        .send_publish(subject, publish)
+        .send_publish(subjects::subject(subject).into_owned(), publish)
         .await
         .map_err(|e| failed(e.to_string()))?
         .await
@@ -244,11 +278,11 @@ pub async fn ensure_import_uploads(
     js: &jetstream::Context,
     replicas: usize,
 ) -> Result<object_store::ObjectStore, JetStreamError> {
-    if let Ok(store) = js.get_object_store(subjects::IMPORT_UPLOADS_BUCKET).await {
+    if let Ok(store) = js.get_object_store(&*subjects::resource(subjects::IMPORT_UPLOADS_BUCKET)).await {
         return Ok(store);
     }
     js.create_object_store(object_store::Config {
-        bucket: subjects::IMPORT_UPLOADS_BUCKET.to_owned(),
+        bucket: subjects::resource(subjects::IMPORT_UPLOADS_BUCKET).into_owned(),
         description: Some("proxypool: spreadsheets waiting for their import".to_owned()),
         max_age: UPLOAD_MAX_AGE,
         storage: jetstream::stream::StorageType::File,
@@ -262,11 +296,11 @@ pub async fn ensure_import_uploads(
 /// Opens the importer's key-value bucket of locks (one import at a time; the ZingProxy schedule), creating it when
 /// missing.
 pub async fn ensure_import_locks(js: &jetstream::Context, replicas: usize) -> Result<kv::Store, JetStreamError> {
-    if let Ok(store) = js.get_key_value(subjects::IMPORT_LOCKS_BUCKET).await {
+    if let Ok(store) = js.get_key_value(&*subjects::resource(subjects::IMPORT_LOCKS_BUCKET)).await {
         return Ok(store);
     }
     js.create_key_value(kv::Config {
-        bucket: subjects::IMPORT_LOCKS_BUCKET.to_owned(),
+        bucket: subjects::resource(subjects::IMPORT_LOCKS_BUCKET).into_owned(),
         description: "proxypool: importer locks and schedule".to_owned(),
         history: 1,
         num_replicas: replicas.max(1),

@@ -5,7 +5,7 @@
 use futures::StreamExt;
 use proxypool_contracts::callback::CallbackNotice;
 use proxypool_contracts::lease::{LeasesTaken, TakenLease};
-use proxypool_contracts::subjects::LEASE_TAKEN;
+use proxypool_contracts::subjects::{subject, LEASE_TAKEN};
 
 use crate::jetstream::CALLBACKS;
 
@@ -24,7 +24,7 @@ pub async fn queue(client: &async_nats::Client, notices: &[CallbackNotice], repl
     };
     match serde_json::to_vec(&taken) {
         Ok(body) => {
-            if let Err(e) = client.publish(LEASE_TAKEN, body.into()).await {
+            if let Err(e) = client.publish(subject(LEASE_TAKEN).into_owned(), body.into()).await {
                 tracing::warn!(error = %e, "cannot broadcast taken leases");
             }
         }
@@ -55,7 +55,7 @@ pub async fn taken(
     client: &async_nats::Client,
 ) -> Result<impl futures::Stream<Item = TakenLease> + Send + 'static, crate::SubscribeError> {
     let sub = client
-        .subscribe(LEASE_TAKEN)
+        .subscribe(subject(LEASE_TAKEN).into_owned())
         .await
         .map_err(|source| crate::SubscribeError { subject: LEASE_TAKEN.to_owned(), source })?;
     Ok(sub.flat_map(|m| {

@@ -117,7 +117,10 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
         let mut subs = Vec::with_capacity(self.routes.len());
         for route in self.routes {
             let sub = client
-                .queue_subscribe(route.subject, queue_group.to_owned())
+                .queue_subscribe(
+                    proxypool_contracts::subjects::subject(route.subject).into_owned(),
+                    queue_group.to_owned(),
+                )
                 .await
                 .map_err(|source| SubscribeError { subject: route.subject.to_owned(), source })?;
             subs.push((route, sub));

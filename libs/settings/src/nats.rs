@@ -20,6 +20,9 @@ pub struct NatsConfig {
     /// `JETSTREAM_REPLICAS` (default 1, at most 5): copies of every stream, bucket and object store this service
     /// creates; 3 on a three-server cluster, so that the loss of a server loses nothing.
     pub replicas: usize,
+    /// `PROXYPOOL_NAMESPACE` (default none): keeps this deployment's subjects, streams and buckets apart from another
+    /// deployment's on the same NATS (see `proxypool_contracts::subjects`).
+    pub namespace: String,
 }
 
 impl NatsConfig {
@@ -50,23 +53,41 @@ impl NatsConfig {
         if !(1..=5).contains(&replicas) {
             return Err(ConfigError::invalid("JETSTREAM_REPLICAS", "must be between 1 and 5"));
         }
+        let namespace = env.get("PROXYPOOL_NAMESPACE").unwrap_or_default();
+        proxypool_contracts::subjects::check_namespace(&namespace)
+            .map_err(|why| ConfigError::invalid("PROXYPOOL_NAMESPACE", why))?;
         Ok(Self {
             url,
             user,
             creds_file: env.get("NATS_CREDS"),
             request_timeout: env.seconds_or("NATS_REQUEST_TIMEOUT", Duration::from_secs(5))?,
             replicas,
+            namespace,
         })
     }
 
     /// A config for a local server at `url` (tests, benchmarks).
     pub fn local(url: impl Into<String>) -> Self {
-        Self { url: url.into(), user: None, creds_file: None, request_timeout: Duration::from_secs(5), replicas: 1 }
+        Self {
+            url: url.into(),
+            user: None,
+            creds_file: None,
+            request_timeout: Duration::from_secs(5),
+            replicas: 1,
+            namespace: String::new(),
+        }
     }
 
     /// Connects. The client reconnects by itself forever, also when the server is down at start, so a service
     /// comes up before NATS does and recovers after a NATS restart without intervention.
     pub async fn connect(&self, name: &str) -> Result<async_nats::Client, async_nats::ConnectError> {
+        // Every subject and stream this process uses is in its deployment's namespace from here on.
+        proxypool_contracts::subjects::set_namespace(&self.namespace).map_err(|why| {
+            async_nats::ConnectError::from(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("PROXYPOOL_NAMESPACE: {why}"),
+            ))
+        })?;
         let mut opts = async_nats::ConnectOptions::new()
             .name(name)
             .retry_on_initial_connect()

@@ -48,6 +48,17 @@ impl App {
     /// Starts the engine (loading the state, joining the election) and the admin endpoint (`/metrics`, `/healthz`,
     /// `/readyz`) on `LEASE_ADMIN_ADDR`.
     pub async fn build(config: LeaseConfig, client: Client, store: Store) -> Result<Self, ServeError> {
+        // A lease log of another deployment on this NATS is refused before anything is read from it. (With NATS not
+        // reachable yet, the engine checks again as it loads.)
+        let engine_config = config.engine();
+        let database = store.db().name().to_owned();
+        let check =
+            engine::log::LeaseLog::open(&client, engine_config.log_replicas, engine_config.append_timeout, &database);
+        if let Ok(Err(e @ proxypool_rpc::jetstream::JetStreamError::ForeignLog { .. })) =
+            tokio::time::timeout(std::time::Duration::from_secs(3), check).await
+        {
+            return Err(ServeError::ForeignLog(e));
+        }
         let metrics = metrics::LeaseMetrics::new();
         let (engine_stop, engine_shutdown) = Shutdown::new();
         let (engine, engine_task) =

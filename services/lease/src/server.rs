@@ -30,6 +30,9 @@ pub enum ServeError {
     /// A subscription could not be made.
     #[error(transparent)]
     Subscribe(#[from] proxypool_rpc::SubscribeError),
+    /// The lease log on this NATS belongs to another deployment.
+    #[error(transparent)]
+    ForeignLog(proxypool_rpc::jetstream::JetStreamError),
     /// The admin endpoint could not listen.
     #[error("cannot listen on LEASE_ADMIN_ADDR: {0}")]
     Admin(#[source] std::io::Error),

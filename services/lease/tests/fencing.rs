@@ -29,8 +29,8 @@ async fn a_deposed_leaders_append_is_refused_and_it_must_catch_up() -> anyhow::R
     let nats = NatsServer::start()?;
     let a_client = async_nats::connect(nats.url()).await?;
     let b_client = async_nats::connect(nats.url()).await?;
-    let a = LeaseLog::open(&a_client, 1, Duration::from_secs(2)).await?;
-    let b = LeaseLog::open(&b_client, 1, Duration::from_secs(2)).await?;
+    let a = LeaseLog::open(&a_client, 1, Duration::from_secs(2), "db").await?;
+    let b = LeaseLog::open(&b_client, 1, Duration::from_secs(2), "db").await?;
     let proxy = ObjectId::new();
 
     // Both start from the same end of the log.

@@ -405,7 +405,7 @@ async fn a_leader_fenced_by_a_newer_term_steps_down_at_once() -> R {
     let engine = app.lease_replicas()[0].service.engine().clone();
     assert!(*engine.serving().borrow());
     // Another replica opens a newer term (as after a lost election entry): its barrier lands in the log.
-    let log = LeaseLog::open(&app.client, 1, Duration::from_secs(2)).await?;
+    let log = LeaseLog::open(&app.client, 1, Duration::from_secs(2), &app.store_config.database).await?;
     let (_, last) = log.bounds().await?;
     log.append(last, &Batch::new("usurper", 1_000, 0, Vec::new())).await?;
     // The old leader's next commit is fenced; it reads the newer term and stops leading there and then, instead of

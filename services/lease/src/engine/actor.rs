@@ -164,7 +164,9 @@ impl Actor {
         let log = match &self.log {
             Some(l) => l.clone(),
             None => {
-                let l = LeaseLog::open(&self.client, self.config.log_replicas, self.config.append_timeout).await?;
+                let database = self.projector.store().db().name().to_owned();
+                let l = LeaseLog::open(&self.client, self.config.log_replicas, self.config.append_timeout, &database)
+                    .await?;
                 self.log = Some(l.clone());
                 l
             }

@@ -117,11 +117,16 @@ pub struct LeaseLog {
 }
 
 impl LeaseLog {
-    /// Ensures the stream exists (`replicas` copies).
-    pub async fn open(client: &async_nats::Client, replicas: usize, timeout: Duration) -> Result<Self, JetStreamError> {
+    /// Ensures the stream exists (`replicas` copies) and belongs to the deployment of `database`.
+    pub async fn open(
+        client: &async_nats::Client,
+        replicas: usize,
+        timeout: Duration,
+        database: &str,
+    ) -> Result<Self, JetStreamError> {
         let mut js = jetstream::new(client.clone());
         js.set_timeout(timeout);
-        let stream = proxypool_rpc::jetstream::ensure_lease_log(&js, replicas).await?;
+        let stream = proxypool_rpc::jetstream::ensure_lease_log(&js, replicas, database).await?;
         Ok(Self { js, stream })
     }
 
@@ -130,7 +135,7 @@ impl LeaseLog {
         let body = serde_json::to_vec(batch).map_err(|e| AppendError::Unavailable(e.to_string()))?;
         let publish = jetstream::context::Publish::build().payload(body.into()).expected_last_sequence(expected);
         let fenced = |kind: PublishErrorKind| kind == PublishErrorKind::WrongLastSequence;
-        let ack = match self.js.send_publish(subjects::LEASE_LOG, publish).await {
+        let ack = match self.js.send_publish(subjects::subject(subjects::LEASE_LOG).into_owned(), publish).await {
             Ok(ack) => ack.await,
             Err(e) => Err(e),
         };

@@ -76,6 +76,20 @@ fn grant_of(
     })
 }
 
+/// `not_found` unless lease `key` is held on proxy `id`, telling an unknown proxy from a lease that is gone (the
+/// answer of a release and of a renew alike).
+fn held(txn: &crate::engine::Txn<'_>, id: ObjectId, key: &str) -> Result<(), ApiError> {
+    let Some(p) = txn.state().get(&id) else {
+        return Err(ApiError::not_found(format!("proxy {id} not found")));
+    };
+    if !p.leases.iter().any(|l| l.key == key) {
+        return Err(ApiError::not_found(format!(
+            "no active lease with key {key} on proxy {id} (returned, taken back, or never granted)"
+        )));
+    }
+    Ok(())
+}
+
 /// When a lease whose `LEASE_TTL` counts from `base_ms` is taken back.
 fn expires_at(base_ms: i64, ttl: Option<std::time::Duration>) -> Option<chrono::DateTime<chrono::Utc>> {
     ttl.and_then(|t| chrono::Duration::from_std(t).ok()).map(|d| utc(base_ms) + d)
@@ -260,14 +274,7 @@ impl LeaseService {
         let (key, ttl) = (req.key.as_str().to_owned(), self.lease_ttl);
         self.engine
             .submit(move |txn| {
-                let Some(p) = txn.state().get(&id) else {
-                    return Err(ApiError::not_found(format!("proxy {id} not found")));
-                };
-                if !p.leases.iter().any(|l| l.key == key) {
-                    return Err(ApiError::not_found(format!(
-                        "no active lease with key {key} on proxy {id} (returned, taken back, or never granted)"
-                    )));
-                }
+                held(txn, id, &key)?;
                 let now = txn.now_ms();
                 // Without LEASE_TTL nothing expires: nothing to log.
                 if ttl.is_some() {
@@ -305,14 +312,7 @@ impl LeaseService {
     ) -> Result<ReleaseOutcome, ApiError> {
         self.engine
             .submit(move |txn| {
-                let Some(p) = txn.state().get(&id) else {
-                    return Err(ApiError::not_found(format!("proxy {id} not found")));
-                };
-                if !p.leases.iter().any(|l| l.key == key) {
-                    return Err(ApiError::not_found(format!(
-                        "no active lease with key {key} on proxy {id} (already returned, or never granted)"
-                    )));
-                }
+                held(txn, id, &key)?;
                 let failure = failure.map(|kind| Failure { kind, at_ms: txn.now_ms() });
                 txn.apply(Op::Release { proxy: id, key: key.clone(), uncount, taken: None, failure });
                 let in_use = txn.state().get(&id).map_or(0, |p| p.in_use());

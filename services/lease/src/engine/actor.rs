@@ -102,8 +102,9 @@ pub(super) struct Actor {
     pub(super) epoch: u64,
     /// The newest term in the log.
     pub(super) newest_epoch: u64,
-    /// Deposed, and the election has not yet said it no longer leads: do not take the lead on that stale word.
-    pub(super) awaiting_lead_loss: bool,
+    /// Deposed at this instant, and the election has not yet said it no longer leads: do not take the lead on that
+    /// stale word (for at most two election TTLs: past them, a `true` is a new election won, not the old word).
+    pub(super) awaiting_lead_loss: Option<Instant>,
     /// Callback notices being queued now (by id).
     pub(super) delivering: HashSet<String>,
     /// Notices queued and not yet marked sent in the log.
@@ -364,9 +365,11 @@ impl Actor {
                 _ = self.leading.changed() => {}
                 _ = tick.tick() => {}
             }
+            let stale_word = self.awaiting_lead_loss.is_some_and(|at| at.elapsed() < self.config.leader_ttl * 2);
             if !*self.leading.borrow() {
-                self.awaiting_lead_loss = false;
-            } else if !self.awaiting_lead_loss {
+                self.awaiting_lead_loss = None;
+            } else if !stale_word {
+                self.awaiting_lead_loss = None;
                 // Elected: [`Actor::lead`] subscribes, catches up and opens the term.
                 return Next::Lead;
             }
@@ -534,7 +537,7 @@ impl Actor {
             // Another replica opened a newer term: step down at this first fence, not after our election entry runs
             // out, or the two would fence each other in turn.
             tracing::warn!(mine = self.epoch, newest = self.newest_epoch, "deposed by a newer lease term; following");
-            self.awaiting_lead_loss = true;
+            self.awaiting_lead_loss = Some(Instant::now());
             self.deposed.send_modify(|n| *n += 1);
             return Some(Next::Follow);
         }

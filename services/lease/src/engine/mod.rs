@@ -106,7 +106,7 @@ pub fn start(
         deposed: deposed_tx,
         epoch: 0,
         newest_epoch: 0,
-        awaiting_lead_loss: false,
+        awaiting_lead_loss: None,
         delivering: std::collections::HashSet::new(),
         sent: Vec::new(),
         delivered_tx,

@@ -54,13 +54,9 @@ pub fn new_request_id() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 
-/// Checks a request id: 1 to [`WORD_MAX`] of `A–Z a–z 0–9 _ . -`.
+/// Checks a request id: 1 to [`WORD_MAX`] of `A–Z a–z 0–9 _ . -` (a word, or a UUID).
 pub fn check_request_id(v: &str) -> Result<String, ApiError> {
-    let ok = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '-';
-    if v.is_empty() || v.len() > WORD_MAX || !v.chars().all(ok) {
-        return Err(ApiError::invalid("request_id", format!("must be 1-{WORD_MAX} of A-Z a-z 0-9 _ . -")));
-    }
-    Ok(v.to_owned())
+    check_chars("request_id", v, "-")
 }
 
 /// The most proxy ids an acquire may exclude.
@@ -127,9 +123,15 @@ pub const WORD_MAX: usize = 64;
 /// A session id (and, in the forward door's username, a consumer name or package code): 1 to [`WORD_MAX`] of
 /// `A–Z a–z 0–9 _ .`; the error names `field`.
 pub fn check_word(field: &str, v: &str) -> Result<String, ApiError> {
-    let ok = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '.';
+    check_chars(field, v, "")
+}
+
+/// 1 to [`WORD_MAX`] of `A–Z a–z 0–9 _ .` and the characters of `extra`; the error names `field`.
+fn check_chars(field: &str, v: &str, extra: &str) -> Result<String, ApiError> {
+    let ok = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '.' || extra.contains(c);
     if v.is_empty() || v.len() > WORD_MAX || !v.chars().all(ok) {
-        return Err(ApiError::invalid(field, format!("must be 1-{WORD_MAX} of A-Z a-z 0-9 _ .")));
+        let allowed: String = extra.chars().flat_map(|c| [' ', c]).collect();
+        return Err(ApiError::invalid(field, format!("must be 1-{WORD_MAX} of A-Z a-z 0-9 _ .{allowed}")));
     }
     Ok(v.to_owned())
 }

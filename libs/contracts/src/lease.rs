@@ -46,8 +46,12 @@ pub struct AcquireRequest {
 pub const REQUEST_WINDOW: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// How long the gateway and the forward door retry an acquire with the same request id while the lease service is
-/// between leaders (a failover takes `LEASE_LEADER_TTL`, 1.5 s by default, and a catch-up).
-pub const RETRY_WINDOW: std::time::Duration = std::time::Duration::from_secs(5);
+/// between leaders. A lease replica's failover takes `LEASE_LEADER_TTL` (1.5 s by default) and a catch-up; the loss
+/// of the NATS node leading the lease log's RAFT group (a three-node cluster) takes longer: the survivors wait
+/// nats-server's election timeout, a random 4–9 s fixed in its `server/raft.go`, before one campaigns (measured
+/// 6.5–7.1 s to the next grant). 12 s covers that, and with its last attempt stays within the gateway's 15 s
+/// request timeout.
+pub const RETRY_WINDOW: std::time::Duration = std::time::Duration::from_secs(12);
 
 /// A new request id: 128 random bits, so ids from any number of gateways and doors never meet.
 pub fn new_request_id() -> String {

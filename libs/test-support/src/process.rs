@@ -79,3 +79,47 @@ pub fn workspace_binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
     anyhow::ensure!(bin.is_file(), "{} not built: run the tests with `cargo test --workspace`", bin.display());
     Ok(bin)
 }
+
+/// `proxypool-lease` as built from the commit `rev` of this repository, for the rolling-upgrade test: its sources
+/// are exported with `git archive` into `target/previous/<rev>/src` and built there, in a target directory of their
+/// own (so this checkout's binaries are never replaced), once; later runs reuse the binary. The build takes a few
+/// minutes on a fresh machine. Needs the repository's history (a full clone).
+pub fn lease_binary_at(rev: &str) -> anyhow::Result<std::path::PathBuf> {
+    let root = crate::servers::workspace_root();
+    let out = root.join("target/previous").join(rev);
+    let bin = out.join("target/debug/proxypool-lease");
+    if bin.is_file() {
+        return Ok(bin);
+    }
+    let src = out.join("src");
+    if !src.join("Cargo.toml").is_file() {
+        let _ = std::fs::remove_dir_all(&src);
+        std::fs::create_dir_all(&src)?;
+        let tar = out.join("src.tar");
+        let archive = std::process::Command::new("git")
+            .arg("-C")
+            .arg(&root)
+            .args(["archive", "--format=tar", "-o"])
+            .arg(&tar)
+            .arg(rev)
+            .status()
+            .context("cannot run git")?;
+        anyhow::ensure!(
+            archive.success(),
+            "git cannot export {rev}: the rolling-upgrade test needs the repository's history (a full clone, not a \
+             shallow one)"
+        );
+        let untar = std::process::Command::new("tar").arg("-xf").arg(&tar).arg("-C").arg(&src).status()?;
+        anyhow::ensure!(untar.success(), "cannot unpack the sources of {rev}");
+    }
+    tracing::warn!(rev, "building proxypool-lease of an earlier commit for the rolling-upgrade test (once)");
+    let build = std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .current_dir(&src)
+        .env_remove("CARGO_TARGET_DIR")
+        .args(["build", "--locked", "-p", "proxypool-lease", "--bin", "proxypool-lease", "--target-dir"])
+        .arg(out.join("target"))
+        .status()
+        .context("cannot run cargo")?;
+    anyhow::ensure!(build.success() && bin.is_file(), "cannot build proxypool-lease at {rev}");
+    Ok(bin)
+}

@@ -66,9 +66,17 @@ async fn acquire(service: LeaseService, req: AcquireRequest) -> Result<LeaseGran
     }
     let span = tracing::info_span!("lease.acquire", area = %req.area);
     let result = tracing::Instrument::instrument(service.acquire(&req), span).await;
-    // A grant stored after the caller was told `service_unavailable` would be a lease nobody holds: undo it.
+    // A grant stored after the caller was told `service_unavailable` would be a lease nobody holds: undo it. Unless
+    // it was made for a request id: that caller asks again with the same id and collects this very grant, and its
+    // retry may already have been answered with it (it waited in the engine behind this commit), so withdrawing it
+    // would leave the caller holding a lease that is gone.
     if let Ok(grant) = &result {
         if !proxypool_rpc::commit_reply() {
+            if req.request_id.is_some() {
+                return Err(ApiError::unavailable(
+                    "the request did not finish in time; retry with the same request_id",
+                ));
+            }
             return Err(withdraw(&service, grant).await);
         }
     }

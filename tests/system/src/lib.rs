@@ -3,10 +3,12 @@
 //! environment an operator would set ([`proxypool_test_support::service_env`]).
 //!
 //! - [`app`]: [`TestApp`], with typed helpers (lease over HTTP and NATS, insert proxies, check the invariants).
+//! - [`load`]: consumers and a probe for the fault tests, judged from the consumers' own records.
 //!
 //! The tests under `tests/` span services; each service's own crate tests only itself (its binary's lifecycle).
 
 pub mod app;
+pub mod load;
 
 pub use app::{TestApp, TestAppBuilder};
 pub use proxypool_test_support::{fakes, init_logs, servers, MongoServer, NatsServer, API_KEY, JWT_SECRET};

@@ -566,7 +566,6 @@ impl Actor {
             })
             .collect();
         let n_ops = ops.len();
-        let has_grant = ops.iter().any(|op| matches!(op, Op::Grant { .. }));
         let mut batch = Batch::new(&self.config.instance_id, self.epoch, now, ops);
         batch.sent = std::mem::take(&mut self.sent);
         let started = Instant::now();
@@ -583,8 +582,12 @@ impl Actor {
                 self.projector.changed(undo.into_keys());
                 // Stored, not yet answered: a leader that dies here leaves its grants to its callers' retries and its
                 // notices to the next leader's outbox.
-                if has_grant {
-                    proxypool_faults::point("lease.grant.appended").await;
+                for op in &batch.ops {
+                    if let Op::Grant { lease, .. } = op {
+                        // Keyed by request id: a test pauses the grant of its own request.
+                        proxypool_faults::point_at("lease.grant.appended", lease.request.as_deref().unwrap_or("-"))
+                            .await;
+                    }
                 }
                 if !notices.is_empty() {
                     proxypool_faults::point("lease.notices.appended").await;

@@ -128,6 +128,14 @@ impl LeaseProcess {
         Ok(())
     }
 
+    /// SIGTERM, as Kubernetes stops a pod, and waits (45 s at most, its grace period) for the exit status.
+    pub async fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let pid =
+            self.child.id().and_then(|p| i32::try_from(p).ok()).ok_or_else(|| anyhow::anyhow!("already reaped"))?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM)?;
+        Ok(tokio::time::timeout(Duration::from_secs(45), self.child.wait()).await??)
+    }
+
     /// SIGKILL, and reaps it.
     pub async fn kill(&mut self) {
         let _ = self.child.start_kill();

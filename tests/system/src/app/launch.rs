@@ -227,6 +227,18 @@ impl TestApp {
         wrapper: &[&str],
     ) -> anyhow::Result<LeaseProcess> {
         let bin = proxypool_test_support::process::workspace_binary("proxypool-lease")?;
+        self.spawn_lease_binary(&bin, name, extra, wrapper).await
+    }
+
+    /// [`TestApp::spawn_lease_process`] with another build of `proxypool-lease` (an earlier commit's, for the
+    /// rolling-upgrade test).
+    pub async fn spawn_lease_binary(
+        &self,
+        bin: &std::path::Path,
+        name: &str,
+        extra: &[(&str, String)],
+        wrapper: &[&str],
+    ) -> anyhow::Result<LeaseProcess> {
         let mut vars = vec![("HOSTNAME", name.to_owned()), ("LOG_LEVEL", "warn".to_owned())];
         vars.extend(extra.iter().cloned());
         let env = self.env_pairs_for("lease", &vars);
@@ -234,10 +246,10 @@ impl TestApp {
         let mut command = match wrapper.split_first() {
             Some((program, args)) => {
                 let mut c = tokio::process::Command::new(program);
-                c.args(args).arg(&bin);
+                c.args(args).arg(bin);
                 c
             }
-            None => tokio::process::Command::new(&bin),
+            None => tokio::process::Command::new(bin),
         };
         let child = command
             .envs(env)

@@ -343,7 +343,8 @@ async fn main() -> anyhow::Result<()> {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 seen.push(t0.elapsed());
-                let req = ReleaseRequest { proxy_id: Some(g.id), key: Some(g.key), failure: None };
+                let req =
+                    ReleaseRequest { proxy_id: Some(g.id), key: Some(g.key), failure: None, ..Default::default() };
                 proxypool_rpc::call::<LeaseRelease>(&app.client, &req).await?;
             }
             load.await?;
@@ -430,7 +431,7 @@ async fn nats_round_trip(client: &async_nats::Client, w: usize) -> anyhow::Resul
         ..Default::default()
     };
     let g = proxypool_rpc::call::<LeaseAcquire>(client, &req).await?;
-    let req = ReleaseRequest { proxy_id: Some(g.id), key: Some(g.key), failure: None };
+    let req = ReleaseRequest { proxy_id: Some(g.id), key: Some(g.key), failure: None, ..Default::default() };
     proxypool_rpc::call::<LeaseRelease>(client, &req).await?;
     Ok(())
 }

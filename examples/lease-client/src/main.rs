@@ -54,7 +54,12 @@ async fn main() -> anyhow::Result<()> {
     let lease = acquire(&nc, area, "rust-example").await?;
     println!("leased {} ({}:{}), expires {:?}", lease.id, lease.ip, lease.port, lease.expires_at);
     // … use http://{username}:{password}@{ip}:{port} for outbound requests here …
-    let release = ReleaseRequest { proxy_id: Some(lease.id.clone()), key: Some(lease.key.clone()), failure: None };
+    let release = ReleaseRequest {
+        proxy_id: Some(lease.id.clone()),
+        key: Some(lease.key.clone()),
+        failure: None,
+        ..Default::default()
+    };
     match call::<LeaseRelease>(&nc, &release).await {
         Ok(outcome) => println!("returned: {outcome:?}"),
         Err(CallError::Remote(e)) => anyhow::bail!("return refused: {e}"),

@@ -39,6 +39,9 @@ pub struct AcquireRequest {
     /// (a leader failover) can ask again without taking a second proxy or leaving the first held by nobody.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// The site the lease is for (a host name): a proxy whose exit IP is banned for it is not handed out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
 }
 
 /// How long the lease service remembers a request id: at least twice the longest caller deadline (the gateway's and
@@ -159,6 +162,8 @@ pub struct Acquire {
     pub session: Option<String>,
     /// The caller's request id (a repeat gets the same grant).
     pub request_id: Option<String>,
+    /// The site, normalised ([`crate::health::normalize_domain`]).
+    pub domain: Option<String>,
 }
 
 /// Longest accepted consumer identifier; it is stored in every lease record.
@@ -204,7 +209,21 @@ impl AcquireRequest {
             Some(v) => Some(check_request_id(v)?),
             None => None,
         };
-        Ok(Acquire { area, consumer: consumer.to_owned(), callback_url, exclude, package, door, session, request_id })
+        let domain = match self.domain.as_deref().filter(|d| !d.trim().is_empty()) {
+            Some(d) => Some(crate::health::normalize_domain("domain", d)?),
+            None => None,
+        };
+        Ok(Acquire {
+            area,
+            consumer: consumer.to_owned(),
+            callback_url,
+            exclude,
+            package,
+            door,
+            session,
+            request_id,
+            domain,
+        })
     }
 }
 
@@ -221,6 +240,12 @@ pub struct ReleaseRequest {
     /// ([`UpstreamFailure`] spelling); recorded on the proxy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
+    /// How the consumer's requests through the proxy went ([`Outcome`](crate::health::Outcome) spelling).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
+    /// For which site (a host name); required with `blocked` and `captcha`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
 }
 
 /// A validated release request.
@@ -232,11 +257,28 @@ pub struct Release {
     pub key: ObjectIdHex,
     /// How the upstream failed, when that is why it is returned.
     pub failure: Option<UpstreamFailure>,
+    /// How the consumer's requests went.
+    pub outcome: Option<crate::health::Outcome>,
+    /// For which site, normalised.
+    pub domain: Option<String>,
 }
 
 impl ReleaseRequest {
     /// Validates the request.
     pub fn validate(&self) -> Result<Release, ApiError> {
+        let outcome = match self.outcome.as_deref().map(str::trim).filter(|o| !o.is_empty()) {
+            Some(o) => Some(crate::health::Outcome::parse_field("outcome", o)?),
+            None => None,
+        };
+        let domain = match self.domain.as_deref().filter(|d| !d.trim().is_empty()) {
+            Some(d) => Some(crate::health::normalize_domain("domain", d)?),
+            None => None,
+        };
+        if let (Some(o), None) = (outcome, &domain) {
+            if o.is_ban() {
+                return Err(ApiError::invalid("domain", format!("is required with outcome {}", o.as_str())));
+            }
+        }
         Ok(Release {
             proxy_id: ObjectIdHex::parse_field("proxy_id", self.proxy_id.as_deref())?,
             key: ObjectIdHex::parse_field("key", self.key.as_deref())?,
@@ -244,6 +286,8 @@ impl ReleaseRequest {
                 Some(f) => Some(parse_enum("failure", f, "refused, auth, timeout, reset, bad_answer")?),
                 None => None,
             },
+            outcome,
+            domain,
         })
     }
 }
@@ -396,9 +440,27 @@ mod tests {
             proxy_id: Some("65a1b2c3d4e5f60718293a4b".into()),
             key: Some("nope".into()),
             failure: None,
+            ..Default::default()
         };
         assert_eq!(bad_key.validate().err().and_then(|e| e.field).as_deref(), Some("key"));
-        let bad_id = ReleaseRequest { proxy_id: Some("x".into()), key: None, failure: None };
+        let good = ReleaseRequest {
+            proxy_id: Some("65a1b2c3d4e5f60718293a4b".into()),
+            key: Some("65a1b2c3d4e5f60718293a4c".into()),
+            ..Default::default()
+        };
+        let with = |outcome: Option<&str>, domain: Option<&str>| ReleaseRequest {
+            outcome: outcome.map(str::to_owned),
+            domain: domain.map(str::to_owned),
+            ..good.clone()
+        };
+        let field = |r: ReleaseRequest| r.validate().err().and_then(|e| e.field);
+        assert_eq!(field(with(Some("banned"), None)).as_deref(), Some("outcome"));
+        assert_eq!(field(with(Some("blocked"), None)).as_deref(), Some("domain"), "a ban needs its site");
+        assert_eq!(field(with(Some("ok"), Some("not a host"))).as_deref(), Some("domain"));
+        let ok = with(Some("captcha"), Some("Shop.Example:443")).validate().unwrap();
+        assert_eq!(ok.domain.as_deref(), Some("shop.example"));
+        assert!(with(Some("timeout"), None).validate().is_ok(), "only bans need a site");
+        let bad_id = ReleaseRequest { proxy_id: Some("x".into()), key: None, failure: None, ..Default::default() };
         assert_eq!(bad_id.validate().err().and_then(|e| e.field).as_deref(), Some("proxy_id"));
     }
 }

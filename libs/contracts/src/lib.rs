@@ -9,6 +9,7 @@
 //! - [`domain`]: validated input types ([`Area`], [`ObjectIdHex`], [`Pagination`]) that inner code can trust.
 //! - [`reply`]: the reply envelope and the typed error shared by NATS replies and HTTP bodies.
 //! - [`lease`]: lease acquire/release requests and replies.
+//! - [`health`]: outcomes consumers report with a return, and the site names bans are keyed by.
 //! - [`auth`]: users and logins (gateway → auth service).
 //! - [`callback`]: notices to consumers whose lease was taken, and the SSRF rules for their URLs.
 //! - [`rotation`]: rotation jobs, the lease reset after a rotation, rotate-now.
@@ -18,6 +19,7 @@ pub mod auth;
 pub mod callback;
 pub mod domain;
 pub mod endpoints;
+pub mod health;
 pub mod import;
 pub mod lease;
 pub mod reply;

@@ -93,6 +93,30 @@ pub struct UpstreamFailureRecord {
     pub at: DateTime,
 }
 
+/// What the pool learned about a proxy from its consumers (our addition; projected by the lease service).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HealthDoc {
+    /// Per-site bans on exit IPs reported through this proxy (a ban is about the IP: it applies to whichever proxy
+    /// exits on it), including expired ones kept to double the next ban of the same pair.
+    #[serde(default)]
+    pub bans: Vec<BanDoc>,
+}
+
+/// A site refused an exit IP: that (IP, domain) pair is not leased for the domain until `until`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BanDoc {
+    /// The exit IP the site saw.
+    pub ip: String,
+    /// The site (normalised host name).
+    pub domain: String,
+    /// When the ban ends.
+    pub until: DateTime,
+    /// How many times in a row this pair was banned (each ban lasts twice the one before, up to `BAN_MAX`).
+    pub count: i64,
+    /// `blocked` or `captcha`.
+    pub reason: String,
+}
+
 fn default_true() -> bool {
     true
 }
@@ -182,6 +206,9 @@ pub struct ProxyDoc {
     /// The latest of those failures. Our addition.
     #[serde(default)]
     pub last_upstream_failure: Option<UpstreamFailureRecord>,
+    /// What consumers reported: bans on exit IPs per site. Our addition.
+    #[serde(default)]
+    pub health: HealthDoc,
     /// Return URL of the latest lease.
     #[serde(default)]
     pub webhook_url: Option<String>,
@@ -306,6 +333,7 @@ impl ProxyDoc {
             rotation_deadline: None,
             upstream_failures: 0,
             last_upstream_failure: None,
+            health: HealthDoc::default(),
             webhook_url: None,
             call_webhook_count: 0,
             status: ProxyStatus::Pending,

@@ -85,6 +85,9 @@ pub fn workspace_binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
 /// own (so this checkout's binaries are never replaced), once; later runs reuse the binary. The build takes a few
 /// minutes on a fresh machine. Needs the repository's history (a full clone).
 pub fn lease_binary_at(rev: &str) -> anyhow::Result<std::path::PathBuf> {
+    // Tests of one binary run side by side: one exports and builds, the others wait and reuse.
+    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = BUILDING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let root = crate::servers::workspace_root();
     let out = root.join("target/previous").join(rev);
     let bin = out.join("target/debug/proxypool-lease");

@@ -323,6 +323,7 @@ async fn handle(conn: Arc<Conn>, req: Request<Incoming>) -> Response<Body> {
             }
         }
     };
+    let want = want.to(req.uri().host());
     if req.method() == Method::CONNECT {
         connect(conn, req, want, session).await
     } else {

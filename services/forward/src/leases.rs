@@ -46,6 +46,16 @@ pub struct Want {
     pub door: Door,
     /// The sticky session id.
     pub session: Option<String>,
+    /// The target's host (normalised), sent as the acquire's `domain`: no proxy whose exit IP that site banned.
+    pub domain: Option<String>,
+}
+
+impl Want {
+    /// This want for a request to `host`.
+    pub fn to(mut self, host: Option<&str>) -> Self {
+        self.domain = host.and_then(|h| proxypool_contracts::health::normalize_domain("target", h).ok());
+        self
+    }
 }
 
 /// One lease held by the door.
@@ -89,6 +99,7 @@ impl Drop for Lease {
             proxy_id: Some(self.grant.id.clone()),
             key: Some(self.grant.key.clone()),
             failure: failure.map(|f| f.as_str().to_owned()),
+            ..Default::default()
         };
         let client = inner.client.clone();
         inner.returns.spawn(release(client, req));
@@ -223,6 +234,7 @@ impl Book {
             session: want.session.clone(),
             // Asked again with the same id below: a failover that lost the answer hands back the same grant.
             request_id: Some(proxypool_contracts::lease::new_request_id()),
+            domain: want.domain.clone(),
         };
         // A lease-leader failover or a NATS reconnect takes a second or two: a client behind the door is better
         // served by waiting that long than by a 503 it may not retry.

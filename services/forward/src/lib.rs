@@ -125,6 +125,7 @@ pub(crate) fn want(user: &Username, ip: IpAddr, door: Door) -> Want {
         package: user.package.clone(),
         door,
         session: user.session.clone(),
+        domain: None,
     }
 }
 

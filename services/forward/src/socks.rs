@@ -184,7 +184,7 @@ async fn handshake(shared: &Arc<Shared>, s: &mut TcpStream, peer: SocketAddr) ->
         return Err(refuse(s, rep::COMMAND_NOT_SUPPORTED, "only CONNECT is supported").await);
     }
     let target = format!("{host}:{port}");
-    let want = crate::want(&user, ip, Door::Socks5);
+    let want = crate::want(&user, ip, Door::Socks5).to(Some(&host));
     let session = crate::session_of(shared, &user);
     let own = Slot::default();
     let slot = session.as_ref().map_or(&own, |u| &u.session.slot);

@@ -33,6 +33,9 @@ pub struct LeaseConfig {
     /// addresses. Leave off unless every consumer is trusted: otherwise the pool can be used to reach internal
     /// services (SSRF).
     pub callback_allow_private: bool,
+    /// `BAN_BASE` (seconds, default 600) and `BAN_MAX` (seconds, default 86400): how long a site's ban of an exit
+    /// IP lasts the first time, doubling on each repeat up to the max.
+    pub bans: crate::engine::bans::BanPolicy,
     /// Identifies this replica: its election value and the `leader` of its log batches (`HOSTNAME` in Kubernetes,
     /// else random).
     pub instance_id: String,
@@ -70,7 +73,17 @@ impl LeaseConfig {
         if !(1..=5).contains(&log_replicas) {
             return Err(ConfigError::invalid("LEASE_LOG_REPLICAS", "must be between 1 and 5"));
         }
+        let ban_base = env.seconds_or("BAN_BASE", Duration::from_secs(600))?;
+        let ban_max = env.seconds_or("BAN_MAX", Duration::from_secs(86_400))?;
+        if ban_base.is_zero() {
+            return Err(ConfigError::invalid("BAN_BASE", "must be positive"));
+        }
+        if ban_max < ban_base {
+            return Err(ConfigError::invalid("BAN_MAX", "must be at least BAN_BASE"));
+        }
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
         Ok(Self {
+            bans: crate::engine::bans::BanPolicy { base_ms: ms(ban_base), max_ms: ms(ban_max) },
             proxy_use_max,
             webhook_return_proxy: webhook_return_proxy.trim_end_matches('/').to_owned(),
             index_refresh: env.seconds_or("LEASE_INDEX_REFRESH", Duration::from_secs(60))?,

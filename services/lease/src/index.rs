@@ -148,6 +148,20 @@ impl PoolIndex {
 
     /// Like [`PoolIndex::peek`], within `filter`.
     pub fn pick(&mut self, area: Area, now_ms: i64, filter: Filter<'_>) -> Option<ObjectId> {
+        self.pick_where(area, now_ms, filter, |_| false)
+    }
+
+    /// Like [`PoolIndex::pick`], passing over the proxies `skip` names (those banned for a site). They stay in the
+    /// order, since they are fine for other sites; a pick walks past them, so it costs `O(log n + s)` with `s` the
+    /// skipped proxies ranked ahead of the first usable one (banned proxies are not leased for that site, so they
+    /// keep a low `used_count` and rank early: `s` is at most the number banned for it in the area).
+    pub fn pick_where(
+        &mut self,
+        area: Area,
+        now_ms: i64,
+        filter: Filter<'_>,
+        skip: impl Fn(&ObjectId) -> bool,
+    ) -> Option<ObjectId> {
         let Self { entries, order, by_package, .. } = self;
         let set = match filter.package {
             Some(pkg) => by_package.get_mut(&(area, pkg))?,
@@ -164,7 +178,7 @@ impl PoolIndex {
         }
         // Excluded proxies stay in the order (they are fine for others); usable ones past them are few steps away,
         // and unusable ones are left for the next plain pick to drop.
-        set.iter().map(|r| r.2).filter(|id| !filter.exclude.contains(id)).find(|id| usable(id))
+        set.iter().map(|r| r.2).filter(|id| !filter.exclude.contains(id)).find(|id| usable(id) && !skip(id))
     }
 
     /// Counts for `area`.

@@ -1,4 +1,5 @@
-//! The lease service's metrics: leases granted, refused and returned, grant latency, and the pool by area and state.
+//! The lease service's metrics: leases granted, refused and returned, grant latency, the pool by area and state, and
+//! the outcomes consumers report.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -15,6 +16,13 @@ pub struct ResultLabel {
     /// `lock_expired` (a rotation lock past its deadline, taken back), or
     /// `step_down` (an append refused or failed; the replica stopped leading).
     pub result: &'static str,
+}
+
+/// Label of the outcome counter.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// `ok`, `blocked`, `captcha`, `proxy_error` or `timeout`.
+    pub outcome: &'static str,
 }
 
 /// Labels of the pool gauge.
@@ -49,6 +57,8 @@ pub struct LeaseMetrics {
     pub projection_lag: Histogram,
     /// Proxies changed and not yet projected.
     pub projection_backlog: Gauge,
+    /// Outcomes consumers reported with their returns, by kind.
+    pub outcomes: Family<OutcomeLabel, Counter>,
 }
 
 impl LeaseMetrics {
@@ -76,6 +86,8 @@ impl LeaseMetrics {
             projection_lag.clone(),
         );
         registry.register("projection_backlog", "Proxies changed and not yet projected", projection_backlog.clone());
+        let outcomes = Family::<OutcomeLabel, Counter>::default();
+        registry.register("outcomes", "Outcomes consumers reported with their returns, by kind", outcomes.clone());
         Self {
             registry,
             leases,
@@ -87,12 +99,18 @@ impl LeaseMetrics {
             batch_ops,
             projection_lag,
             projection_backlog,
+            outcomes,
         }
     }
 
     /// Counts a lease outcome.
     pub fn lease(&self, result: &'static str) {
         self.leases.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    /// Counts an outcome a consumer reported.
+    pub fn outcome(&self, outcome: proxypool_contracts::health::Outcome) {
+        self.outcomes.get_or_create(&OutcomeLabel { outcome: outcome.as_str() }).inc();
     }
 }
 

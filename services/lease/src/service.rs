@@ -21,6 +21,13 @@ use crate::engine::state::{Catalog, Failure, Lease, Lock, Op};
 use crate::engine::{now_ms, Engine};
 use crate::queries::lease_key;
 
+/// What a consumer reported with its return.
+#[derive(Debug, Clone)]
+struct Report {
+    outcome: proxypool_contracts::health::Outcome,
+    domain: Option<String>,
+}
+
 /// The lease logic of one replica. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct LeaseService {
@@ -30,6 +37,7 @@ pub struct LeaseService {
     instance_id: String,
     allow_private_callbacks: bool,
     lease_ttl: Option<std::time::Duration>,
+    bans: crate::engine::bans::BanPolicy,
     metrics: crate::metrics::LeaseMetrics,
     packages: PackageCache,
 }
@@ -159,6 +167,7 @@ impl LeaseService {
             instance_id,
             allow_private_callbacks: false,
             lease_ttl: None,
+            bans: crate::engine::bans::BanPolicy::default(),
             metrics,
             packages: PackageCache::default(),
         }
@@ -173,6 +182,12 @@ impl LeaseService {
     /// The lease lifetime (`LEASE_TTL`), shown to consumers as `expires_at`.
     pub fn lease_ttl(mut self, ttl: Option<std::time::Duration>) -> Self {
         self.lease_ttl = ttl;
+        self
+    }
+
+    /// How long bans of exit IPs last (`BAN_BASE`, `BAN_MAX`).
+    pub fn bans(mut self, policy: crate::engine::bans::BanPolicy) -> Self {
+        self.bans = policy;
         self
     }
 
@@ -242,8 +257,21 @@ impl LeaseService {
                 let exclude: Vec<ObjectId> =
                     req.exclude.iter().filter_map(|id| ObjectId::parse_str(id.as_str()).ok()).collect();
                 let filter = crate::index::Filter { package, exclude: &exclude };
-                let Some(id) = txn.candidate_within(req.area, filter) else {
+                let Some(id) = txn.candidate_within(req.area, filter, req.domain.as_deref()) else {
                     let within = req.package.as_deref().map(|p| format!(" (package {p})")).unwrap_or_default();
+                    // Say whether bans, not load, are why: a proxy would be free for another site.
+                    if let Some(domain) = req.domain.as_deref() {
+                        if txn.candidate_within(req.area, filter, None).is_some() {
+                            return Err(ApiError::new(
+                                ErrorCode::NoProxyAvailable,
+                                format!(
+                                    "no proxy in area {}{within} can take a lease for {domain} right now: every free \
+                                     one exits on an IP that {domain} has banned (bans, not load)",
+                                    req.area
+                                ),
+                            ));
+                        }
+                    }
                     return Err(ApiError::new(
                         ErrorCode::NoProxyAvailable,
                         format!("no proxy in area {}{within} can take another lease right now", req.area),
@@ -288,7 +316,11 @@ impl LeaseService {
     /// Returns a lease. The same key twice changes nothing the second time (`not_found`).
     pub async fn release(&self, req: &Release) -> Result<ReleaseOutcome, ApiError> {
         let id = parse_id("proxy_id", req.proxy_id.as_str())?;
-        self.drop_lease(id, req.key.as_str().to_owned(), false, req.failure).await
+        let report = match (req.outcome, req.domain.clone()) {
+            (Some(outcome), domain) => Some(Report { outcome, domain }),
+            (None, _) => None,
+        };
+        self.drop_lease(id, req.key.as_str().to_owned(), false, req.failure, report).await
     }
 
     /// Takes back a grant whose caller was answered `service_unavailable` (its request overran its deadline), as if
@@ -296,7 +328,7 @@ impl LeaseService {
     /// was already gone.
     pub async fn withdraw(&self, grant: &LeaseGrant) -> Result<bool, ApiError> {
         let id = parse_id("id", &grant.id)?;
-        match self.drop_lease(id, grant.key.clone(), true, None).await {
+        match self.drop_lease(id, grant.key.clone(), true, None, None).await {
             Ok(_) => Ok(true),
             Err(e) if e.code == ErrorCode::NotFound => Ok(false),
             Err(e) => Err(e),
@@ -309,12 +341,28 @@ impl LeaseService {
         key: String,
         uncount: bool,
         failure: Option<UpstreamFailure>,
+        report: Option<Report>,
     ) -> Result<ReleaseOutcome, ApiError> {
+        let policy = self.bans;
+        if let Some(r) = &report {
+            self.metrics.outcome(r.outcome);
+        }
         self.engine
             .submit(move |txn| {
                 held(txn, id, &key)?;
-                let failure = failure.map(|kind| Failure { kind, at_ms: txn.now_ms() });
-                txn.apply(Op::Release { proxy: id, key: key.clone(), uncount, taken: None, failure });
+                let now = txn.now_ms();
+                let failure = failure.map(|kind| Failure { kind, at_ms: now });
+                // A site refused the exit IP its holder used: ban that pair (the IP as it is now, before any
+                // rotation moves the proxy elsewhere).
+                let ban = match report {
+                    Some(Report { outcome, domain: Some(domain) }) if outcome.is_ban() => {
+                        let ip = txn.state().get(&id).map(|p| p.exit_ip().to_owned()).unwrap_or_default();
+                        let previous = txn.state().bans().latest(&ip, &domain);
+                        Some(policy.next(&ip, &domain, outcome, previous, now))
+                    }
+                    _ => None,
+                };
+                txn.apply(Op::Release { proxy: id, key: key.clone(), uncount, taken: None, failure, ban });
                 let in_use = txn.state().get(&id).map_or(0, |p| p.in_use());
                 Ok(ReleaseOutcome { proxy_id: id.to_hex(), key, in_use })
             })

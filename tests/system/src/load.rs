@@ -175,7 +175,12 @@ pub async fn consumer(app: Ctx, http: bool, n: usize, stop: Arc<AtomicBool>, rec
                     _ => Err(None),
                 }
             } else {
-                let req = ReleaseRequest { proxy_id: Some(proxy.clone()), key: Some(key.clone()), failure: None };
+                let req = ReleaseRequest {
+                    proxy_id: Some(proxy.clone()),
+                    key: Some(key.clone()),
+                    failure: None,
+                    ..Default::default()
+                };
                 match proxypool_rpc::call::<LeaseRelease>(&app.client, &req).await {
                     Ok(_) => Ok(()),
                     Err(proxypool_rpc::CallError::Remote(e)) if e.code == ErrorCode::NotFound => {
@@ -213,7 +218,12 @@ pub async fn consumer(app: Ctx, http: bool, n: usize, stop: Arc<AtomicBool>, rec
 /// `not_found`. That answer comes only from a leader that has proved, through the log's fence, that it leads and
 /// is up to date, and it uses no capacity: it times each fault's healing without competing with the consumers.
 pub async fn probe(app: Ctx, proxy: String, stop: Arc<AtomicBool>, rec: Arc<Records>) {
-    let req = ReleaseRequest { proxy_id: Some(proxy), key: Some("000000000000000000000000".into()), failure: None };
+    let req = ReleaseRequest {
+        proxy_id: Some(proxy),
+        key: Some("000000000000000000000000".into()),
+        failure: None,
+        ..Default::default()
+    };
     while !stop.load(Ordering::Relaxed) {
         // A short timeout: a request lost with a killed leader must not hide how soon the next one is answered.
         let sent = Instant::now();

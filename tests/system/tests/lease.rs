@@ -381,6 +381,7 @@ async fn a_503_past_the_callers_deadline_leaves_no_lease() -> R {
         door: None,
         session: None,
         request_id: None,
+        domain: None,
     };
     let grant = service.acquire(&acquire).await?;
     wait_for_leases(&app, &id, 1).await?;

@@ -29,6 +29,9 @@ pub struct GetProxyQuery {
     /// deleted. Loopback, private and link-local targets are refused unless `CALLBACK_ALLOW_PRIVATE=true`.
     #[param(format = "uri")]
     pub callback_url: Option<String>,
+    /// The site the lease is for (a host name such as `shop.example`): no proxy whose exit IP that site has banned
+    /// is handed out.
+    pub domain: Option<String>,
 }
 
 /// Lease a proxy for the calling IP (static key + IP allow list).
@@ -49,9 +52,19 @@ pub async fn get_proxy(
         consumer: Some(ip.to_string()),
         callback_url: q.callback_url.clone(),
         request_id: Some(new_request_id()),
+        domain: q.domain.clone(),
         ..Default::default()
     };
     Ok(Json(state.call_retrying::<LeaseAcquire>(&req).await?))
+}
+
+/// Query of the renew webhook.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct KeyQuery {
+    /// The lease key.
+    #[param(pattern = "^[0-9a-fA-F]{24}$")]
+    pub key: Option<String>,
 }
 
 /// Query of the return webhook.
@@ -61,11 +74,28 @@ pub struct ReturnQuery {
     /// The lease key.
     #[param(pattern = "^[0-9a-fA-F]{24}$")]
     pub key: Option<String>,
+    /// How the requests through the proxy went: `ok`, `blocked`, `captcha` (the site refused this exit IP),
+    /// `proxy_error`, `timeout`. Optional; also accepted in a JSON body.
+    pub outcome: Option<String>,
+    /// For which site (a host name); required with `blocked` and `captcha`. Also accepted in a JSON body.
+    pub domain: Option<String>,
 }
 
-/// Return a lease (static key + IP allow list).
+/// Optional JSON body of the return webhook (the query's `outcome` and `domain` win when both are given).
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+pub struct ReturnBody {
+    /// `ok`, `blocked`, `captcha`, `proxy_error` or `timeout`.
+    pub outcome: Option<String>,
+    /// The site (a host name).
+    pub domain: Option<String>,
+}
+
+/// Return a lease (static key + IP allow list), optionally saying how it went. `blocked`/`captcha` with a `domain`
+/// bans the proxy's exit IP for that site (`BAN_BASE`, doubling on repeats up to `BAN_MAX`). A bad `outcome` or
+/// `domain` is a 400 naming the field, and the lease stays held.
 #[utoipa::path(post, path = "/webhook/return-proxy/{id}", tag = "consumer",
     params(("id" = inline(crate::extract::Id), Path, description = "Proxy id"), ReturnQuery), security(("api_key" = [])),
+    request_body(content = Option<ReturnBody>, content_type = "application/json"),
     responses((status = 200, body = ReleaseOutcome), (status = 400, body = crate::openapi::ErrorBody),
         (status = 401, body = crate::openapi::ErrorBody), (status = 403, body = crate::openapi::ErrorBody),
         (status = 404, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)))]
@@ -75,15 +105,31 @@ pub async fn return_proxy(
     _consumer: Consumer,
     Path(Id(id)): Path<Id>,
     Query(q): Query<ReturnQuery>,
+    body: axum::body::Bytes,
 ) -> HttpResult<Json<ReleaseOutcome>> {
     let key = ObjectIdHex::parse_field("key", q.key.as_deref())?;
-    let req = ReleaseRequest { proxy_id: Some(id.to_hex()), key: Some(key.to_string()), failure: None };
+    // Today's callers send no body; one that does sends JSON.
+    let body: ReturnBody = if body.iter().all(u8::is_ascii_whitespace) {
+        ReturnBody::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| proxypool_contracts::ApiError::invalid("body", format!("is not a valid JSON object: {e}")))?
+    };
+    let req = ReleaseRequest {
+        proxy_id: Some(id.to_hex()),
+        key: Some(key.to_string()),
+        failure: None,
+        outcome: q.outcome.or(body.outcome),
+        domain: q.domain.or(body.domain),
+    };
+    // Checked here as well as by the lease service, so that a bad report costs no round trip.
+    req.validate()?;
     Ok(Json(state.call::<LeaseRelease>(&req).await?))
 }
 
 /// Renew a lease: `LEASE_TTL` counts again from now (static key + IP allow list).
 #[utoipa::path(post, path = "/webhook/renew-proxy/{id}", tag = "consumer",
-    params(("id" = inline(crate::extract::Id), Path, description = "Proxy id"), ReturnQuery), security(("api_key" = [])),
+    params(("id" = inline(crate::extract::Id), Path, description = "Proxy id"), KeyQuery), security(("api_key" = [])),
     responses((status = 200, body = RenewOutcome), (status = 400, body = crate::openapi::ErrorBody),
         (status = 401, body = crate::openapi::ErrorBody), (status = 403, body = crate::openapi::ErrorBody),
         (status = 404, description = "no such lease: returned, taken back (rotation, disable, LEASE_TTL) or never granted",
@@ -94,7 +140,7 @@ pub async fn renew_proxy(
     State(state): State<AppState>,
     _consumer: Consumer,
     Path(Id(id)): Path<Id>,
-    Query(q): Query<ReturnQuery>,
+    Query(q): Query<KeyQuery>,
 ) -> HttpResult<Json<RenewOutcome>> {
     let key = ObjectIdHex::parse_field("key", q.key.as_deref())?;
     let req = RenewRequest { proxy_id: Some(id.to_hex()), key: Some(key.to_string()) };

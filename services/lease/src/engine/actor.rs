@@ -667,6 +667,7 @@ impl Actor {
                         uncount: false,
                         taken: Some(TakenReason::Expired),
                         failure: None,
+                        ban: None,
                     });
                 }
                 for (proxy, _) in locks {
@@ -700,7 +701,12 @@ async fn return_orphans(client: async_nats::Client, grants: Vec<(ObjectId, Strin
     use proxypool_contracts::endpoints::LeaseRelease;
     use proxypool_contracts::lease::ReleaseRequest;
     for (proxy, key) in grants {
-        let req = ReleaseRequest { proxy_id: Some(proxy.to_hex()), key: Some(key.clone()), failure: None };
+        let req = ReleaseRequest {
+            proxy_id: Some(proxy.to_hex()),
+            key: Some(key.clone()),
+            failure: None,
+            ..Default::default()
+        };
         for _ in 0..60 {
             match proxypool_rpc::call::<LeaseRelease>(&client, &req).await {
                 Ok(_) => {

@@ -45,12 +45,18 @@ impl<'a> Txn<'a> {
 
     /// The best lease candidate in `area` now.
     pub fn candidate(&mut self, area: Area) -> Option<ObjectId> {
-        self.state.candidate(area, self.now_ms, crate::index::Filter::default())
+        self.state.candidate(area, self.now_ms, crate::index::Filter::default(), None)
     }
 
-    /// The best candidate within `filter` (one package, some proxies excluded).
-    pub fn candidate_within(&mut self, area: Area, filter: crate::index::Filter<'_>) -> Option<ObjectId> {
-        self.state.candidate(area, self.now_ms, filter)
+    /// The best candidate within `filter` (one package, some proxies excluded) and, with `domain`, not exiting on an
+    /// IP banned for that site.
+    pub fn candidate_within(
+        &mut self,
+        area: Area,
+        filter: crate::index::Filter<'_>,
+        domain: Option<&str>,
+    ) -> Option<ObjectId> {
+        self.state.candidate(area, self.now_ms, filter, domain)
     }
 
     /// Decides an operation: applies it to the state at once (the next job sees it) and logs it with the batch.

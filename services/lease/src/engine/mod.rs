@@ -29,6 +29,7 @@
 //! - [`projection`] and [`projector`]: the MongoDB projection, its mark, and its bookkeeping.
 
 pub mod actor;
+pub mod bans;
 pub mod clock;
 pub mod election;
 pub mod handle;

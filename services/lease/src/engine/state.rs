@@ -18,12 +18,17 @@ const LEGACY_LOCK_TTL_MS: i64 = 300_000;
 use bson::oid::ObjectId;
 use bson::{doc, DateTime, Document};
 use proxypool_contracts::callback::{CallbackNotice, TakenReason};
+use proxypool_contracts::health::Outcome;
 use proxypool_contracts::lease::{Door, UpstreamFailure};
 use proxypool_contracts::Area;
 use proxypool_store::model::ProxyDoc;
 use serde::{Deserialize, Serialize};
 
+use super::bans::{Ban, BanIndex};
 use crate::index::{Entry, PoolIndex};
+
+/// The most bans one proxy's state remembers.
+pub const BANS_PER_PROXY: usize = 32;
 
 /// What the lease service needs of a proxy's catalogue document: the gates and what a grant hands out.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -170,6 +175,9 @@ pub struct ProxyState {
     pub upstream_failures: u32,
     /// The latest of them: kind and epoch ms.
     pub last_failure: Option<(UpstreamFailure, i64)>,
+    /// Per-site bans of exit IPs reported through this proxy (at most [`BANS_PER_PROXY`]), expired ones included
+    /// (they make the next ban of the same pair longer).
+    pub bans: Vec<Ban>,
     /// The log sequence this state reflects (the projection's `lease_rev`).
     pub seq: u64,
 }
@@ -207,6 +215,20 @@ impl ProxyState {
                 let kind = serde_json::from_value(f.kind.as_str().into()).ok()?;
                 Some((kind, f.at.timestamp_millis()))
             }),
+            bans: d
+                .health
+                .bans
+                .iter()
+                .filter_map(|b| {
+                    Some(Ban {
+                        ip: b.ip.clone(),
+                        domain: b.domain.clone(),
+                        until_ms: b.until.timestamp_millis(),
+                        count: u32::try_from(b.count).unwrap_or(1),
+                        reason: Outcome::parse_field("reason", &b.reason).ok()?,
+                    })
+                })
+                .collect(),
             seq: u64::try_from(d.lease_rev).unwrap_or(0),
         }
     }
@@ -223,8 +245,14 @@ impl ProxyState {
             last_job: None,
             upstream_failures: 0,
             last_failure: None,
+            bans: Vec::new(),
             seq: 0,
         }
+    }
+
+    /// The IP sites see: the verified public IP, or the proxy's own address while none is known.
+    pub fn exit_ip(&self) -> &str {
+        self.catalog.ip_public.as_deref().filter(|ip| !ip.is_empty()).unwrap_or(&self.catalog.ip)
     }
 
     /// Leases held.
@@ -284,6 +312,17 @@ impl ProxyState {
             "upstream_failures": i64::from(self.upstream_failures),
             "last_upstream_failure": self.last_failure.map(|(kind, at)| doc! { "kind": kind.as_str(), "at": ms(at) }),
             "lease_rev": i64::try_from(seq).unwrap_or(i64::MAX),
+            "health.bans": self
+                .bans
+                .iter()
+                .map(|b| doc! {
+                    "ip": &b.ip,
+                    "domain": &b.domain,
+                    "until": ms(b.until_ms),
+                    "count": i64::from(b.count),
+                    "reason": b.reason.as_str(),
+                })
+                .collect::<Vec<Document>>(),
         };
         // The job stays on the document after the unlock: it names the rotation that last held the proxy.
         if let Some(l) = &self.lock {
@@ -338,6 +377,9 @@ pub enum Op {
         /// How the upstream failed the forward door, when that is why it was returned.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         failure: Option<Failure>,
+        /// The ban its holder's `blocked`/`captcha` earned the proxy's exit IP for a site.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ban: Option<Ban>,
     },
     /// A lease renewed by its holder: `LEASE_TTL` counts from `at_ms`.
     Renew {
@@ -411,6 +453,8 @@ pub struct State {
     request_order: BTreeSet<(i64, String)>,
     /// The outbox: callback notices (and taken-lease broadcasts) of logged batches not yet marked sent, by id.
     outbox: std::collections::BTreeMap<String, CallbackNotice>,
+    /// Every proxy's bans, by exit IP and site.
+    bans: BanIndex,
 }
 
 impl State {
@@ -425,6 +469,7 @@ impl State {
             requests: HashMap::new(),
             request_order: BTreeSet::new(),
             outbox: std::collections::BTreeMap::new(),
+            bans: BanIndex::default(),
         }
     }
 
@@ -463,6 +508,7 @@ impl State {
             if let Some(lock) = &old.lock {
                 self.locks.remove(&(lock.deadline(), id));
             }
+            self.bans.remove(id, &old.bans);
             self.index.remove(id);
         }
         if let Some(new) = state {
@@ -476,14 +522,32 @@ impl State {
             if let Some(lock) = &new.lock {
                 self.locks.insert((lock.deadline(), id));
             }
+            self.bans.add(id, &new.bans);
             self.index.set(id, new.entry());
             self.proxies.insert(id, new);
         }
     }
 
-    /// The best candidate for a lease in `area` at `now_ms`.
-    pub fn candidate(&mut self, area: Area, now_ms: i64, filter: crate::index::Filter<'_>) -> Option<ObjectId> {
-        self.index.pick(area, now_ms, filter)
+    /// The best candidate for a lease in `area` at `now_ms`; with `domain`, none whose exit IP is banned for it.
+    pub fn candidate(
+        &mut self,
+        area: Area,
+        now_ms: i64,
+        filter: crate::index::Filter<'_>,
+        domain: Option<&str>,
+    ) -> Option<ObjectId> {
+        let Self { index, proxies, bans, .. } = self;
+        match domain {
+            Some(domain) => index.pick_where(area, now_ms, filter, |id| {
+                proxies.get(id).is_some_and(|p| bans.banned(p.exit_ip(), domain, now_ms))
+            }),
+            None => index.pick(area, now_ms, filter),
+        }
+    }
+
+    /// Every ban, by exit IP and site.
+    pub fn bans(&self) -> &BanIndex {
+        &self.bans
     }
 
     /// Rotation locks whose deadline is before `now_ms`, at most `limit`: (proxy, job).
@@ -572,9 +636,19 @@ impl State {
                 p.webhook_url = Some(webhook_url.clone());
                 p.leases.push(lease.clone());
             }
-            Op::Release { key, uncount, taken, failure, .. } => {
+            Op::Release { key, uncount, taken, failure, ban, .. } => {
                 let Some(at) = p.leases.iter().position(|l| &l.key == key) else { return Vec::new() };
                 let gone = p.leases.remove(at);
+                if let Some(ban) = ban {
+                    p.bans.retain(|b| b.ip != ban.ip || b.domain != ban.domain);
+                    p.bans.push(ban.clone());
+                    // Bounded: the one ending first goes (it only made a later ban of its pair longer).
+                    if p.bans.len() > BANS_PER_PROXY {
+                        if let Some(first) = p.bans.iter().enumerate().min_by_key(|(_, b)| b.until_ms).map(|(i, _)| i) {
+                            p.bans.remove(first);
+                        }
+                    }
+                }
                 if let Some(f) = failure {
                     p.upstream_failures = p.upstream_failures.saturating_add(1);
                     p.last_failure = Some((f.kind, f.at_ms));
@@ -684,25 +758,26 @@ mod tests {
         let mut s = State::new(2);
         let id = ObjectId::new();
         s.apply(&Op::Upsert { proxy: id, catalog: catalog(), clear: false });
-        assert_eq!(s.candidate(Area::Vn, 1, Filter::default()), Some(id));
+        assert_eq!(s.candidate(Area::Vn, 1, Filter::default(), None), Some(id));
         s.apply(&grant(id, "a", 10));
         s.apply(&grant(id, "b", 20));
-        assert_eq!(s.candidate(Area::Vn, 30, Filter::default()), None, "full at PROXY_USE_MAX");
+        assert_eq!(s.candidate(Area::Vn, 30, Filter::default(), None), None, "full at PROXY_USE_MAX");
         assert_eq!(s.expired_leases(15, 10), vec![(id, "a".to_owned())]);
-        let notices = s.apply(&Op::Release { proxy: id, key: "a".into(), uncount: false, taken: None, failure: None });
+        let notices =
+            s.apply(&Op::Release { proxy: id, key: "a".into(), uncount: false, taken: None, failure: None, ban: None });
         assert!(notices.is_empty());
         // Returning the same key again changes nothing.
         let before = s.get(&id).cloned();
-        s.apply(&Op::Release { proxy: id, key: "a".into(), uncount: false, taken: None, failure: None });
+        s.apply(&Op::Release { proxy: id, key: "a".into(), uncount: false, taken: None, failure: None, ban: None });
         assert_eq!(s.get(&id).cloned(), before);
         // used_count still 2: no more leases in this cycle.
-        assert_eq!(s.candidate(Area::Vn, 30, Filter::default()), None);
+        assert_eq!(s.candidate(Area::Vn, 30, Filter::default(), None), None);
         s.apply(&Op::Lock { proxy: id, lock: Lock { job: "j".into(), since_ms: 40, deadline_ms: 100 } });
         assert!(s.expired_locks(100, 10).is_empty());
         assert_eq!(s.expired_locks(101, 10), vec![(id, "j".to_owned())]);
         let notices = s.apply(&Op::Unlock { proxy: id, reset: true, catalog: None });
         assert_eq!(notices.len(), 1, "the holder of b is called back");
-        assert_eq!(s.candidate(Area::Vn, 50, Filter::default()), Some(id));
+        assert_eq!(s.candidate(Area::Vn, 50, Filter::default(), None), Some(id));
         assert!(s.expired_leases(i64::MAX, 10).is_empty());
         assert!(s.expired_locks(i64::MAX, 10).is_empty(), "the unlock drops the deadline");
     }
@@ -717,7 +792,7 @@ mod tests {
         s.apply(&Op::Renew { proxy: id, key: "a".into(), at_ms: 50 });
         assert!(s.expired_leases(40, 10).is_empty(), "renewed at 50");
         assert_eq!(s.expired_leases(51, 10), vec![(id, "a".to_owned())]);
-        s.apply(&Op::Release { proxy: id, key: "a".into(), uncount: true, taken: None, failure: None });
+        s.apply(&Op::Release { proxy: id, key: "a".into(), uncount: true, taken: None, failure: None, ban: None });
         assert_eq!(s.recall("r-a"), None, "a withdrawn grant is not handed out again");
         s.apply(&grant(id, "b", 20));
         s.forget_requests_before(21);
@@ -734,7 +809,7 @@ mod tests {
         let notices = s.apply(&Op::Upsert { proxy: id, catalog: off, clear: true });
         assert_eq!(notices[0].reason, TakenReason::ProxyDisabled);
         assert_eq!(s.get(&id).map(ProxyState::in_use), Some(0));
-        assert_eq!(s.candidate(Area::Vn, 20, Filter::default()), None);
+        assert_eq!(s.candidate(Area::Vn, 20, Filter::default(), None), None);
         s.apply(&Op::Remove { proxy: id });
         assert!(s.get(&id).is_none());
         assert!(s.expired_leases(i64::MAX, 10).is_empty());

@@ -94,7 +94,8 @@ impl TestApp {
 
     /// `lease.release` over NATS.
     pub async fn nats_release(&self, id: &str, key: &str) -> anyhow::Result<Reply<ReleaseOutcome>> {
-        let req = ReleaseRequest { proxy_id: Some(id.into()), key: Some(key.into()), failure: None };
+        let req =
+            ReleaseRequest { proxy_id: Some(id.into()), key: Some(key.into()), failure: None, ..Default::default() };
         self.call::<proxypool_contracts::endpoints::LeaseRelease>(&req).await
     }
 }

@@ -1,0 +1,252 @@
+//! The pool learns which proxies work for which site: a consumer returns a lease with an `outcome` and a `domain`;
+//! `blocked` or `captcha` bans the proxy's exit IP for that site, and acquires for that site pass over every proxy
+//! exiting on a banned IP. Black box: HTTP and NATS consumers against the real lease service (child processes, so a
+//! leader can be SIGKILLed), NATS and the store.
+
+use std::time::Duration;
+
+use bson::{doc, oid::ObjectId, DateTime};
+use proxypool_contracts::endpoints::{LeaseAcquire, LeaseRelease};
+use proxypool_contracts::lease::{AcquireRequest, LeaseGrant, ReleaseRequest};
+use proxypool_contracts::{Area, ErrorCode};
+use proxypool_system_tests::app::{LeaseProcess, API_KEY};
+use proxypool_system_tests::TestApp;
+use reqwest::StatusCode;
+use serde_json::Value;
+
+type R<T = ()> = anyhow::Result<T>;
+
+/// A system with two proxies (exit IPs 198.51.100.1 and .2) and one lease process with `BAN_BASE` = `ban_base`.
+async fn two_proxies(ban_base: &str) -> R<(TestApp, LeaseProcess, ObjectId, ObjectId)> {
+    let app = TestApp::builder().lease_instances(0).proxy_use_max(3).spawn().await?;
+    let mut ids = Vec::new();
+    for n in 1..=2 {
+        let mut d = app.new_proxy(Area::Vn, n);
+        d.ip_public = Some(format!("198.51.100.{n}"));
+        app.store.proxies().insert_one(&d).await?;
+        ids.push(d.id);
+    }
+    let lease = app.spawn_lease_process("health", &[("BAN_BASE", ban_base.to_owned())], &[]).await?;
+    lease.wait_to_lead(&app.http, Duration::from_secs(10)).await?;
+    Ok((app, lease, ids[0], ids[1]))
+}
+
+/// `GET /api/get-proxy?area=vn&domain=`.
+async fn get_for(app: &TestApp, domain: &str) -> R<reqwest::Response> {
+    Ok(app
+        .http
+        .get(app.url("/api/get-proxy"))
+        .query(&[("area", "vn"), ("domain", domain)])
+        .header("Authorization", API_KEY)
+        .send()
+        .await?)
+}
+
+/// Leases for `domain` over HTTP: the proxy id and key.
+async fn lease_for(app: &TestApp, domain: &str) -> R<(String, String)> {
+    let res = get_for(app, domain).await?;
+    anyhow::ensure!(res.status() == StatusCode::OK, "get-proxy for {domain}: {}", res.text().await?);
+    let g: Value = res.json().await?;
+    Ok((g["id"].as_str().unwrap_or_default().to_owned(), g["key"].as_str().unwrap_or_default().to_owned()))
+}
+
+/// `POST /webhook/return-proxy/{id}?key=&<query>`.
+async fn give_back(app: &TestApp, id: &str, key: &str, query: &[(&str, &str)]) -> R<reqwest::Response> {
+    let mut q = vec![("key", key)];
+    q.extend_from_slice(query);
+    Ok(app
+        .http
+        .post(app.url(&format!("/webhook/return-proxy/{id}")))
+        .query(&q)
+        .header("Authorization", API_KEY)
+        .send()
+        .await?)
+}
+
+/// Leases for `domain` and returns at once, `n` times: the proxies handed out.
+async fn proxies_for(app: &TestApp, domain: &str, n: usize) -> R<Vec<String>> {
+    let mut seen = Vec::new();
+    for _ in 0..n {
+        let (id, key) = lease_for(app, domain).await?;
+        let res = give_back(app, &id, &key, &[("outcome", "ok"), ("domain", domain)]).await?;
+        anyhow::ensure!(res.status() == StatusCode::OK, "return: {}", res.text().await?);
+        seen.push(id);
+    }
+    Ok(seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_bans_the_exit_ip_for_that_site_only_and_says_so_when_nothing_else_is_left() -> R {
+    let (app, mut lease, a, b) = two_proxies("600").await?;
+    // The first lease for the site: whichever proxy ranks first; its holder is blocked there.
+    let (banned, key) = lease_for(&app, "shop.example").await?;
+    let (other_id, banned_ip) = if banned == a.to_hex() { (b, "198.51.100.1") } else { (a, "198.51.100.2") };
+    let other = other_id.to_hex();
+    let res = give_back(&app, &banned, &key, &[("outcome", "blocked"), ("domain", "Shop.Example:443")]).await?;
+    assert_eq!(res.status(), StatusCode::OK, "{}", res.text().await?);
+    // The site is leased the other proxy only, although the banned one ranks first for the second lease (used as
+    // often, and longer ago).
+    assert_eq!(proxies_for(&app, "shop.example", 2).await?, vec![other.clone(), other.clone()]);
+    // Another site is not affected.
+    assert_eq!(proxies_for(&app, "news.example", 1).await?, vec![banned.clone()]);
+    // With the other proxy out of service, nothing can serve the site, and the answer says that bans are why.
+    app.update_proxy(other_id, doc! { "$set": { "is_active": false, "updatedAt": DateTime::now() } }).await?;
+    let refused = get_for(&app, "shop.example").await?;
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = refused.json().await?;
+    assert_eq!(body["error"]["code"], "no_proxy_available", "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("banned") && message.contains("shop.example"), "{message}");
+    assert_eq!(proxies_for(&app, "news.example", 1).await?, vec![banned.clone()], "other sites still lease it");
+    // The ban is projected with the proxy it was reported through.
+    let d = wait_for_ban(&app, &banned).await?;
+    let ban = &d.health.bans[0];
+    assert_eq!(
+        (ban.ip.as_str(), ban.domain.as_str(), ban.count, ban.reason.as_str()),
+        (banned_ip, "shop.example", 1, "blocked")
+    );
+    lease.kill().await;
+    Ok(())
+}
+
+/// Waits until MongoDB shows a ban on `id`.
+async fn wait_for_ban(app: &TestApp, id: &str) -> R<proxypool_store::model::ProxyDoc> {
+    wait_for_ban_count(app, id, 1).await
+}
+
+/// Waits until MongoDB shows a ban of at least `count` in a row on `id`.
+async fn wait_for_ban_count(app: &TestApp, id: &str, count: i64) -> R<proxypool_store::model::ProxyDoc> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let d = app.proxy(id).await?;
+        if d.health.bans.iter().any(|b| b.count >= count) {
+            return Ok(d);
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "no ban projected on {id}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Whether an acquire for `domain` is refused because of bans.
+async fn refused_for_bans(app: &TestApp, domain: &str) -> R<bool> {
+    let res = get_for(app, domain).await?;
+    if res.status() != StatusCode::SERVICE_UNAVAILABLE {
+        if res.status() == StatusCode::OK {
+            let g: Value = res.json().await?;
+            give_back(app, g["id"].as_str().unwrap_or_default(), g["key"].as_str().unwrap_or_default(), &[]).await?;
+        }
+        return Ok(false);
+    }
+    let body: Value = res.json().await?;
+    Ok(body["error"]["message"].as_str().unwrap_or_default().contains("banned"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ban_expires_and_a_repeat_lasts_twice_as_long() -> R {
+    let (app, mut lease, _, b) = two_proxies("1").await?;
+    // One proxy in service: every answer is about its ban.
+    app.update_proxy(b, doc! { "$set": { "is_active": false, "updatedAt": DateTime::now() } }).await?;
+    let (banned, key) = lease_for(&app, "shop.example").await?;
+    give_back(&app, &banned, &key, &[("outcome", "captcha"), ("domain", "shop.example")]).await?;
+    assert!(refused_for_bans(&app, "shop.example").await?, "banned for a second");
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let (again, key) = lease_for(&app, "shop.example").await?;
+    assert_eq!(again, banned, "the ban expired");
+    give_back(&app, &again, &key, &[("outcome", "blocked"), ("domain", "shop.example")]).await?;
+    let d = wait_for_ban_count(&app, &banned, 2).await?;
+    let ban = d.health.bans.iter().find(|b| b.domain == "shop.example").ok_or_else(|| anyhow::anyhow!("no ban"))?;
+    assert_eq!((ban.count, ban.reason.as_str()), (2, "blocked"), "a repeat: {ban:?}");
+    // Two seconds this time: still banned after one, over after two.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert!(refused_for_bans(&app, "shop.example").await?, "the second ban lasts twice as long");
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert_eq!(lease_for(&app, "shop.example").await?.0, banned, "and then expires");
+    lease.kill().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ban_stays_with_the_ip_when_the_proxy_rotates_and_follows_it_to_another_proxy() -> R {
+    let (app, mut lease, a, b) = two_proxies("600").await?;
+    let (banned, key) = lease_for(&app, "shop.example").await?;
+    give_back(&app, &banned, &key, &[("outcome", "blocked"), ("domain", "shop.example")]).await?;
+    let (banned_id, other_id) = if banned == a.to_hex() { (a, b) } else { (b, a) };
+    let old_ip = app.proxy(&banned).await?.ip_public.unwrap_or_default();
+    // The banned proxy gets a new public IP (a rotation, as the rotator stores it), and the other proxy the old one
+    // (a provider recycling an IP).
+    let set_ip = |ip: &str| doc! { "$set": { "ip_public": ip, "updatedAt": DateTime::now() } };
+    app.update_proxy(banned_id, set_ip("198.51.100.77")).await?;
+    app.update_proxy(other_id, set_ip(&old_ip)).await?;
+    // The site is leased the rotated proxy, never the one now exiting on the banned IP.
+    let seen = proxies_for(&app, "shop.example", 2).await?;
+    assert_eq!(seen, vec![banned.clone(), banned.clone()], "the ban moved with the IP");
+    lease.kill().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_outcome_or_domain_is_a_400_naming_the_field_and_the_lease_stays_held() -> R {
+    let (app, mut lease, _, _) = two_proxies("600").await?;
+    let (id, key) = lease_for(&app, "shop.example").await?;
+    for (query, field) in [
+        (vec![("outcome", "banned")], "outcome"),
+        (vec![("outcome", "blocked")], "domain"),
+        (vec![("outcome", "ok"), ("domain", "not a host")], "domain"),
+    ] {
+        let res = give_back(&app, &id, &key, &query).await?;
+        assert_eq!(res.status(), StatusCode::BAD_REQUEST, "{query:?}");
+        let body: Value = res.json().await?;
+        assert_eq!(body["error"]["field"], field, "{query:?}: {body}");
+    }
+    // The same over NATS.
+    let bad = ReleaseRequest {
+        proxy_id: Some(id.clone()),
+        key: Some(key.clone()),
+        outcome: Some("captcha".into()),
+        domain: Some("x:y".into()),
+        ..Default::default()
+    };
+    let e = app.call::<LeaseRelease>(&bad).await?.into_result().err();
+    assert_eq!(e.as_ref().map(|e| (e.code, e.field.clone())), Some((ErrorCode::InvalidInput, Some("domain".into()))));
+    // Still held: the lease is returned now, with the outcome in a JSON body.
+    let res = app
+        .http
+        .post(app.url(&format!("/webhook/return-proxy/{id}")))
+        .query(&[("key", key.as_str())])
+        .header("Authorization", API_KEY)
+        .json(&serde_json::json!({ "outcome": "blocked", "domain": "shop.example" }))
+        .send()
+        .await?;
+    assert_eq!(res.status(), StatusCode::OK, "{}", res.text().await?);
+    assert_eq!(wait_for_ban(&app, &id).await?.health.bans[0].domain, "shop.example");
+    lease.kill().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bans_survive_a_leader_sigkill() -> R {
+    let (app, mut leader, _, _) = two_proxies("600").await?;
+    let mut standby = app.spawn_lease_process("health-standby", &[("BAN_BASE", "600".to_owned())], &[]).await?;
+    // Over NATS this time, with the site on the acquire.
+    let req = AcquireRequest {
+        area: Some("vn".into()),
+        consumer: Some("scraper".into()),
+        domain: Some("shop.example".into()),
+        ..Default::default()
+    };
+    let g: LeaseGrant = app.call::<LeaseAcquire>(&req).await?.into_result().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let report = ReleaseRequest {
+        proxy_id: Some(g.id.clone()),
+        key: Some(g.key.clone()),
+        outcome: Some("blocked".into()),
+        domain: Some("shop.example".into()),
+        ..Default::default()
+    };
+    app.call::<LeaseRelease>(&report).await?.into_result().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    leader.kill().await;
+    standby.wait_to_lead(&app.http, Duration::from_secs(10)).await?;
+    let seen = proxies_for(&app, "shop.example", 2).await?;
+    assert!(seen.iter().all(|id| *id != g.id), "the new leader knows the ban: {seen:?} vs {}", g.id);
+    standby.kill().await;
+    Ok(())
+}

@@ -120,7 +120,7 @@ async fn leases_survive_leader_kills_a_standby_kill_and_a_nats_restart() -> R {
         let until = faults.get(i + 1).map_or(end, |f| f.1);
         report.push(format!("{what}: healed after {healed:?}, unavailable: {}", rec.unavailable_between(*at, until)));
         let limit = if what.starts_with("nats") { Duration::from_secs(8) } else { Duration::from_secs(3) };
-        if !healed.is_some_and(|h| h < limit) {
+        if healed.is_none_or(|h| h >= limit) {
             late.push(format!("{what} did not heal within {limit:?}: {healed:?}"));
         }
     }

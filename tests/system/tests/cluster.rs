@@ -148,7 +148,7 @@ async fn three_nats_nodes_carry_the_system_through_the_loss_of_any_one() -> R {
         let healed = healed_after(&rec, *at);
         let until = faults.get(i + 1).map_or(end, |f| f.1);
         report.push(format!("{what}: healed after {healed:?}, unavailable: {}", rec.unavailable_between(*at, until)));
-        if !healed.is_some_and(|h| h < *limit) {
+        if healed.is_none_or(|h| h >= *limit) {
             late.push(format!("{what} did not heal within {limit:?}: {healed:?}"));
         }
     }

@@ -63,10 +63,13 @@ impl BanPolicy {
     }
 }
 
-/// Every ban by exit IP and domain, with the proxies it was reported through: (proxy, until, count).
+/// The reports of one (IP, domain) pair: (proxy reported through, until, count).
+type Reports = Vec<(ObjectId, i64, u32)>;
+
+/// Every ban by exit IP and domain, with the proxies it was reported through.
 #[derive(Debug, Default)]
 pub struct BanIndex {
-    by_ip: HashMap<String, HashMap<String, Vec<(ObjectId, i64, u32)>>>,
+    by_ip: HashMap<String, HashMap<String, Reports>>,
 }
 
 impl BanIndex {

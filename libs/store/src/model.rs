@@ -94,12 +94,28 @@ pub struct UpstreamFailureRecord {
 }
 
 /// What the pool learned about a proxy from its consumers (our addition; projected by the lease service).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HealthDoc {
     /// Per-site bans on exit IPs reported through this proxy (a ban is about the IP: it applies to whichever proxy
     /// exits on it), including expired ones kept to double the next ban of the same pair.
     #[serde(default)]
     pub bans: Vec<BanDoc>,
+    /// `healthy`, or `quarantined` (out of the pool until a rotation, checked through the proxy, succeeds).
+    #[serde(default = "default_health_state")]
+    pub state: String,
+    /// Failures in a row reported by holders (`proxy_error`, `timeout`) or met by the forward door.
+    #[serde(default)]
+    pub fails: i64,
+}
+
+fn default_health_state() -> String {
+    "healthy".to_owned()
+}
+
+impl Default for HealthDoc {
+    fn default() -> Self {
+        Self { bans: Vec::new(), state: default_health_state(), fails: 0 }
+    }
 }
 
 /// A site refused an exit IP: that (IP, domain) pair is not leased for the domain until `until`.

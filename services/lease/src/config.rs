@@ -36,6 +36,10 @@ pub struct LeaseConfig {
     /// `BAN_BASE` (seconds, default 600) and `BAN_MAX` (seconds, default 86400): how long a site's ban of an exit
     /// IP lasts the first time, doubling on each repeat up to the max.
     pub bans: crate::engine::bans::BanPolicy,
+    /// `HEALTH_FAIL_THRESHOLD` (default 3): failures in a row (`proxy_error`, `timeout`, the forward door's upstream
+    /// failures) after which a proxy is quarantined: out of the pool, rotated at once, back when the rotation
+    /// succeeds.
+    pub health_fail_threshold: u32,
     /// Identifies this replica: its election value and the `leader` of its log batches (`HOSTNAME` in Kubernetes,
     /// else random).
     pub instance_id: String,
@@ -82,8 +86,13 @@ impl LeaseConfig {
             return Err(ConfigError::invalid("BAN_MAX", "must be at least BAN_BASE"));
         }
         let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        let health_fail_threshold: u32 = env.parse_or("HEALTH_FAIL_THRESHOLD", 3)?;
+        if !(1..=1000).contains(&health_fail_threshold) {
+            return Err(ConfigError::invalid("HEALTH_FAIL_THRESHOLD", "must be between 1 and 1000"));
+        }
         Ok(Self {
             bans: crate::engine::bans::BanPolicy { base_ms: ms(ban_base), max_ms: ms(ban_max) },
+            health_fail_threshold,
             proxy_use_max,
             webhook_return_proxy: webhook_return_proxy.trim_end_matches('/').to_owned(),
             index_refresh: env.seconds_or("LEASE_INDEX_REFRESH", Duration::from_secs(60))?,

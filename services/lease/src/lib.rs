@@ -67,7 +67,9 @@ impl App {
             LeaseService::new(engine, store, config.webhook_return_proxy.clone(), config.instance_id.clone(), metrics)
                 .allow_private_callbacks(config.callback_allow_private)
                 .lease_ttl(config.lease_ttl)
-                .bans(config.bans);
+                .bans(config.bans)
+                .fail_threshold(config.health_fail_threshold)
+                .nats(client.clone());
         let admin_addr = server::serve_admin(&service, &client, config.admin_addr).await.map_err(ServeError::Admin)?;
         tracing::info!(%admin_addr, "lease admin endpoint (/metrics, /healthz, /readyz) listening");
         Ok(Self { service, client, config, admin_addr, engine_task, engine_stop })

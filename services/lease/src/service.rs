@@ -38,6 +38,8 @@ pub struct LeaseService {
     allow_private_callbacks: bool,
     lease_ttl: Option<std::time::Duration>,
     bans: crate::engine::bans::BanPolicy,
+    fail_threshold: u32,
+    nats: Option<async_nats::Client>,
     metrics: crate::metrics::LeaseMetrics,
     packages: PackageCache,
 }
@@ -168,6 +170,8 @@ impl LeaseService {
             allow_private_callbacks: false,
             lease_ttl: None,
             bans: crate::engine::bans::BanPolicy::default(),
+            fail_threshold: 3,
+            nats: None,
             metrics,
             packages: PackageCache::default(),
         }
@@ -188,6 +192,18 @@ impl LeaseService {
     /// How long bans of exit IPs last (`BAN_BASE`, `BAN_MAX`).
     pub fn bans(mut self, policy: crate::engine::bans::BanPolicy) -> Self {
         self.bans = policy;
+        self
+    }
+
+    /// Failures in a row that quarantine a proxy (`HEALTH_FAIL_THRESHOLD`).
+    pub fn fail_threshold(mut self, n: u32) -> Self {
+        self.fail_threshold = n.max(1);
+        self
+    }
+
+    /// The NATS client through which a quarantine asks the rotator for a rotation.
+    pub fn nats(mut self, client: async_nats::Client) -> Self {
+        self.nats = Some(client);
         self
     }
 
@@ -343,15 +359,22 @@ impl LeaseService {
         failure: Option<UpstreamFailure>,
         report: Option<Report>,
     ) -> Result<ReleaseOutcome, ApiError> {
-        let policy = self.bans;
+        let (policy, threshold) = (self.bans, self.fail_threshold);
         if let Some(r) = &report {
             self.metrics.outcome(r.outcome);
         }
-        self.engine
+        let (outcome, quarantined) = self
+            .engine
             .submit(move |txn| {
                 held(txn, id, &key)?;
                 let now = txn.now_ms();
                 let failure = failure.map(|kind| Failure { kind, at_ms: now });
+                let reported = report.as_ref().map(|r| r.outcome);
+                // Reports are evidence: enough failures in a row take the proxy out of the pool, and a rotation
+                // (checked through the proxy) is the judge that brings it back.
+                let (fails, already) = txn.state().get(&id).map_or((0, false), |p| (p.fails, p.quarantined));
+                let quarantine =
+                    !already && crate::engine::state::fails_after(fails, failure.is_some(), reported) >= threshold;
                 // A site refused the exit IP its holder used: ban that pair (the IP as it is now, before any
                 // rotation moves the proxy elsewhere).
                 let ban = match report {
@@ -362,11 +385,47 @@ impl LeaseService {
                     }
                     _ => None,
                 };
-                txn.apply(Op::Release { proxy: id, key: key.clone(), uncount, taken: None, failure, ban });
+                txn.apply(Op::Release {
+                    proxy: id,
+                    key: key.clone(),
+                    uncount,
+                    taken: None,
+                    failure,
+                    ban,
+                    outcome: reported,
+                    quarantine,
+                });
                 let in_use = txn.state().get(&id).map_or(0, |p| p.in_use());
-                Ok(ReleaseOutcome { proxy_id: id.to_hex(), key, in_use })
+                Ok((ReleaseOutcome { proxy_id: id.to_hex(), key, in_use }, quarantine))
             })
-            .await
+            .await?;
+        if quarantined {
+            self.metrics.lease("quarantined");
+            tracing::warn!(proxy = %id, threshold, "proxy quarantined after failures in a row; rotating it now");
+            self.rotate_now(id);
+        }
+        Ok(outcome)
+    }
+
+    /// Asks the rotator to rotate `id` now (a quarantined proxy's way back), in the background: a few tries, then
+    /// its next scheduled rotation does it.
+    fn rotate_now(&self, id: ObjectId) {
+        let Some(client) = self.nats.clone() else { return };
+        tokio::spawn(async move {
+            let req = proxypool_contracts::rotation::RotateNowRequest { proxy_id: id.to_hex() };
+            for pause in [1u64, 2, 4] {
+                match proxypool_rpc::call::<proxypool_contracts::endpoints::RotateNow>(&client, &req).await {
+                    Ok(reply) => {
+                        tracing::info!(proxy = %id, job = %reply.job_id, "quarantined proxy queued for rotation");
+                        return;
+                    }
+                    // Already rotating: that rotation ends the quarantine.
+                    Err(proxypool_rpc::CallError::Remote(e)) if e.code == ErrorCode::Conflict => return,
+                    Err(e) => tracing::warn!(error = %e, proxy = %id, "cannot queue the quarantined proxy's rotation"),
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(pause)).await;
+            }
+        });
     }
 
     /// Claims, restarts, checks or renews the rotation lock (see [`LockRequest`]). Only a claim creates one.

@@ -250,3 +250,71 @@ async fn bans_survive_a_leader_sigkill() -> R {
     standby.kill().await;
     Ok(())
 }
+
+/// Leases over NATS in `vn` and returns with `outcome`: the proxy it got, or the refusal's code.
+async fn lease_and_report(app: &TestApp, outcome: &str) -> R<Result<String, ErrorCode>> {
+    let req = AcquireRequest { area: Some("vn".into()), consumer: Some("reporter".into()), ..Default::default() };
+    let g = match app.call::<LeaseAcquire>(&req).await?.into_result() {
+        Ok(g) => g,
+        Err(e) => return Ok(Err(e.code)),
+    };
+    let report = ReleaseRequest {
+        proxy_id: Some(g.id.clone()),
+        key: Some(g.key.clone()),
+        outcome: Some(outcome.into()),
+        ..Default::default()
+    };
+    app.call::<LeaseRelease>(&report).await?.into_result().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    Ok(Ok(g.id))
+}
+
+/// Three `proxy_error`s in a row quarantine a proxy: no lease, a rotation at once; the rotation (its IP checked
+/// through the proxy) ends the quarantine. So a consumer that keeps reporting a healthy proxy keeps it out for one
+/// rotation at a time, no longer; and an `ok` between failures starts the count over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_in_a_row_quarantine_a_proxy_and_its_rotation_brings_it_back() -> R {
+    let app = TestApp::builder().proxy_use_max(10).spawn().await?;
+    let fake = proxypool_system_tests::fakes::FakeWorld::start().await?;
+    let upstream = proxypool_system_tests::fakes::ForwardProxy::start("puser", "ppass").await?;
+    fake.answer("q1", 200, "{}");
+    // Not due for an hour: any rotation in this test is the quarantine's.
+    let later = DateTime::from_millis(DateTime::now().timestamp_millis() + 3_600_000);
+    let id = app
+        .insert_proxy_behind(Area::Vn, &upstream, fake.rotate_url("q1"), |d| {
+            d.next_rotate = Some(later);
+            d.rotate_time = 3_600;
+        })
+        .await?;
+    let rotator = app.start_rotator(app.rotator_config(&fake)).await?;
+    // Two failures, an ok, two failures: the ok started the count over, so still in the pool.
+    for outcome in ["proxy_error", "timeout", "ok", "proxy_error", "timeout"] {
+        assert_eq!(lease_and_report(&app, outcome).await?, Ok(id.to_hex()), "{outcome}");
+    }
+    assert_eq!(fake.calls("q1"), 0, "no rotation yet");
+    // The third in a row: quarantined.
+    assert_eq!(lease_and_report(&app, "proxy_error").await?, Ok(id.to_hex()));
+    // Out of the pool at once (the rotation may already hold it), and rotated through the provider.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut refused = 0;
+    loop {
+        match lease_and_report(&app, "ok").await? {
+            Err(code) => {
+                assert_eq!(code, ErrorCode::NoProxyAvailable);
+                refused += 1;
+            }
+            Ok(_) => break,
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "still out of the pool after 20 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(refused >= 1, "the quarantined proxy was leased before its rotation");
+    assert_eq!(fake.calls("q1"), 1, "the quarantine rotated it, once");
+    let d = app.proxy(&id.to_hex()).await?;
+    assert!(d.ip_public.is_some(), "the rotation checked the new IP through the proxy: {d:?}");
+    app.settle().await;
+    let d = app.proxy(&id.to_hex()).await?;
+    assert_eq!((d.health.state.as_str(), d.health.fails), ("healthy", 0), "{:?}", d.health);
+    rotator.stop().await;
+    app.shutdown().await;
+    Ok(())
+}

@@ -668,6 +668,8 @@ impl Actor {
                         taken: Some(TakenReason::Expired),
                         failure: None,
                         ban: None,
+                        outcome: None,
+                        quarantine: false,
                     });
                 }
                 for (proxy, _) in locks {

@@ -30,6 +30,17 @@ use crate::index::{Entry, PoolIndex};
 /// The most bans one proxy's state remembers.
 pub const BANS_PER_PROXY: usize = 32;
 
+/// A proxy's failures in a row after a return: the forward door's upstream failure or a reported `proxy_error` or
+/// `timeout` adds one, a reported `ok` resets them, anything else leaves them.
+pub fn fails_after(fails: u32, door_failure: bool, outcome: Option<Outcome>) -> u32 {
+    match outcome {
+        Some(Outcome::Ok) if !door_failure => 0,
+        Some(Outcome::ProxyError | Outcome::Timeout) => fails.saturating_add(1),
+        _ if door_failure => fails.saturating_add(1),
+        _ => fails,
+    }
+}
+
 /// What the lease service needs of a proxy's catalogue document: the gates and what a grant hands out.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Catalog {
@@ -178,6 +189,11 @@ pub struct ProxyState {
     /// Per-site bans of exit IPs reported through this proxy (at most [`BANS_PER_PROXY`]), expired ones included
     /// (they make the next ban of the same pair longer).
     pub bans: Vec<Ban>,
+    /// Failures in a row its holders reported (`proxy_error`, `timeout`) or the forward door met; an `ok` or a
+    /// successful rotation resets it.
+    pub fails: u32,
+    /// Out of the pool until a rotation (a check through the proxy) succeeds.
+    pub quarantined: bool,
     /// The log sequence this state reflects (the projection's `lease_rev`).
     pub seq: u64,
 }
@@ -229,6 +245,8 @@ impl ProxyState {
                     })
                 })
                 .collect(),
+            fails: u32::try_from(d.health.fails).unwrap_or(0),
+            quarantined: d.health.state == "quarantined",
             seq: u64::try_from(d.lease_rev).unwrap_or(0),
         }
     }
@@ -246,6 +264,8 @@ impl ProxyState {
             upstream_failures: 0,
             last_failure: None,
             bans: Vec::new(),
+            fails: 0,
+            quarantined: false,
             seq: 0,
         }
     }
@@ -264,7 +284,7 @@ impl ProxyState {
     pub fn entry(&self) -> Entry {
         Entry {
             area: self.catalog.area,
-            is_active: self.catalog.active && !self.catalog.ip.is_empty(),
+            is_active: self.catalog.active && !self.catalog.ip.is_empty() && !self.quarantined,
             is_rotating: self.lock.is_some(),
             in_use: self.in_use(),
             used_count: self.used_count,
@@ -323,6 +343,8 @@ impl ProxyState {
                     "reason": b.reason.as_str(),
                 })
                 .collect::<Vec<Document>>(),
+            "health.state": if self.quarantined { "quarantined" } else { "healthy" },
+            "health.fails": i64::from(self.fails),
         };
         // The job stays on the document after the unlock: it names the rotation that last held the proxy.
         if let Some(l) = &self.lock {
@@ -380,6 +402,12 @@ pub enum Op {
         /// The ban its holder's `blocked`/`captcha` earned the proxy's exit IP for a site.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         ban: Option<Ban>,
+        /// What its holder reported (`ok` resets the failures in a row, `proxy_error` and `timeout` add one).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        outcome: Option<Outcome>,
+        /// The failures reached `HEALTH_FAIL_THRESHOLD`: the proxy leaves the pool until a rotation succeeds.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        quarantine: bool,
     },
     /// A lease renewed by its holder: `LEASE_TTL` counts from `at_ms`.
     Renew {
@@ -636,9 +664,11 @@ impl State {
                 p.webhook_url = Some(webhook_url.clone());
                 p.leases.push(lease.clone());
             }
-            Op::Release { key, uncount, taken, failure, ban, .. } => {
+            Op::Release { key, uncount, taken, failure, ban, outcome, quarantine, .. } => {
                 let Some(at) = p.leases.iter().position(|l| &l.key == key) else { return Vec::new() };
                 let gone = p.leases.remove(at);
+                p.fails = fails_after(p.fails, failure.is_some(), *outcome);
+                p.quarantined |= *quarantine;
                 if let Some(ban) = ban {
                     p.bans.retain(|b| b.ip != ban.ip || b.domain != ban.domain);
                     p.bans.push(ban.clone());
@@ -676,8 +706,11 @@ impl State {
                     let gone = std::mem::take(&mut p.leases);
                     notices = p.notices(id, &gone, TakenReason::Rotated);
                     p.used_count = 0;
-                    // A new address: its health starts over.
+                    // A new address: its health starts over, and the rotation (checked through the proxy) is the
+                    // judge that ends a quarantine.
                     p.upstream_failures = 0;
+                    p.fails = 0;
+                    p.quarantined = false;
                 }
             }
             Op::Upsert { catalog, clear, .. } => {
@@ -754,6 +787,16 @@ mod tests {
     }
 
     #[test]
+    fn failures_in_a_row_count_up_and_an_ok_starts_over() {
+        assert_eq!(fails_after(2, false, Some(Outcome::ProxyError)), 3);
+        assert_eq!(fails_after(2, false, Some(Outcome::Timeout)), 3);
+        assert_eq!(fails_after(2, true, None), 3, "the door's upstream failure counts");
+        assert_eq!(fails_after(2, false, Some(Outcome::Ok)), 0);
+        assert_eq!(fails_after(2, false, Some(Outcome::Blocked)), 2, "a ban is about the site, not the proxy");
+        assert_eq!(fails_after(2, false, None), 2);
+    }
+
+    #[test]
     fn ops_keep_index_and_expiry_in_step() {
         let mut s = State::new(2);
         let id = ObjectId::new();
@@ -763,12 +806,29 @@ mod tests {
         s.apply(&grant(id, "b", 20));
         assert_eq!(s.candidate(Area::Vn, 30, Filter::default(), None), None, "full at PROXY_USE_MAX");
         assert_eq!(s.expired_leases(15, 10), vec![(id, "a".to_owned())]);
-        let notices =
-            s.apply(&Op::Release { proxy: id, key: "a".into(), uncount: false, taken: None, failure: None, ban: None });
+        let notices = s.apply(&Op::Release {
+            proxy: id,
+            key: "a".into(),
+            uncount: false,
+            taken: None,
+            failure: None,
+            ban: None,
+            outcome: None,
+            quarantine: false,
+        });
         assert!(notices.is_empty());
         // Returning the same key again changes nothing.
         let before = s.get(&id).cloned();
-        s.apply(&Op::Release { proxy: id, key: "a".into(), uncount: false, taken: None, failure: None, ban: None });
+        s.apply(&Op::Release {
+            proxy: id,
+            key: "a".into(),
+            uncount: false,
+            taken: None,
+            failure: None,
+            ban: None,
+            outcome: None,
+            quarantine: false,
+        });
         assert_eq!(s.get(&id).cloned(), before);
         // used_count still 2: no more leases in this cycle.
         assert_eq!(s.candidate(Area::Vn, 30, Filter::default(), None), None);
@@ -792,7 +852,16 @@ mod tests {
         s.apply(&Op::Renew { proxy: id, key: "a".into(), at_ms: 50 });
         assert!(s.expired_leases(40, 10).is_empty(), "renewed at 50");
         assert_eq!(s.expired_leases(51, 10), vec![(id, "a".to_owned())]);
-        s.apply(&Op::Release { proxy: id, key: "a".into(), uncount: true, taken: None, failure: None, ban: None });
+        s.apply(&Op::Release {
+            proxy: id,
+            key: "a".into(),
+            uncount: true,
+            taken: None,
+            failure: None,
+            ban: None,
+            outcome: None,
+            quarantine: false,
+        });
         assert_eq!(s.recall("r-a"), None, "a withdrawn grant is not handed out again");
         s.apply(&grant(id, "b", 20));
         s.forget_requests_before(21);

@@ -79,6 +79,10 @@ endpoint!(
     LeaseCtlLock, subjects::LEASECTL_LOCK, LockRequest => LockReply
 );
 endpoint!(
+    /// Gateway → lease service (admin): lift a ban of a proxy's exit IP for a site, or its quarantine.
+    LeaseCtlHeal, subjects::LEASECTL_HEAL, crate::health::HealRequest => crate::health::HealReply
+);
+endpoint!(
     /// Register a user (bootstrap policy applies).
     AuthRegister, subjects::AUTH_REGISTER, RegisterRequest => UserView
 );

@@ -52,6 +52,34 @@ impl Outcome {
     }
 }
 
+/// Request on [`crate::subjects::LEASECTL_HEAL`] (gateway → lease service, admin): lift the ban of a proxy's exit IP
+/// for one site, or its quarantine.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HealRequest {
+    /// The proxy.
+    pub proxy_id: String,
+    /// Lift the ban of the proxy's current exit IP for this site (whichever proxy it was reported through).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unban_domain: Option<String>,
+    /// Lift the proxy's quarantine (and its failure count).
+    #[serde(default)]
+    pub unquarantine: bool,
+}
+
+/// Reply of [`crate::subjects::LEASECTL_HEAL`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct HealReply {
+    /// The proxy.
+    pub proxy_id: String,
+    /// The exit IP whose ban was lifted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    /// Ban records lifted (one per proxy it had been reported through).
+    pub bans_lifted: u32,
+    /// Whether a quarantine was lifted.
+    pub quarantine_lifted: bool,
+}
+
 /// The longest host name (RFC 1035: 253 characters in text form).
 pub const DOMAIN_MAX: usize = 253;
 

@@ -134,6 +134,8 @@ pub const CALLBACK_CONSUMER: &str = "callback-senders";
 pub const LEASECTL_SYNC: &str = "proxypool.v1.leasectl.sync";
 /// Rotator → lease service: lock a proxy for rotation (no new leases), or check the lock and its holders.
 pub const LEASECTL_LOCK: &str = "proxypool.v1.leasectl.lock";
+/// Gateway → lease service (admin): lift a ban of a proxy's exit IP for a site, or its quarantine.
+pub const LEASECTL_HEAL: &str = "proxypool.v1.leasectl.heal";
 
 /// Gateway → importer: import an uploaded spreadsheet (request-reply; the file itself is in the
 /// [`IMPORT_UPLOADS_BUCKET`] object store).

@@ -11,9 +11,21 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-/// Asks the OS for a free port.
+/// Asks the OS for a free port, never one this process handed out before. The port is released before its user
+/// binds it, so the OS may offer it again meanwhile: tests running side by side once got the same port for a
+/// database and a lease replica's admin endpoint, the database's readiness probe was answered by the replica, and the
+/// test later found no database there. Remembering what was handed out closes that gap within the test process
+/// (which picks the ports of the child processes it starts, too).
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    static HANDED_OUT: std::sync::Mutex<Option<std::collections::HashSet<u16>>> = std::sync::Mutex::new(None);
+    for _ in 0..64 {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let mut handed = HANDED_OUT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if handed.get_or_insert_with(Default::default).insert(port) {
+            return Ok(port);
+        }
+    }
+    bail!("no free port that was not handed out already")
 }
 
 pub(crate) fn workspace_root() -> PathBuf {
@@ -73,6 +85,11 @@ impl Supervised {
         while Instant::now() < deadline {
             if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
                 return Ok(());
+            }
+            // Exited (its port taken, a bad flag): say so now, with its log, rather than after the whole wait.
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                bail!("{} exited ({status}) before listening on {}; log:\n{log}", self.program.display(), self.port);
             }
             std::thread::sleep(Duration::from_millis(30));
         }

@@ -96,6 +96,8 @@ pub fn router_and_doc(upload_limit: usize) -> (Router<AppState>, utoipa::openapi
         .routes(routes!(proxies::list_proxies, proxies::create_proxy))
         .routes(routes!(proxies::update_proxy, proxies::delete_proxy))
         .routes(routes!(proxies::bulk_delete_proxies))
+        .routes(routes!(proxies::unban_proxy))
+        .routes(routes!(proxies::unquarantine_proxy))
         .routes(routes!(proxies::drop_proxies))
         .routes(routes!(proxies::rotate_proxy))
         .routes({

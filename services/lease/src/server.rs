@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use async_nats::Client;
 use proxypool_contracts::endpoints::{
-    LeaseAcquire, LeaseCtlLock, LeaseCtlRotated, LeaseCtlSync, LeaseRelease, LeaseRenew,
+    LeaseAcquire, LeaseCtlHeal, LeaseCtlLock, LeaseCtlRotated, LeaseCtlSync, LeaseRelease, LeaseRenew,
 };
 use proxypool_contracts::lease::{
     AcquireRequest, LeaseGrant, ReleaseOutcome, ReleaseRequest, RenewOutcome, RenewRequest,
@@ -118,6 +118,7 @@ fn router(service: &LeaseService) -> Router<LeaseService> {
         .on::<LeaseCtlSync, _, _>(|s, req: SyncRequest| async move { s.sync(&req).await })
         .on::<LeaseCtlLock, _, _>(|s, req: LockRequest| async move { s.lock(&req).await })
         .on::<LeaseCtlRotated, _, _>(|s, req: RotatedRequest| async move { s.rotated(&req).await })
+        .on::<LeaseCtlHeal, _, _>(|s, req: proxypool_contracts::health::HealRequest| async move { s.heal(&req).await })
 }
 
 /// Undoes a grant its caller will never receive, and answers as the caller was answered.

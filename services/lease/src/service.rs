@@ -11,6 +11,7 @@ use bson::doc;
 use bson::oid::ObjectId;
 use chrono::TimeZone;
 use futures::TryStreamExt;
+use proxypool_contracts::health::{HealReply, HealRequest};
 use proxypool_contracts::lease::{Acquire, LeaseGrant, Release, ReleaseOutcome, Renew, RenewOutcome, UpstreamFailure};
 use proxypool_contracts::rotation::{LockReply, LockRequest, RotatedReply, RotatedRequest, SyncReply, SyncRequest};
 use proxypool_contracts::{ApiError, ErrorCode};
@@ -426,6 +427,54 @@ impl LeaseService {
                 tokio::time::sleep(std::time::Duration::from_secs(pause)).await;
             }
         });
+    }
+
+    /// An admin lifts the ban of a proxy's current exit IP for one site (through every proxy it was reported
+    /// through), or the proxy's quarantine. `not_found` when there is no such ban or quarantine.
+    pub async fn heal(&self, req: &HealRequest) -> Result<HealReply, ApiError> {
+        let id = parse_id("proxy_id", &req.proxy_id)?;
+        let domain = match req.unban_domain.as_deref() {
+            Some(d) => Some(proxypool_contracts::health::normalize_domain("domain", d)?),
+            None => None,
+        };
+        if domain.is_none() && !req.unquarantine {
+            return Err(ApiError::invalid("unban_domain", "name a site to unban, or ask to lift the quarantine"));
+        }
+        let unquarantine = req.unquarantine;
+        self.engine
+            .submit(move |txn| {
+                let Some(p) = txn.state().get(&id) else {
+                    return Err(ApiError::new(ErrorCode::NotFound, format!("no proxy {}", id.to_hex())));
+                };
+                let (ip, quarantined) = (p.exit_ip().to_owned(), p.quarantined);
+                let mut reply = HealReply { proxy_id: id.to_hex(), ..Default::default() };
+                if let Some(domain) = domain {
+                    let reporters = txn.state().bans().reporters(&ip, &domain);
+                    if reporters.is_empty() {
+                        return Err(ApiError::new(
+                            ErrorCode::NotFound,
+                            format!("the exit IP {ip} of proxy {} is not banned for {domain}", id.to_hex()),
+                        ));
+                    }
+                    for proxy in &reporters {
+                        txn.apply(Op::Unban { proxy: *proxy, ip: ip.clone(), domain: domain.clone() });
+                    }
+                    reply.bans_lifted = u32::try_from(reporters.len()).unwrap_or(u32::MAX);
+                    reply.ip = Some(ip);
+                }
+                if unquarantine {
+                    if !quarantined {
+                        return Err(ApiError::new(
+                            ErrorCode::NotFound,
+                            format!("proxy {} is not quarantined", id.to_hex()),
+                        ));
+                    }
+                    txn.apply(Op::Heal { proxy: id });
+                    reply.quarantine_lifted = true;
+                }
+                Ok(reply)
+            })
+            .await
     }
 
     /// Claims, restarts, checks or renews the rotation lock (see [`LockRequest`]). Only a claim creates one.

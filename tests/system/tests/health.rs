@@ -18,7 +18,7 @@ type R<T = ()> = anyhow::Result<T>;
 
 /// A system with two proxies (exit IPs 198.51.100.1 and .2) and one lease process with `BAN_BASE` = `ban_base`.
 async fn two_proxies(ban_base: &str) -> R<(TestApp, LeaseProcess, ObjectId, ObjectId)> {
-    let app = TestApp::builder().lease_instances(0).proxy_use_max(3).spawn().await?;
+    let app = TestApp::builder().lease_instances(0).proxy_use_max(10).spawn().await?;
     let mut ids = Vec::new();
     for n in 1..=2 {
         let mut d = app.new_proxy(Area::Vn, n);
@@ -316,5 +316,41 @@ async fn failures_in_a_row_quarantine_a_proxy_and_its_rotation_brings_it_back() 
     assert_eq!((d.health.state.as_str(), d.health.fails), ("healthy", 0), "{:?}", d.health);
     rotator.stop().await;
     app.shutdown().await;
+    Ok(())
+}
+
+/// An admin lifts a site's ban of an exit IP and a quarantine; each is leased again at once, and lifting what is not
+/// there is a 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_lifts_a_ban_and_a_quarantine() -> R {
+    let (app, mut lease, _, b) = two_proxies("600").await?;
+    app.update_proxy(b, doc! { "$set": { "is_active": false, "updatedAt": DateTime::now() } }).await?;
+    let (id, key) = lease_for(&app, "shop.example").await?;
+    give_back(&app, &id, &key, &[("outcome", "blocked"), ("domain", "shop.example")]).await?;
+    assert!(refused_for_bans(&app, "shop.example").await?);
+    let admin = |method: reqwest::Method, path: String| {
+        app.http.request(method, app.url(&path)).header("Authorization", API_KEY).send()
+    };
+    let res = admin(reqwest::Method::DELETE, format!("/api/proxies/{id}/bans/Shop.Example")).await?;
+    assert_eq!(res.status(), StatusCode::OK);
+    let body: Value = res.json().await?;
+    assert_eq!((body["bans_lifted"].as_u64(), body["ip"].as_str()), (Some(1), Some("198.51.100.1")), "{body}");
+    assert_eq!(lease_for(&app, "shop.example").await?.0, id, "leased for the site again");
+    let res = admin(reqwest::Method::DELETE, format!("/api/proxies/{id}/bans/shop.example")).await?;
+    assert_eq!(res.status(), StatusCode::NOT_FOUND, "no ban left to lift");
+    let res = admin(reqwest::Method::DELETE, format!("/api/proxies/{id}/bans/not%20a%20host")).await?;
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    // Three failures in a row: quarantined (no rotator runs here, so only the admin can bring it back).
+    for _ in 0..3 {
+        let (got, key) = lease_for(&app, "shop.example").await?;
+        give_back(&app, &got, &key, &[("outcome", "proxy_error")]).await?;
+    }
+    assert_eq!(get_for(&app, "shop.example").await?.status(), StatusCode::SERVICE_UNAVAILABLE, "quarantined");
+    let res = admin(reqwest::Method::DELETE, format!("/api/proxies/{id}/quarantine")).await?;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(lease_for(&app, "shop.example").await?.0, id, "back in the pool");
+    let res = admin(reqwest::Method::DELETE, format!("/api/proxies/{id}/quarantine")).await?;
+    assert_eq!(res.status(), StatusCode::NOT_FOUND, "not quarantined any more");
+    lease.kill().await;
     Ok(())
 }

@@ -28,6 +28,8 @@ const EXPECTED: &[(&str, &str)] = &[
     ("post", "/api/proxies/bulk-delete"),
     ("post", "/api/proxies/drop"),
     ("post", "/api/proxies/{id}/rotate"),
+    ("delete", "/api/proxies/{id}/bans/{domain}"),
+    ("delete", "/api/proxies/{id}/quarantine"),
     ("post", "/api/proxies/import"),
     ("post", "/api/proxies/import-kiot"),
     ("post", "/api/proxies/import-zing"),

@@ -561,3 +561,54 @@ pub async fn rotate_proxy(
     let req = proxypool_contracts::rotation::RotateNowRequest { proxy_id: id.to_hex() };
     Ok((StatusCode::ACCEPTED, Json(state.call::<RotateNow>(&req).await?)))
 }
+
+/// Path of `DELETE /api/proxies/{id}/bans/{domain}`.
+#[derive(Debug, serde::Deserialize)]
+pub struct BanPath {
+    id: String,
+    domain: String,
+}
+
+/// Lift the ban of a proxy's current exit IP for one site (a consumer reported it `blocked` or `captcha` there): the
+/// site is leased that IP again at once.
+#[utoipa::path(delete, path = "/api/proxies/{id}/bans/{domain}", tag = "proxies",
+    params(("id" = inline(crate::extract::Id), Path, description = "Proxy id"),
+        ("domain" = String, Path, description = "The site (a host name)")),
+    security(("bearer" = []), ("api_key" = [])),
+    responses((status = 200, body = proxypool_contracts::health::HealReply),
+        (status = 400, body = crate::openapi::ErrorBody), (status = 401, body = crate::openapi::ErrorBody),
+        (status = 404, description = "no such proxy, or its exit IP is not banned for that site",
+            body = crate::openapi::ErrorBody),
+        (status = 503, body = crate::openapi::ErrorBody)))]
+pub async fn unban_proxy(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(p): Path<BanPath>,
+) -> HttpResult<Json<proxypool_contracts::health::HealReply>> {
+    let id = proxypool_contracts::ObjectIdHex::parse_field("id", Some(&p.id))?;
+    let domain = proxypool_contracts::health::normalize_domain("domain", &p.domain)?;
+    let req = proxypool_contracts::health::HealRequest {
+        proxy_id: id.to_string(),
+        unban_domain: Some(domain),
+        unquarantine: false,
+    };
+    Ok(Json(state.call::<proxypool_contracts::endpoints::LeaseCtlHeal>(&req).await?))
+}
+
+/// Lift a proxy's quarantine (failures in a row reported by consumers): back in the pool at once, its failure count
+/// at zero, without waiting for the rotation that would otherwise end it.
+#[utoipa::path(delete, path = "/api/proxies/{id}/quarantine", tag = "proxies",
+    params(("id" = inline(crate::extract::Id), Path, description = "Proxy id")), security(("bearer" = []), ("api_key" = [])),
+    responses((status = 200, body = proxypool_contracts::health::HealReply),
+        (status = 400, body = crate::openapi::ErrorBody), (status = 401, body = crate::openapi::ErrorBody),
+        (status = 404, description = "no such proxy, or it is not quarantined", body = crate::openapi::ErrorBody),
+        (status = 503, body = crate::openapi::ErrorBody)))]
+pub async fn unquarantine_proxy(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(Id(id)): Path<Id>,
+) -> HttpResult<Json<proxypool_contracts::health::HealReply>> {
+    let req =
+        proxypool_contracts::health::HealRequest { proxy_id: id.to_hex(), unban_domain: None, unquarantine: true };
+    Ok(Json(state.call::<proxypool_contracts::endpoints::LeaseCtlHeal>(&req).await?))
+}

@@ -106,6 +106,19 @@ impl BanIndex {
         self.by_ip.get(ip)?.get(domain)?.iter().map(|(_, until, count)| (*until, *count)).max()
     }
 
+    /// The proxies a ban of `(ip, domain)` was reported through.
+    pub fn reporters(&self, ip: &str, domain: &str) -> Vec<ObjectId> {
+        let mut ids: Vec<ObjectId> = self
+            .by_ip
+            .get(ip)
+            .and_then(|d| d.get(domain))
+            .map(|r| r.iter().map(|(p, _, _)| *p).collect())
+            .unwrap_or_default();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
     /// Whether `ip` is banned for `domain` at `now_ms`.
     pub fn banned(&self, ip: &str, domain: &str, now_ms: i64) -> bool {
         self.latest(ip, domain).is_some_and(|(until, _)| until > now_ms)

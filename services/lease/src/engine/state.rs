@@ -448,6 +448,20 @@ pub enum Op {
         /// Proxy.
         proxy: ObjectId,
     },
+    /// An admin lifted the ban of (ip, domain) reported through this proxy.
+    Unban {
+        /// The proxy the ban was reported through.
+        proxy: ObjectId,
+        /// Exit IP.
+        ip: String,
+        /// Site.
+        domain: String,
+    },
+    /// An admin lifted the proxy's quarantine: back in the pool, its failure count at zero.
+    Heal {
+        /// Proxy.
+        proxy: ObjectId,
+    },
 }
 
 impl Op {
@@ -460,6 +474,8 @@ impl Op {
             | Op::Lock { proxy, .. }
             | Op::Unlock { proxy, .. }
             | Op::Upsert { proxy, .. }
+            | Op::Unban { proxy, .. }
+            | Op::Heal { proxy }
             | Op::Remove { proxy } => *proxy,
         }
     }
@@ -719,6 +735,11 @@ impl State {
                     let gone = std::mem::take(&mut p.leases);
                     notices = p.notices(id, &gone, TakenReason::ProxyDisabled);
                 }
+            }
+            Op::Unban { ip, domain, .. } => p.bans.retain(|b| &b.ip != ip || &b.domain != domain),
+            Op::Heal { .. } => {
+                p.quarantined = false;
+                p.fails = 0;
             }
             Op::Remove { .. } => {
                 let gone = std::mem::take(&mut p.leases);

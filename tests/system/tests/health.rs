@@ -346,6 +346,23 @@ async fn an_admin_lifts_a_ban_and_a_quarantine() -> R {
         give_back(&app, &got, &key, &[("outcome", "proxy_error")]).await?;
     }
     assert_eq!(get_for(&app, "shop.example").await?.status(), StatusCode::SERVICE_UNAVAILABLE, "quarantined");
+    // The admin listing shows it, filtered by health, with why it takes no lease (the projection trails a moment).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let listed = loop {
+        let res = admin(reqwest::Method::GET, "/api/proxies?health=quarantined".to_owned()).await?;
+        let page: Value = res.json().await?;
+        let items = page["data"].as_array().cloned().unwrap_or_default();
+        if !items.is_empty() || std::time::Instant::now() > deadline {
+            break items;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["id"], id.as_str());
+    assert_eq!((listed[0]["health"]["state"].as_str(), listed[0]["not_leasable"].as_str()), (Some("quarantined"), Some("quarantined")));
+    assert_eq!(listed[0]["health"]["fails"], 3);
+    let res = admin(reqwest::Method::GET, "/api/proxies?health=sick".to_owned()).await?;
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
     let res = admin(reqwest::Method::DELETE, format!("/api/proxies/{id}/quarantine")).await?;
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(lease_for(&app, "shop.example").await?.0, id, "back in the pool");

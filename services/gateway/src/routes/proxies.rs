@@ -138,7 +138,7 @@ pub struct ProxyView {
     /// Expiry.
     pub expired_at: Option<chrono::DateTime<chrono::Utc>>,
     /// Why the proxy takes no lease now, when it takes none: `disabled`, `no_address`, `subscription_expired`
-    /// (`expired_at` has passed: neither leased nor rotated) or `rotating`. (A proxy at `PROXY_USE_MAX` shows
+    /// (`expired_at` has passed: neither leased nor rotated), `rotating` or `quarantined`. (A proxy at `PROXY_USE_MAX` shows
     /// `in_use`/`used_count`.) Lease fields are projected from the lease service and may trail it by a second.
     pub not_leasable: Option<&'static str>,
     /// Active leases (read-only).
@@ -152,6 +152,9 @@ pub struct ProxyView {
     pub upstream_failures: i64,
     /// The latest of them (read-only): `kind` (`refused`, `auth`, `timeout`, `reset`, `bad_answer`) and `at`.
     pub last_upstream_failure: Option<UpstreamFailureView>,
+    /// What consumers reported (read-only): quarantine, failures in a row, and per-site bans of exit IPs reported
+    /// through this proxy.
+    pub health: HealthView,
     /// Rotation status: 0 pending, 1 processing, 2 completed.
     pub status: i32,
     /// HTTP status of the last rotate call.
@@ -189,6 +192,32 @@ pub struct LeaseView {
     pub session: Option<String>,
 }
 
+/// A proxy's health as consumers reported it.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct HealthView {
+    /// `healthy` or `quarantined` (out of the pool until a rotation succeeds or an admin lifts it).
+    pub state: String,
+    /// Failures in a row (`proxy_error`, `timeout`, the forward door's upstream failures).
+    pub fails: i64,
+    /// Bans of exit IPs for sites, reported through this proxy (expired ones included until they are forgotten).
+    pub bans: Vec<BanView>,
+}
+
+/// A site's ban of an exit IP.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BanView {
+    /// The exit IP.
+    pub ip: String,
+    /// The site.
+    pub domain: String,
+    /// When it ends.
+    pub until: chrono::DateTime<chrono::Utc>,
+    /// Bans of this pair in a row.
+    pub count: i64,
+    /// `blocked` or `captcha`.
+    pub reason: String,
+}
+
 /// The latest upstream failure of a proxy.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct UpstreamFailureView {
@@ -210,6 +239,8 @@ impl ProxyView {
             Some("subscription_expired")
         } else if d.is_rotating {
             Some("rotating")
+        } else if d.health.state == "quarantined" {
+            Some("quarantined")
         } else {
             None
         };
@@ -241,6 +272,16 @@ impl ProxyView {
                 .collect(),
             upstream_failures: d.upstream_failures,
             last_upstream_failure: d.last_upstream_failure.map(|f| UpstreamFailureView { kind: f.kind, at: iso(f.at) }),
+            health: HealthView {
+                state: d.health.state,
+                fails: d.health.fails,
+                bans: d
+                    .health
+                    .bans
+                    .into_iter()
+                    .map(|b| BanView { ip: b.ip, domain: b.domain, until: iso(b.until), count: b.count, reason: b.reason })
+                    .collect(),
+            },
             status: d.status.into(),
             status_code: d.status_code,
             response: d.response,
@@ -311,6 +352,8 @@ pub struct ProxyQuery {
     pub active: Option<bool>,
     /// In error (true) or healthy (false).
     pub error: Option<bool>,
+    /// `healthy` or `quarantined` (consumers' failure reports).
+    pub health: Option<String>,
 }
 
 /// List proxies.
@@ -353,6 +396,23 @@ pub async fn list_proxies(
     }
     if let Some(e) = q.error {
         filter.insert("is_error", e);
+    }
+    match q.health.as_deref() {
+        None => {}
+        Some("quarantined") => {
+            filter.insert("health.state", "quarantined");
+        }
+        // Documents written before health existed have none: healthy.
+        Some("healthy") => {
+            filter.insert("health.state", doc! { "$ne": "quarantined" });
+        }
+        Some(other) => {
+            return Err(proxypool_contracts::ApiError::invalid(
+                "health",
+                format!("unknown value {other:?} (expected one of: healthy, quarantined)"),
+            )
+            .into())
+        }
     }
     let full = q.get_full.unwrap_or(false);
     Ok(Json(list(&state.store.proxies(), filter, &page, |d| ProxyView::of(d, full)).await?))

@@ -67,6 +67,10 @@ endpoint!(
     LeaseRenew, subjects::LEASE_RENEW, RenewRequest => RenewOutcome
 );
 endpoint!(
+    /// End one's lease and rotate the proxy now (public contract): a holder asks for a new IP.
+    LeaseRotate, subjects::LEASE_ROTATE, RenewRequest => crate::lease::RotateOutcome
+);
+endpoint!(
     /// Rotator → lease service after a stored rotation: reset the lease state and unlock.
     LeaseCtlRotated, subjects::LEASECTL_ROTATED, RotatedRequest => RotatedReply
 );

@@ -56,6 +56,12 @@ pub const REQUEST_WINDOW: std::time::Duration = std::time::Duration::from_secs(1
 /// request timeout.
 pub const RETRY_WINDOW: std::time::Duration = std::time::Duration::from_secs(12);
 
+/// Within [`RETRY_WINDOW`], how long "no responder" is asked again: a lease leader that died leaves nobody
+/// subscribed until a standby takes over (`LEASE_LEADER_TTL` and a catch-up); during a RAFT election of the lease
+/// log the leader stays subscribed and answers `service_unavailable` instead. A lease service that is not running at
+/// all is answered as such after this.
+pub const NO_RESPONDER_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A new request id: 128 random bits, so ids from any number of gateways and doors never meet.
 pub fn new_request_id() -> String {
     format!("{:032x}", rand::random::<u128>())
@@ -290,6 +296,17 @@ impl ReleaseRequest {
             domain,
         })
     }
+}
+
+/// Reply of [`crate::subjects::LEASE_ROTATE`]: the lease ended, the proxy's rotation asked for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RotateOutcome {
+    /// The proxy.
+    pub proxy_id: String,
+    /// The lease that ended.
+    pub key: String,
+    /// Leases other holders still have (the rotation drains them first).
+    pub in_use: u32,
 }
 
 /// Request on [`crate::subjects::LEASE_RENEW`]: `{"proxy_id": "...", "key": "..."}`.

@@ -64,6 +64,9 @@ pub enum ErrorCode {
     /// succeeds. A 5xx would page the on-call and make clients and proxies retry a request that cannot succeed,
     /// and `Retry-After` (which 503 carried) promised that it might.
     NotConfigured,
+    /// Too many requests of this kind for this proxy (a holder's rotate request within `ROTATE_MIN_INTERVAL` of the
+    /// last one); retry after `retry_after_secs`. HTTP 429 with `Retry-After`.
+    RateLimited,
     /// No proxy in the area can take another lease right now; retry later. HTTP 503 with `Retry-After`.
     NoProxyAvailable,
     /// A dependency (NATS, MongoDB, the lease service) is unreachable; retry later. HTTP 503 with `Retry-After`.
@@ -83,6 +86,7 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::Conflict | ErrorCode::NotConfigured => 409,
             ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::RateLimited => 429,
             ErrorCode::NoProxyAvailable | ErrorCode::ServiceUnavailable => 503,
             ErrorCode::Internal => 500,
         }
@@ -90,7 +94,7 @@ impl ErrorCode {
 
     /// Whether retrying the same request later may succeed.
     pub fn is_retryable(self) -> bool {
-        matches!(self, ErrorCode::NoProxyAvailable | ErrorCode::ServiceUnavailable)
+        matches!(self, ErrorCode::NoProxyAvailable | ErrorCode::ServiceUnavailable | ErrorCode::RateLimited)
     }
 }
 

@@ -71,6 +71,8 @@ pub const LEASE_ACQUIRE: &str = "proxypool.v1.lease.acquire";
 pub const LEASE_RELEASE: &str = "proxypool.v1.lease.release";
 /// Consumers extend a lease by `LEASE_TTL` here (request-reply). Public contract.
 pub const LEASE_RENEW: &str = "proxypool.v1.lease.renew";
+/// A holder asks for a new IP: its lease ends and the proxy is rotated now (request-reply). Public contract.
+pub const LEASE_ROTATE: &str = "proxypool.v1.lease.rotate";
 /// The lease service broadcasts the leases it takes from their holders here (core NATS,
 /// [`crate::lease::LeasesTaken`]); the forward door closes their tunnels. Not under `lease.*`, so that a consumer
 /// allowed to publish there cannot close other consumers' tunnels.

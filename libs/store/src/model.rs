@@ -106,6 +106,9 @@ pub struct HealthDoc {
     /// Failures in a row reported by holders (`proxy_error`, `timeout`) or met by the forward door.
     #[serde(default)]
     pub fails: i64,
+    /// When a holder last asked for a new IP (`POST /webhook/rotate-proxy/{id}`).
+    #[serde(default)]
+    pub rotate_asked_at: Option<DateTime>,
 }
 
 fn default_health_state() -> String {
@@ -114,7 +117,7 @@ fn default_health_state() -> String {
 
 impl Default for HealthDoc {
     fn default() -> Self {
-        Self { bans: Vec::new(), state: default_health_state(), fails: 0 }
+        Self { bans: Vec::new(), state: default_health_state(), fails: 0, rotate_asked_at: None }
     }
 }
 

@@ -239,6 +239,7 @@ impl Book {
         // A lease-leader failover or a NATS reconnect takes a second or two: a client behind the door is better
         // served by waiting that long than by a 503 it may not retry.
         let give_up = tokio::time::Instant::now() + ACQUIRE_PATIENCE;
+        let mut nobody_since: Option<tokio::time::Instant> = None;
         let grant = loop {
             match proxypool_rpc::call_within::<LeaseAcquire>(&self.inner.client, &req, Some(ACQUIRE_ATTEMPT)).await {
                 Ok(g) => break g,
@@ -247,6 +248,13 @@ impl Book {
                 }
                 Err(CallError::Remote(e)) if !e.code.is_retryable() && e.code != ErrorCode::Internal => {
                     return Err(DoorError::Refused(e))
+                }
+                // Nobody subscribed for longer than a leader's take-over: the lease service is not running.
+                Err(e @ CallError::NoResponders { .. })
+                    if nobody_since.get_or_insert_with(tokio::time::Instant::now).elapsed()
+                        >= proxypool_contracts::lease::NO_RESPONDER_GRACE =>
+                {
+                    return Err(DoorError::Unavailable(e.to_string()))
                 }
                 Err(e) if e.is_retryable() && tokio::time::Instant::now() < give_up => {
                     tracing::debug!(error = %e, "the lease service did not answer; asking again");

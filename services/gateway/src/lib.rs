@@ -82,6 +82,7 @@ pub fn router_and_doc(upload_limit: usize) -> (Router<AppState>, utoipa::openapi
         .routes(routes!(consumer::get_proxy))
         .routes(routes!(consumer::return_proxy))
         .routes(routes!(consumer::renew_proxy))
+        .routes(routes!(consumer::rotate_proxy))
         .routes(routes!(users::register))
         .routes(routes!(users::login))
         .routes(routes!(users::me))

@@ -44,20 +44,32 @@ impl AppState {
     /// lease service is between leaders (no responder, no answer in time, `service_unavailable`), for at most
     /// [`RETRY_WINDOW`](proxypool_contracts::lease::RETRY_WINDOW). The service answers a repeated id with the grant
     /// it already made, so a failover that heals within the window shows the consumer no error and leaves no lease
-    /// held by nobody. A gateway cut off from NATS answers at once.
+    /// held by nobody. A gateway cut off from NATS asks again only for [`RECONNECT_GRACE`] (the NATS client moves to
+    /// another server of a cluster in that time), then answers.
     pub async fn call_retrying<E: Endpoint>(&self, req: &E::Request) -> Result<E::Reply, ApiError> {
         use proxypool_rpc::CallError;
-        let give_up = std::time::Instant::now() + proxypool_contracts::lease::RETRY_WINDOW;
+        let started = std::time::Instant::now();
+        let give_up = started + proxypool_contracts::lease::RETRY_WINDOW;
         // One attempt must not eat the window: a leader that died holding the request never answers it.
         let attempt = self.config.nats.request_timeout.min(ATTEMPT_TIMEOUT);
+        let (mut cut_off_since, mut nobody_since) = (None::<std::time::Instant>, None::<std::time::Instant>);
         loop {
             let e = match proxypool_rpc::call_within::<E>(&self.nats, req, Some(attempt)).await {
                 Ok(reply) => return Ok(reply),
                 Err(e) => e,
             };
             let between_leaders = match &e {
-                CallError::NoResponders { .. } | CallError::TimedOut { .. } | CallError::Transport { .. } => true,
+                CallError::NoResponders { .. } => {
+                    nobody_since.get_or_insert_with(std::time::Instant::now).elapsed()
+                        < proxypool_contracts::lease::NO_RESPONDER_GRACE
+                }
+                CallError::TimedOut { .. } | CallError::Transport { .. } => true,
                 CallError::Remote(r) => r.code == proxypool_contracts::ErrorCode::ServiceUnavailable,
+                // The loss of one server of a cluster: the client reconnects to another within moments. A NATS that
+                // is down altogether is answered as such once the grace is over.
+                CallError::Disconnected => {
+                    cut_off_since.get_or_insert_with(std::time::Instant::now).elapsed() < RECONNECT_GRACE
+                }
                 _ => false,
             };
             if !between_leaders || std::time::Instant::now() + RETRY_PAUSE >= give_up {
@@ -71,5 +83,7 @@ impl AppState {
 
 /// Longest one attempt of [`AppState::call_retrying`] waits.
 const ATTEMPT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long [`AppState::call_retrying`] waits for a lost NATS connection to come back (on another server).
+const RECONNECT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 /// Pause between its attempts.
 const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);

@@ -40,6 +40,8 @@ pub struct LeaseConfig {
     /// failures) after which a proxy is quarantined: out of the pool, rotated at once, back when the rotation
     /// succeeds.
     pub health_fail_threshold: u32,
+    /// `ROTATE_MIN_INTERVAL` (seconds, default 30): how often a holder may ask for a new IP for one proxy.
+    pub rotate_min_interval: Duration,
     /// Identifies this replica: its election value and the `leader` of its log batches (`HOSTNAME` in Kubernetes,
     /// else random).
     pub instance_id: String,
@@ -93,6 +95,7 @@ impl LeaseConfig {
         Ok(Self {
             bans: crate::engine::bans::BanPolicy { base_ms: ms(ban_base), max_ms: ms(ban_max) },
             health_fail_threshold,
+            rotate_min_interval: env.seconds_or("ROTATE_MIN_INTERVAL", Duration::from_secs(30))?,
             proxy_use_max,
             webhook_return_proxy: webhook_return_proxy.trim_end_matches('/').to_owned(),
             index_refresh: env.seconds_or("LEASE_INDEX_REFRESH", Duration::from_secs(60))?,

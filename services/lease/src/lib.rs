@@ -69,6 +69,7 @@ impl App {
                 .lease_ttl(config.lease_ttl)
                 .bans(config.bans)
                 .fail_threshold(config.health_fail_threshold)
+                .rotate_min_interval(config.rotate_min_interval)
                 .nats(client.clone());
         let admin_addr = server::serve_admin(&service, &client, config.admin_addr).await.map_err(ServeError::Admin)?;
         tracing::info!(%admin_addr, "lease admin endpoint (/metrics, /healthz, /readyz) listening");

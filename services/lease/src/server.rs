@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use async_nats::Client;
 use proxypool_contracts::endpoints::{
-    LeaseAcquire, LeaseCtlHeal, LeaseCtlLock, LeaseCtlRotated, LeaseCtlSync, LeaseRelease, LeaseRenew,
+    LeaseAcquire, LeaseCtlHeal, LeaseCtlLock, LeaseCtlRotated, LeaseCtlSync, LeaseRelease, LeaseRenew, LeaseRotate,
 };
 use proxypool_contracts::lease::{
-    AcquireRequest, LeaseGrant, ReleaseOutcome, ReleaseRequest, RenewOutcome, RenewRequest,
+    AcquireRequest, LeaseGrant, ReleaseOutcome, ReleaseRequest, RenewOutcome, RenewRequest, RotateOutcome,
 };
 use proxypool_contracts::rotation::{LockRequest, RotatedRequest, SyncRequest};
 use proxypool_contracts::{subjects, ApiError};
@@ -109,12 +109,18 @@ async fn renew(service: LeaseService, req: RenewRequest) -> Result<RenewOutcome,
     result
 }
 
+async fn rotate(service: LeaseService, req: RenewRequest) -> Result<RotateOutcome, ApiError> {
+    let req = req.validate()?;
+    tracing::Instrument::instrument(service.rotate_request(&req), tracing::info_span!("lease.rotate")).await
+}
+
 /// The lease service's endpoints.
 fn router(service: &LeaseService) -> Router<LeaseService> {
     Router::new(service.clone())
         .on::<LeaseAcquire, _, _>(acquire)
         .on::<LeaseRelease, _, _>(release)
         .on::<LeaseRenew, _, _>(renew)
+        .on::<LeaseRotate, _, _>(rotate)
         .on::<LeaseCtlSync, _, _>(|s, req: SyncRequest| async move { s.sync(&req).await })
         .on::<LeaseCtlLock, _, _>(|s, req: LockRequest| async move { s.lock(&req).await })
         .on::<LeaseCtlRotated, _, _>(|s, req: RotatedRequest| async move { s.rotated(&req).await })

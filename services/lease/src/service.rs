@@ -12,7 +12,9 @@ use bson::oid::ObjectId;
 use chrono::TimeZone;
 use futures::TryStreamExt;
 use proxypool_contracts::health::{HealReply, HealRequest};
-use proxypool_contracts::lease::{Acquire, LeaseGrant, Release, ReleaseOutcome, Renew, RenewOutcome, UpstreamFailure};
+use proxypool_contracts::lease::{
+    Acquire, LeaseGrant, Release, ReleaseOutcome, Renew, RenewOutcome, RotateOutcome, UpstreamFailure,
+};
 use proxypool_contracts::rotation::{LockReply, LockRequest, RotatedReply, RotatedRequest, SyncReply, SyncRequest};
 use proxypool_contracts::{ApiError, ErrorCode};
 use proxypool_store::model::ProxyDoc;
@@ -40,6 +42,7 @@ pub struct LeaseService {
     lease_ttl: Option<std::time::Duration>,
     bans: crate::engine::bans::BanPolicy,
     fail_threshold: u32,
+    rotate_min_interval_ms: i64,
     nats: Option<async_nats::Client>,
     metrics: crate::metrics::LeaseMetrics,
     packages: PackageCache,
@@ -172,6 +175,7 @@ impl LeaseService {
             lease_ttl: None,
             bans: crate::engine::bans::BanPolicy::default(),
             fail_threshold: 3,
+            rotate_min_interval_ms: 30_000,
             nats: None,
             metrics,
             packages: PackageCache::default(),
@@ -199,6 +203,12 @@ impl LeaseService {
     /// Failures in a row that quarantine a proxy (`HEALTH_FAIL_THRESHOLD`).
     pub fn fail_threshold(mut self, n: u32) -> Self {
         self.fail_threshold = n.max(1);
+        self
+    }
+
+    /// How often a holder may ask for a new IP per proxy (`ROTATE_MIN_INTERVAL`).
+    pub fn rotate_min_interval(mut self, every: std::time::Duration) -> Self {
+        self.rotate_min_interval_ms = i64::try_from(every.as_millis()).unwrap_or(i64::MAX);
         self
     }
 
@@ -395,6 +405,7 @@ impl LeaseService {
                     ban,
                     outcome: reported,
                     quarantine,
+                    rotate_asked_ms: None,
                 });
                 let in_use = txn.state().get(&id).map_or(0, |p| p.in_use());
                 Ok((ReleaseOutcome { proxy_id: id.to_hex(), key, in_use }, quarantine))
@@ -405,6 +416,49 @@ impl LeaseService {
             tracing::warn!(proxy = %id, threshold, "proxy quarantined after failures in a row; rotating it now");
             self.rotate_now(id);
         }
+        Ok(outcome)
+    }
+
+    /// A holder asks for a new IP: its lease ends and the proxy is rotated now (the rotation drains the other
+    /// holders as usual). At most one such request per proxy per `ROTATE_MIN_INTERVAL`; a later one is
+    /// `rate_limited` with the wait, and its lease stays held.
+    pub async fn rotate_request(&self, req: &Renew) -> Result<RotateOutcome, ApiError> {
+        let id = parse_id("proxy_id", req.proxy_id.as_str())?;
+        let (key, min_ms) = (req.key.as_str().to_owned(), self.rotate_min_interval_ms);
+        let outcome = self
+            .engine
+            .submit(move |txn| {
+                held(txn, id, &key)?;
+                let now = txn.now_ms();
+                let last = txn.state().get(&id).and_then(|p| p.rotate_asked_ms);
+                if let Some(wait) = last.map(|t| t.saturating_add(min_ms) - now).filter(|w| *w > 0) {
+                    return Err(ApiError {
+                        code: ErrorCode::RateLimited,
+                        message: format!(
+                            "a new IP for proxy {} was asked for less than ROTATE_MIN_INTERVAL ago",
+                            id.to_hex()
+                        ),
+                        field: None,
+                        retry_after_secs: Some(u64::try_from((wait + 999) / 1000).unwrap_or(1)),
+                    });
+                }
+                txn.apply(Op::Release {
+                    proxy: id,
+                    key: key.clone(),
+                    uncount: false,
+                    taken: None,
+                    failure: None,
+                    ban: None,
+                    outcome: None,
+                    quarantine: false,
+                    rotate_asked_ms: Some(now),
+                });
+                let in_use = txn.state().get(&id).map_or(0, |p| p.in_use());
+                Ok(RotateOutcome { proxy_id: id.to_hex(), key, in_use })
+            })
+            .await?;
+        self.metrics.lease("rotate_asked");
+        self.rotate_now(id);
         Ok(outcome)
     }
 

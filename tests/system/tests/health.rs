@@ -359,7 +359,10 @@ async fn an_admin_lifts_a_ban_and_a_quarantine() -> R {
     };
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0]["id"], id.as_str());
-    assert_eq!((listed[0]["health"]["state"].as_str(), listed[0]["not_leasable"].as_str()), (Some("quarantined"), Some("quarantined")));
+    assert_eq!(
+        (listed[0]["health"]["state"].as_str(), listed[0]["not_leasable"].as_str()),
+        (Some("quarantined"), Some("quarantined"))
+    );
     assert_eq!(listed[0]["health"]["fails"], 3);
     let res = admin(reqwest::Method::GET, "/api/proxies?health=sick".to_owned()).await?;
     assert_eq!(res.status(), StatusCode::BAD_REQUEST);
@@ -369,5 +372,60 @@ async fn an_admin_lifts_a_ban_and_a_quarantine() -> R {
     let res = admin(reqwest::Method::DELETE, format!("/api/proxies/{id}/quarantine")).await?;
     assert_eq!(res.status(), StatusCode::NOT_FOUND, "not quarantined any more");
     lease.kill().await;
+    Ok(())
+}
+
+/// A holder asks for a new IP: its lease ends, the proxy is rotated (after the other holders are drained), and a
+/// second request within `ROTATE_MIN_INTERVAL` is a 429 with `Retry-After` that leaves its lease held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_asks_for_a_new_ip_at_most_once_per_interval() -> R {
+    let app = TestApp::builder().proxy_use_max(3).spawn().await?;
+    let fake = proxypool_system_tests::fakes::FakeWorld::start().await?;
+    let upstream = proxypool_system_tests::fakes::ForwardProxy::start("puser", "ppass").await?;
+    fake.answer("r1", 200, "{}");
+    let later = DateTime::from_millis(DateTime::now().timestamp_millis() + 3_600_000);
+    let id = app
+        .insert_proxy_behind(Area::Vn, &upstream, fake.rotate_url("r1"), |d| {
+            d.next_rotate = Some(later);
+            d.rotate_time = 3_600;
+        })
+        .await?
+        .to_hex();
+    let rotator = app.start_rotator(app.rotator_config(&fake)).await?;
+    let (first, first_key) = lease_for(&app, "shop.example").await?;
+    let (second, second_key) = lease_for(&app, "shop.example").await?;
+    assert_eq!((first.as_str(), second.as_str()), (id.as_str(), id.as_str()));
+    let ask = |key: String| {
+        app.http
+            .post(app.url(&format!("/webhook/rotate-proxy/{id}")))
+            .query(&[("key", key)])
+            .header("Authorization", API_KEY)
+            .send()
+    };
+    let res = ask(first_key.clone()).await?;
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let body: Value = res.json().await?;
+    assert_eq!(body["in_use"], 1, "the other holder is still there: {body}");
+    assert_eq!(give_back(&app, &id, &first_key, &[]).await?.status(), StatusCode::NOT_FOUND, "its lease ended");
+    // The second holder asks too, within the interval: refused, with the wait, and its lease is still held.
+    let res = ask(second_key.clone()).await?;
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    let wait: u64 = res.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(0);
+    assert!((1..=30).contains(&wait), "Retry-After {wait}");
+    let body: Value = res.json().await?;
+    assert_eq!(body["error"]["code"], "rate_limited");
+    assert_eq!(give_back(&app, &id, &second_key, &[]).await?.status(), StatusCode::OK, "still held after the 429");
+    // Drained, the proxy rotates once.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let d = app.proxy(&id).await?;
+        if fake.calls("r1") == 1 && !d.is_rotating && d.ip_public.is_some() {
+            break;
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "not rotated: {} calls, {d:?}", fake.calls("r1"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    rotator.stop().await;
+    app.shutdown().await;
     Ok(())
 }

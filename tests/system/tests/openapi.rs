@@ -14,6 +14,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ("get", "/api/get-proxy"),
     ("post", "/webhook/return-proxy/{id}"),
     ("post", "/webhook/renew-proxy/{id}"),
+    ("post", "/webhook/rotate-proxy/{id}"),
     ("post", "/api/register"),
     ("post", "/api/login"),
     ("get", "/api/me"),

@@ -6,9 +6,10 @@
 
 use axum::extract::State;
 use axum::Json;
-use proxypool_contracts::endpoints::{LeaseAcquire, LeaseRelease, LeaseRenew};
+use proxypool_contracts::endpoints::{LeaseAcquire, LeaseRelease, LeaseRenew, LeaseRotate};
 use proxypool_contracts::lease::{
     new_request_id, AcquireRequest, LeaseGrant, ReleaseOutcome, ReleaseRequest, RenewOutcome, RenewRequest,
+    RotateOutcome,
 };
 use proxypool_contracts::{Area, ObjectIdHex};
 use serde::Deserialize;
@@ -145,4 +146,28 @@ pub async fn renew_proxy(
     let key = ObjectIdHex::parse_field("key", q.key.as_deref())?;
     let req = RenewRequest { proxy_id: Some(id.to_hex()), key: Some(key.to_string()) };
     Ok(Json(state.call::<LeaseRenew>(&req).await?))
+}
+
+/// Ask for a new IP: ends the caller's lease and rotates the proxy now (other holders are drained first, as for any
+/// rotation). At most one such request per proxy per `ROTATE_MIN_INTERVAL` (30 s): a later one is a 429 with
+/// `Retry-After`, and its lease stays held.
+#[utoipa::path(post, path = "/webhook/rotate-proxy/{id}", tag = "consumer",
+    params(("id" = inline(crate::extract::Id), Path, description = "Proxy id"), KeyQuery), security(("api_key" = [])),
+    responses((status = 202, body = RotateOutcome), (status = 400, body = crate::openapi::ErrorBody),
+        (status = 401, body = crate::openapi::ErrorBody), (status = 403, body = crate::openapi::ErrorBody),
+        (status = 404, description = "no such lease: returned, taken back or never granted",
+            body = crate::openapi::ErrorBody),
+        (status = 429, description = "rate_limited: a new IP was asked for this proxy less than ROTATE_MIN_INTERVAL ago",
+            body = crate::openapi::ErrorBody),
+        (status = 503, body = crate::openapi::ErrorBody)))]
+#[tracing::instrument(skip_all)]
+pub async fn rotate_proxy(
+    State(state): State<AppState>,
+    _consumer: Consumer,
+    Path(Id(id)): Path<Id>,
+    Query(q): Query<KeyQuery>,
+) -> HttpResult<(axum::http::StatusCode, Json<RotateOutcome>)> {
+    let key = ObjectIdHex::parse_field("key", q.key.as_deref())?;
+    let req = RenewRequest { proxy_id: Some(id.to_hex()), key: Some(key.to_string()) };
+    Ok((axum::http::StatusCode::ACCEPTED, Json(state.call::<LeaseRotate>(&req).await?)))
 }

@@ -279,7 +279,13 @@ impl ProxyView {
                     .health
                     .bans
                     .into_iter()
-                    .map(|b| BanView { ip: b.ip, domain: b.domain, until: iso(b.until), count: b.count, reason: b.reason })
+                    .map(|b| BanView {
+                        ip: b.ip,
+                        domain: b.domain,
+                        until: iso(b.until),
+                        count: b.count,
+                        reason: b.reason,
+                    })
                     .collect(),
             },
             status: d.status.into(),

@@ -670,6 +670,7 @@ impl Actor {
                         ban: None,
                         outcome: None,
                         quarantine: false,
+                        rotate_asked_ms: None,
                     });
                 }
                 for (proxy, _) in locks {

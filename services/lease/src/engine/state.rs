@@ -194,6 +194,8 @@ pub struct ProxyState {
     pub fails: u32,
     /// Out of the pool until a rotation (a check through the proxy) succeeds.
     pub quarantined: bool,
+    /// When a holder last asked for a new IP (epoch ms, engine clock): one such request per `ROTATE_MIN_INTERVAL`.
+    pub rotate_asked_ms: Option<i64>,
     /// The log sequence this state reflects (the projection's `lease_rev`).
     pub seq: u64,
 }
@@ -247,6 +249,7 @@ impl ProxyState {
                 .collect(),
             fails: u32::try_from(d.health.fails).unwrap_or(0),
             quarantined: d.health.state == "quarantined",
+            rotate_asked_ms: d.health.rotate_asked_at.map(|t| t.timestamp_millis()),
             seq: u64::try_from(d.lease_rev).unwrap_or(0),
         }
     }
@@ -266,6 +269,7 @@ impl ProxyState {
             bans: Vec::new(),
             fails: 0,
             quarantined: false,
+            rotate_asked_ms: None,
             seq: 0,
         }
     }
@@ -345,6 +349,7 @@ impl ProxyState {
                 .collect::<Vec<Document>>(),
             "health.state": if self.quarantined { "quarantined" } else { "healthy" },
             "health.fails": i64::from(self.fails),
+            "health.rotate_asked_at": self.rotate_asked_ms.map(ms),
         };
         // The job stays on the document after the unlock: it names the rotation that last held the proxy.
         if let Some(l) = &self.lock {
@@ -408,6 +413,9 @@ pub enum Op {
         /// The failures reached `HEALTH_FAIL_THRESHOLD`: the proxy leaves the pool until a rotation succeeds.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         quarantine: bool,
+        /// Its holder asked for a new IP at this time (a rotation is queued).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rotate_asked_ms: Option<i64>,
     },
     /// A lease renewed by its holder: `LEASE_TTL` counts from `at_ms`.
     Renew {
@@ -680,11 +688,14 @@ impl State {
                 p.webhook_url = Some(webhook_url.clone());
                 p.leases.push(lease.clone());
             }
-            Op::Release { key, uncount, taken, failure, ban, outcome, quarantine, .. } => {
+            Op::Release { key, uncount, taken, failure, ban, outcome, quarantine, rotate_asked_ms, .. } => {
                 let Some(at) = p.leases.iter().position(|l| &l.key == key) else { return Vec::new() };
                 let gone = p.leases.remove(at);
                 p.fails = fails_after(p.fails, failure.is_some(), *outcome);
                 p.quarantined |= *quarantine;
+                if rotate_asked_ms.is_some() {
+                    p.rotate_asked_ms = *rotate_asked_ms;
+                }
                 if let Some(ban) = ban {
                     p.bans.retain(|b| b.ip != ban.ip || b.domain != ban.domain);
                     p.bans.push(ban.clone());
@@ -836,6 +847,7 @@ mod tests {
             ban: None,
             outcome: None,
             quarantine: false,
+            rotate_asked_ms: None,
         });
         assert!(notices.is_empty());
         // Returning the same key again changes nothing.
@@ -849,6 +861,7 @@ mod tests {
             ban: None,
             outcome: None,
             quarantine: false,
+            rotate_asked_ms: None,
         });
         assert_eq!(s.get(&id).cloned(), before);
         // used_count still 2: no more leases in this cycle.
@@ -882,6 +895,7 @@ mod tests {
             ban: None,
             outcome: None,
             quarantine: false,
+            rotate_asked_ms: None,
         });
         assert_eq!(s.recall("r-a"), None, "a withdrawn grant is not handed out again");
         s.apply(&grant(id, "b", 20));

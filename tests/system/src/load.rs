@@ -350,3 +350,40 @@ pub async fn settle(app: &TestApp, held: &[Held], max: usize) -> anyhow::Result<
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// Three HTTP and three NATS consumers and the probe, running until [`Load::stop`].
+#[derive(Debug)]
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    /// What they saw.
+    pub rec: Arc<Records>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    /// Starts them against `app`, the probe on `probe_proxy`; HTTP requests give up after `http_timeout`.
+    pub fn start(app: &TestApp, probe_proxy: String, http_timeout: Duration) -> anyhow::Result<Self> {
+        let ctx = Ctx {
+            client: app.client.clone(),
+            http: reqwest::Client::builder().timeout(http_timeout).build()?,
+            base: format!("http://{}", app.addr),
+        };
+        let (stop, rec) = (Arc::new(AtomicBool::new(false)), Arc::new(Records::default()));
+        let mut tasks = Vec::new();
+        for n in 0..3 {
+            tasks.push(tokio::spawn(consumer(ctx.clone(), true, n, stop.clone(), rec.clone())));
+            tasks.push(tokio::spawn(consumer(ctx.clone(), false, n, stop.clone(), rec.clone())));
+        }
+        tasks.push(tokio::spawn(probe(ctx, probe_proxy, stop.clone(), rec.clone())));
+        Ok(Self { stop, rec, tasks })
+    }
+
+    /// Stops them and waits until each has finished (a consumer returns what it holds first).
+    pub async fn stop(self) -> anyhow::Result<Arc<Records>> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await?;
+        }
+        Ok(self.rec)
+    }
+}

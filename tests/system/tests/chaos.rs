@@ -7,13 +7,11 @@
 //! own), every acknowledged return is applied, MongoDB's projection is consistent once it settles, no proxy stays
 //! locked, and each fault heals in time (a leader's death within 3 s).
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proxypool_contracts::Area;
 use proxypool_system_tests::fakes::{FakeWorld, ForwardProxy};
-use proxypool_system_tests::load::{consumer, healed_after, leader_of, most_held_at_once, probe, settle, Ctx, Records};
+use proxypool_system_tests::load::{healed_after, leader_of, most_held_at_once, settle, Load};
 use proxypool_system_tests::TestApp;
 
 type R<T = ()> = anyhow::Result<T>;
@@ -58,18 +56,7 @@ async fn leases_survive_leader_kills_a_standby_kill_and_a_nats_restart() -> R {
     rotator_config.drain_max = Duration::from_secs(5);
     let rotator = app.start_rotator(rotator_config).await?;
 
-    let ctx = Ctx {
-        client: app.client.clone(),
-        http: reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?,
-        base: format!("http://{}", app.addr),
-    };
-    let (stop, rec) = (Arc::new(AtomicBool::new(false)), Arc::new(Records::default()));
-    let mut tasks = Vec::new();
-    for n in 0..3 {
-        tasks.push(tokio::spawn(consumer(ctx.clone(), true, n, stop.clone(), rec.clone())));
-        tasks.push(tokio::spawn(consumer(ctx.clone(), false, n, stop.clone(), rec.clone())));
-    }
-    let probe_task = tokio::spawn(probe(ctx.clone(), probe_proxy.clone(), stop.clone(), rec.clone()));
+    let load = Load::start(&app, probe_proxy, Duration::from_secs(10))?;
 
     let mut faults: Vec<(&str, Instant)> = Vec::new();
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -104,11 +91,7 @@ async fn leases_survive_leader_kills_a_standby_kill_and_a_nats_restart() -> R {
     app.nats_server.restart()?;
     tokio::time::sleep(Duration::from_secs(8)).await;
 
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await?;
-    }
-    probe_task.await?;
+    let rec = load.stop().await?;
 
     // How long each fault took to heal, and what the consumers saw until the next one: printed before any check,
     // so that a failed run shows it.

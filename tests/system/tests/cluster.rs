@@ -9,15 +9,11 @@
 //! fixed in its `server/raft.go`) before one campaigns, and no append can land meanwhile; that must heal within the
 //! gateway's retry window (12 s), so that HTTP consumers see no error. A node that led neither must heal within 3 s.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proxypool_contracts::{subjects, Area};
 use proxypool_system_tests::fakes::{FakeWorld, ForwardProxy};
-use proxypool_system_tests::load::{
-    consumer, healed_after, leader_of, most_held_at_once, probe, settle, Call, Ctx, Records,
-};
+use proxypool_system_tests::load::{healed_after, leader_of, most_held_at_once, settle, Call, Load};
 use proxypool_system_tests::{NatsServer, TestApp};
 
 type R<T = ()> = anyhow::Result<T>;
@@ -71,18 +67,7 @@ async fn three_nats_nodes_carry_the_system_through_the_loss_of_any_one() -> R {
     rotator_config.drain_max = Duration::from_secs(5);
     let rotator = app.start_rotator(rotator_config).await?;
 
-    let ctx = Ctx {
-        client: app.client.clone(),
-        http: reqwest::Client::builder().timeout(Duration::from_secs(20)).build()?,
-        base: format!("http://{}", app.addr),
-    };
-    let (stop, rec) = (Arc::new(AtomicBool::new(false)), Arc::new(Records::default()));
-    let mut tasks = Vec::new();
-    for n in 0..3 {
-        tasks.push(tokio::spawn(consumer(ctx.clone(), true, n, stop.clone(), rec.clone())));
-        tasks.push(tokio::spawn(consumer(ctx.clone(), false, n, stop.clone(), rec.clone())));
-    }
-    let probe_task = tokio::spawn(probe(ctx.clone(), probe_proxy, stop.clone(), rec.clone()));
+    let load = Load::start(&app, probe_proxy, Duration::from_secs(20))?;
     tokio::time::sleep(Duration::from_secs(4)).await;
 
     // Each node once: first one that leads neither group (the plain case), then the lease log's leader, then the last.
@@ -135,11 +120,7 @@ async fn three_nats_nodes_carry_the_system_through_the_loss_of_any_one() -> R {
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
 
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await?;
-    }
-    probe_task.await?;
+    let rec = load.stop().await?;
 
     let end = Instant::now();
     let mut report = Vec::new();

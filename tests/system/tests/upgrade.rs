@@ -6,13 +6,12 @@
 //! no proxy held by more than `PROXY_USE_MAX`, every acknowledged return applied, nothing left held once it settles,
 //! and leases kept flowing in every phase of the update.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proxypool_contracts::Area;
 use proxypool_system_tests::app::LeaseProcess;
-use proxypool_system_tests::load::{consumer, leader_of, most_held_at_once, probe, Ctx, Records};
+use proxypool_system_tests::load::{leader_of, most_held_at_once, Load, Records};
 use proxypool_system_tests::TestApp;
 
 type R<T = ()> = anyhow::Result<T>;
@@ -39,40 +38,20 @@ async fn keeps_leasing(rec: &Records, from: usize, more: usize, phase: &str) -> 
     Ok(leases(rec))
 }
 
-/// HTTP and NATS consumers leasing and returning, and the probe, until [`Load::finish`].
-struct Load {
-    stop: Arc<AtomicBool>,
-    rec: Arc<Records>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
+/// The consumers' load, checked when it stops.
+struct Checked(Load);
 
-impl Load {
+impl Checked {
     async fn start(app: &TestApp) -> R<Self> {
-        let ctx = Ctx {
-            client: app.client.clone(),
-            http: reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?,
-            base: format!("http://{}", app.addr),
-        };
-        let (stop, rec) = (Arc::new(AtomicBool::new(false)), Arc::new(Records::default()));
-        let mut tasks = Vec::new();
-        for n in 0..3 {
-            tasks.push(tokio::spawn(consumer(ctx.clone(), true, n, stop.clone(), rec.clone())));
-            tasks.push(tokio::spawn(consumer(ctx.clone(), false, n, stop.clone(), rec.clone())));
-        }
         let first = app.store.proxies().find_one(bson::doc! {}).await?;
         let probe_proxy = first.map(|d| d.id.to_hex()).ok_or_else(|| anyhow::anyhow!("no proxy seeded"))?;
-        tasks.push(tokio::spawn(probe(ctx, probe_proxy, stop.clone(), rec.clone())));
-        Ok(Self { stop, rec, tasks })
+        Ok(Self(Load::start(app, probe_proxy, Duration::from_secs(10))?))
     }
 
     /// Stops the consumers and checks their records: no failure, nothing held by more than `PROXY_USE_MAX`, and,
     /// once the projection settles, `in_use` equal to the holders and no returned lease still held.
     async fn finish(self, app: &TestApp) -> R<Arc<Records>> {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.tasks {
-            t.await?;
-        }
-        let rec = self.rec;
+        let rec = self.0.stop().await?;
         let failures = rec.failures.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
         anyhow::ensure!(failures.is_empty(), "{} failures: {failures:?}", failures.len());
         let held = rec.held.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
@@ -127,8 +106,8 @@ async fn a_rolling_update_of_the_lease_replicas_from_the_previous_release_keeps_
     }
     leader_of(&app, &old).await?;
 
-    let load = Load::start(&app).await?;
-    let rec = load.rec.clone();
+    let load = Checked::start(&app).await?;
+    let rec = load.0.rec.clone();
     let mut seen = keeps_leasing(&rec, 0, 50, "old replicas only").await?;
     let began = Instant::now();
 
@@ -179,8 +158,8 @@ async fn an_old_replica_following_a_new_leader_can_take_over_and_hand_back() -> 
     first_new.wait_to_lead(&app.http, Duration::from_secs(10)).await?;
     let mut old = app.spawn_lease_binary(&old_bin, "old-lease-0", &[], &[]).await?;
 
-    let load = Load::start(&app).await?;
-    let rec = load.rec.clone();
+    let load = Checked::start(&app).await?;
+    let rec = load.0.rec.clone();
     let mut seen = keeps_leasing(&rec, 0, 50, "a new leader, an old follower").await?;
     let crash = Instant::now();
     first_new.kill().await;

@@ -98,6 +98,7 @@ pub struct ReturnBody {
     params(("id" = inline(crate::extract::Id), Path, description = "Proxy id"), ReturnQuery), security(("api_key" = [])),
     request_body(content = Option<ReturnBody>, content_type = "application/json"),
     responses((status = 200, body = ReleaseOutcome), (status = 400, body = crate::openapi::ErrorBody),
+        (status = 413, description = "the body is over the 2 MB limit", body = crate::openapi::ErrorBody),
         (status = 401, body = crate::openapi::ErrorBody), (status = 403, body = crate::openapi::ErrorBody),
         (status = 404, body = crate::openapi::ErrorBody), (status = 503, body = crate::openapi::ErrorBody)))]
 #[tracing::instrument(skip_all)]
@@ -106,9 +107,16 @@ pub async fn return_proxy(
     _consumer: Consumer,
     Path(Id(id)): Path<Id>,
     Query(q): Query<ReturnQuery>,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> HttpResult<Json<ReleaseOutcome>> {
     let key = ObjectIdHex::parse_field("key", q.key.as_deref())?;
+    // The JSON error envelope for an unreadable body too (axum's own answer is plain text).
+    let body = body.map_err(|e| match e.status() {
+        axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
+            proxypool_contracts::ApiError::new(proxypool_contracts::ErrorCode::PayloadTooLarge, e.body_text())
+        }
+        _ => proxypool_contracts::ApiError::invalid("body", e.body_text()),
+    })?;
     // Today's callers send no body; one that does sends JSON.
     let body: ReturnBody = if body.iter().all(u8::is_ascii_whitespace) {
         ReturnBody::default()

@@ -52,6 +52,8 @@ pub struct Records {
     pub probe_ok: Mutex<Vec<(Instant, Instant)>>,
     /// `service_unavailable` (or no answer) seen by the consumers, when, and on which [`Call`].
     pub unavailable: Mutex<Vec<(Instant, Call)>>,
+    /// How long each HTTP acquire answered `service_unavailable` had waited: the gateway's retries before it gave up.
+    pub http_waits: Mutex<Vec<Duration>>,
 }
 
 impl Records {
@@ -119,6 +121,7 @@ pub async fn consumer(app: Ctx, http: bool, n: usize, stop: Arc<AtomicBool>, rec
     let name = format!("chaos-{}-{n}", if http { "http" } else { "nats" });
     while !stop.load(Ordering::Relaxed) {
         let grant = if http {
+            let sent = Instant::now();
             match app.http_get_proxy("vn").await {
                 Ok(res) if res.status().is_success() => res
                     .json::<serde_json::Value>()
@@ -129,6 +132,9 @@ pub async fn consumer(app: Ctx, http: bool, n: usize, stop: Arc<AtomicBool>, rec
                     let body = res.json::<serde_json::Value>().await.unwrap_or_default();
                     if body["error"]["code"] != "no_proxy_available" {
                         rec.unavailable(Call::HttpAcquire);
+                        if let Ok(mut w) = rec.http_waits.lock() {
+                            w.push(sent.elapsed());
+                        }
                     }
                     None
                 }

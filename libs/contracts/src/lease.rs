@@ -52,7 +52,7 @@ pub const REQUEST_WINDOW: std::time::Duration = std::time::Duration::from_secs(1
 /// between leaders. A lease replica's failover takes `LEASE_LEADER_TTL` (1.5 s by default) and a catch-up; the loss
 /// of the NATS node leading the lease log's RAFT group (a three-node cluster) takes longer: the survivors wait
 /// nats-server's election timeout, a random 4–9 s fixed in its `server/raft.go`, before one campaigns (measured
-/// 6.5–7.1 s to the next grant). 12 s covers that, and with its last attempt stays within the gateway's 15 s
+/// 6.5–12.0 s to the next grant). 12 s covers most of that, and with its last attempt stays within the gateway's 15 s
 /// request timeout.
 pub const RETRY_WINDOW: std::time::Duration = std::time::Duration::from_secs(12);
 

@@ -8,12 +8,14 @@
 //! cargo run --release -p proxypool-bench -- --suite rotation [--sizes 1000,10000]
 //! cargo run --release -p proxypool-bench -- --suite import --sizes 100000
 //! cargo build --release -p proxypool-forward && cargo run --release -p proxypool-bench -- --suite forward
+//! cargo run --release -p proxypool-bench -- --suite health [--secs 3] [--scenario-secs 300]
 //! ```
 //!
 //! The benchmark sets `PROXY_USE_MAX` very high so that a run never spends the per-rotation budget (`used_count`);
 //! the write a lease makes is the same whatever the limit.
 
 mod forward;
+mod health;
 mod import;
 mod measure;
 mod rotation;
@@ -55,6 +57,9 @@ struct Args {
     /// Concurrent clients, comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = [1, 16, 64])]
     concurrency: Vec<usize>,
+    /// Seconds per run of the health suite's site scenario.
+    #[arg(long, default_value_t = 300.0)]
+    scenario_secs: f64,
     /// Also write the Markdown table to this file.
     #[arg(long)]
     out: Option<String>,
@@ -71,6 +76,8 @@ enum Suite {
     Import,
     /// The forward door beside direct, proxy-chain and squid.
     Forward,
+    /// Outcomes and per-site bans: their cost on the lease path and a simulated site.
+    Health,
 }
 
 /// One row of the report.
@@ -89,6 +96,7 @@ async fn main() -> anyhow::Result<()> {
         let report = match args.suite {
             Suite::Rotation => rotation::run(&args.sizes).await?,
             Suite::Forward => forward::run(args.secs, &args.concurrency).await?,
+            Suite::Health => health::run(args.secs, &args.concurrency, args.scenario_secs).await?,
             _ => import::run(&args.sizes).await?,
         };
         println!("{report}");

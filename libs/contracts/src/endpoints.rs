@@ -15,7 +15,9 @@ use crate::auth::{
     UserView,
 };
 use crate::import::{ExcelImportRequest, ImportJob, JobStatusRequest, ProviderImportRequest};
-use crate::lease::{AcquireRequest, LeaseGrant, ReleaseOutcome, ReleaseRequest, RenewOutcome, RenewRequest};
+use crate::lease::{
+    AcquireRequest, LeaseGrant, LeaseGrants, ReleaseOutcome, ReleaseRequest, RenewOutcome, RenewRequest,
+};
 use crate::rotation::{
     LockReply, LockRequest, RotateNowReply, RotateNowRequest, RotatedReply, RotatedRequest, SyncReply, SyncRequest,
 };
@@ -58,6 +60,14 @@ endpoint!(
     LeaseAcquire, subjects::LEASE_ACQUIRE, AcquireRequest => LeaseGrant, bounded = true
 );
 endpoint!(
+    /// Lease `count` distinct proxies in one commit, all or none (public contract). Bounded like [`LeaseAcquire`].
+    LeaseAcquireMany, subjects::LEASE_ACQUIRE_MANY, AcquireRequest => LeaseGrants, bounded = true
+);
+endpoint!(
+    /// Report an outcome for a proxy one holds or held moments ago, without returning it (public contract).
+    LeaseReport, subjects::LEASE_REPORT, crate::health::ReportRequest => crate::health::ReportOutcome
+);
+endpoint!(
     /// Return a lease (public contract). Idempotent.
     LeaseRelease, subjects::LEASE_RELEASE, ReleaseRequest => ReleaseOutcome
 );
@@ -85,6 +95,10 @@ endpoint!(
 endpoint!(
     /// Gateway → lease service (admin): lift a ban of a proxy's exit IP for a site, or its quarantine.
     LeaseCtlHeal, subjects::LEASECTL_HEAL, crate::health::HealRequest => crate::health::HealReply
+);
+endpoint!(
+    /// Gateway → lease service (admin): one proxy's live lease state.
+    LeaseCtlInspect, subjects::LEASECTL_INSPECT, crate::health::InspectRequest => crate::health::LiveState
 );
 endpoint!(
     /// Register a user (bootstrap policy applies).

@@ -80,6 +80,175 @@ pub struct HealReply {
     pub quarantine_lifted: bool,
 }
 
+/// Request on [`crate::subjects::LEASE_REPORT`]: how a proxy did for a site, from a consumer that holds it or held it
+/// moments ago (the forward door's clients, who never see a lease key, report this way with the proxy id the door
+/// showed them in `X-Proxypool-Proxy-Id`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ReportRequest {
+    /// The proxy.
+    #[serde(default)]
+    pub proxy_id: Option<String>,
+    /// `ok`, `blocked`, `captcha`, `proxy_error` or `timeout`.
+    #[serde(default)]
+    pub outcome: Option<String>,
+    /// The site (a host name); required with `blocked` and `captcha`.
+    #[serde(default)]
+    pub domain: Option<String>,
+    /// Who reports: the holder as its leases record it (the client IP, a service id, or for the forward door
+    /// `<consumer>@<client IP>`, which a report from that IP matches). Set by the gateway from the caller.
+    #[serde(default)]
+    pub consumer: Option<String>,
+}
+
+/// A validated report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    /// The proxy.
+    pub proxy_id: crate::ObjectIdHex,
+    /// How it went.
+    pub outcome: Outcome,
+    /// For which site, normalised.
+    pub domain: Option<String>,
+    /// Who reports.
+    pub consumer: String,
+}
+
+impl ReportRequest {
+    /// Validates the request.
+    pub fn validate(&self) -> Result<Report, ApiError> {
+        let proxy_id = crate::ObjectIdHex::parse_field("proxy_id", self.proxy_id.as_deref())?;
+        let outcome = match self.outcome.as_deref().map(str::trim).filter(|o| !o.is_empty()) {
+            Some(o) => Outcome::parse_field("outcome", o)?,
+            None => return Err(ApiError::invalid("outcome", "is required")),
+        };
+        let domain = match self.domain.as_deref().filter(|d| !d.trim().is_empty()) {
+            Some(d) => Some(normalize_domain("domain", d)?),
+            None if outcome.is_ban() => {
+                return Err(ApiError::invalid("domain", format!("is required with outcome {}", outcome.as_str())))
+            }
+            None => None,
+        };
+        let consumer = self.consumer.as_deref().map(str::trim).unwrap_or_default();
+        if consumer.is_empty() || consumer.len() > crate::lease::CONSUMER_MAX_LEN {
+            return Err(ApiError::invalid("consumer", "is required (the holder, as its leases record it)"));
+        }
+        Ok(Report { proxy_id, outcome, domain, consumer: consumer.to_owned() })
+    }
+}
+
+/// Reply of [`crate::subjects::LEASE_REPORT`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ReportOutcome {
+    /// The proxy.
+    pub proxy_id: String,
+    /// With `blocked`/`captcha`: the exit IP now banned for the site, and until when.
+    pub banned_ip: Option<String>,
+    /// Until when the ban lasts.
+    pub banned_until: Option<chrono::DateTime<chrono::Utc>>,
+    /// Whether this report quarantined the proxy (`HEALTH_FAIL_THRESHOLD` failures in a row).
+    pub quarantined: bool,
+}
+
+/// Broadcast on [`crate::subjects::LEASE_BANNED`] for every new ban of an exit IP for a site.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BanEvent {
+    /// The exit IP.
+    pub ip: String,
+    /// The site.
+    pub domain: String,
+    /// When the ban ends (Unix milliseconds).
+    pub until_ms: i64,
+    /// Every proxy exiting on that IP now.
+    pub proxies: Vec<String>,
+}
+
+/// Request on [`crate::subjects::LEASECTL_INSPECT`] (gateway → lease service, admin): one proxy's lease state as
+/// the engine holds it now (MongoDB's projection trails it).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct InspectRequest {
+    /// The proxy.
+    pub proxy_id: String,
+}
+
+/// One proxy's live lease state, read from the lease engine's leader.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct LiveState {
+    /// Leases held now.
+    pub in_use: u32,
+    /// `PROXY_USE_MAX`.
+    pub max: u32,
+    /// Leases granted in this rotation cycle.
+    pub used_count: u32,
+    /// The IP sites see (the verified public IP, or the proxy's address while none is known).
+    pub exit_ip: String,
+    /// Whether it could take a lease now (enabled, not rotating, quarantined or a duplicate, below the cap).
+    pub leasable: bool,
+    /// The rotation holding it, if one does.
+    pub rotation: Option<LiveRotation>,
+    /// Every lease held.
+    pub leases: Vec<LiveLease>,
+    /// Health: state, failures in a row, duplicate mark, bans.
+    pub health: LiveHealth,
+    /// The lease-log sequence this state reflects.
+    pub seq: u64,
+}
+
+/// A rotation lock.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct LiveRotation {
+    /// The rotation job.
+    pub job: String,
+    /// When it took (or restarted) the lock.
+    pub since: chrono::DateTime<chrono::Utc>,
+    /// When the lease service takes it back unless renewed.
+    pub deadline: chrono::DateTime<chrono::Utc>,
+}
+
+/// A lease, as an admin sees it (its key is the holder's alone and is not shown).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct LiveLease {
+    /// The holder (client IP, service id, or `<consumer>@<ip>` through the forward door).
+    pub consumer: String,
+    /// The forward door holding it (`http`, `socks5`), if one does.
+    pub door: Option<String>,
+    /// The door's sticky session, if any.
+    pub session: Option<String>,
+    /// When granted.
+    pub since: chrono::DateTime<chrono::Utc>,
+    /// When it is taken back unless returned or renewed (`LEASE_TTL`); none when leases do not expire.
+    pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// A proxy's health as the engine holds it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct LiveHealth {
+    /// `healthy`, `quarantined` or `duplicate_ip`.
+    pub state: String,
+    /// Failures in a row reported or met.
+    pub fails: u32,
+    /// With `duplicate_ip`: the other proxy exiting on the same public IP.
+    pub duplicate_of: Option<String>,
+    /// Bans reported through this proxy (expired ones included: they double the next ban of their pair).
+    pub bans: Vec<LiveBan>,
+}
+
+/// A site's ban of an exit IP.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct LiveBan {
+    /// The exit IP.
+    pub ip: String,
+    /// The site.
+    pub domain: String,
+    /// Until when.
+    pub until: chrono::DateTime<chrono::Utc>,
+    /// Bans of this pair in a row.
+    pub count: u32,
+    /// `blocked` or `captcha`.
+    pub reason: String,
+    /// Whether it is still in force.
+    pub active: bool,
+}
+
 /// The longest host name (RFC 1035: 253 characters in text form).
 pub const DOMAIN_MAX: usize = 253;
 

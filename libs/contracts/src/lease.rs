@@ -42,6 +42,26 @@ pub struct AcquireRequest {
     /// The site the lease is for (a host name): a proxy whose exit IP is banned for it is not handed out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub domain: Option<String>,
+    /// Lease only from this provider's packages (its `name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    /// Lease only a proxy whose public IP is in this region (its label, e.g. `HCM`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// How many distinct proxies to lease in one commit, all or none ([`COUNT_MAX`] at most). Only on
+    /// [`crate::subjects::LEASE_ACQUIRE_MANY`], whose answer is [`LeaseGrants`]; `lease.acquire` answers one grant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u32>,
+}
+
+/// The most proxies one acquire may lease at once.
+pub const COUNT_MAX: u32 = 10;
+
+/// Reply of [`crate::subjects::LEASE_ACQUIRE_MANY`] (and of `GET /api/get-proxy` with `count`): every proxy granted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct LeaseGrants {
+    /// One grant per proxy, each with its own lease key.
+    pub proxies: Vec<LeaseGrant>,
 }
 
 /// How long the lease service remembers a request id: at least twice the longest caller deadline (the gateway's and
@@ -170,6 +190,12 @@ pub struct Acquire {
     pub request_id: Option<String>,
     /// The site, normalised ([`crate::health::normalize_domain`]).
     pub domain: Option<String>,
+    /// Only from this provider (name).
+    pub provider: Option<String>,
+    /// Only in this region (label).
+    pub region: Option<String>,
+    /// How many proxies (1 unless a multi-lease).
+    pub count: u32,
 }
 
 /// Longest accepted consumer identifier; it is stored in every lease record.
@@ -198,10 +224,18 @@ impl AcquireRequest {
         }
         let exclude =
             self.exclude.iter().map(|id| ObjectIdHex::parse_field("exclude", Some(id))).collect::<Result<_, _>>()?;
-        let package = match self.package.as_deref().map(str::trim).filter(|p| !p.is_empty()) {
-            Some(p) if p.len() <= 128 && !p.chars().any(char::is_control) => Some(p.to_owned()),
-            Some(_) => return Err(ApiError::invalid("package", "must be at most 128 printable characters")),
-            None => None,
+        let label = |field: &str, v: Option<&str>| match v.map(str::trim).filter(|p| !p.is_empty()) {
+            Some(p) if p.len() <= 128 && !p.chars().any(char::is_control) => Ok(Some(p.to_owned())),
+            Some(_) => Err(ApiError::invalid(field, "must be at most 128 printable characters")),
+            None => Ok(None),
+        };
+        let package = label("package", self.package.as_deref())?;
+        let provider = label("provider", self.provider.as_deref())?;
+        let region = label("region", self.region.as_deref())?;
+        let count = match self.count {
+            None => 1,
+            Some(n) if (1..=COUNT_MAX).contains(&n) => n,
+            Some(_) => return Err(ApiError::invalid("count", format!("must be 1-{COUNT_MAX}"))),
         };
         let door = match self.door.as_deref() {
             Some(d) => Some(parse_enum::<Door>("door", d, "http, socks5")?),
@@ -229,6 +263,9 @@ impl AcquireRequest {
             session,
             request_id,
             domain,
+            provider,
+            region,
+            count,
         })
     }
 }
@@ -349,6 +386,9 @@ pub struct RenewOutcome {
     /// When the lease service now takes the lease back unless it is returned or renewed again; none when `LEASE_TTL`
     /// is not set (leases never expire).
     pub expires_at: Option<DateTime<Utc>>,
+    /// When the proxy is next due for rotation (its drain starts then): plan to return the lease before.
+    #[serde(default)]
+    pub next_rotate: Option<DateTime<Utc>>,
 }
 
 /// A granted lease: the original's `{ ip, port, username, password, auth_token, webhook_url, … }` plus the lease key.

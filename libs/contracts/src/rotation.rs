@@ -34,6 +34,10 @@ fn yes() -> bool {
 pub struct RotatedReply {
     /// Leases that were still held when the lease state was reset (drain timeout).
     pub dropped_leases: u32,
+    /// The rotation left the proxy on the public IP of this other active proxy: it is marked `duplicate_ip` and
+    /// not leased until a rotation gives it an IP of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duplicate_of: Option<String>,
 }
 
 /// Request on [`crate::subjects::ROTATOR_ROTATE_NOW`].
@@ -72,12 +76,23 @@ pub struct LockRequest {
     /// How long the lock lives without a renewal (`ROTATE_LOCK_TTL`); the engine's default when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_ms: Option<u64>,
+    /// The public IP the rotation just verified through the proxy: the reply says whether another active proxy
+    /// exits on it ([`LockReply::duplicate_of`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_ip: Option<String>,
 }
 
 impl LockRequest {
     /// A check (and renewal) of a lock `job_id` already holds.
     pub fn check(proxy_id: &str, job_id: &str, ttl_ms: Option<u64>) -> Self {
-        Self { proxy_id: proxy_id.to_owned(), job_id: job_id.to_owned(), claim: false, restart: false, ttl_ms }
+        Self {
+            proxy_id: proxy_id.to_owned(),
+            job_id: job_id.to_owned(),
+            claim: false,
+            restart: false,
+            ttl_ms,
+            exit_ip: None,
+        }
     }
 }
 
@@ -94,6 +109,9 @@ pub struct LockReply {
     /// When the engine takes the lock back unless it is renewed, on the engine's clock (Unix milliseconds).
     #[serde(default)]
     pub deadline_ms: i64,
+    /// With the request's `exit_ip`: the other active proxy already exiting on that IP, if one is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duplicate_of: Option<String>,
 }
 
 /// Request on [`crate::subjects::LEASECTL_SYNC`]: these proxies changed in MongoDB (created, edited, enabled,

@@ -67,6 +67,8 @@ pub const PREFIX: &str = "proxypool.v1";
 
 /// Consumers request a lease here (request-reply). Public contract.
 pub const LEASE_ACQUIRE: &str = "proxypool.v1.lease.acquire";
+/// Consumers lease several distinct proxies in one commit here, all or none (request-reply). Public contract.
+pub const LEASE_ACQUIRE_MANY: &str = "proxypool.v1.lease.acquire_many";
 /// Consumers return a lease here (request-reply). Public contract.
 pub const LEASE_RELEASE: &str = "proxypool.v1.lease.release";
 /// Consumers extend a lease by `LEASE_TTL` here (request-reply). Public contract.
@@ -77,6 +79,12 @@ pub const LEASE_ROTATE: &str = "proxypool.v1.lease.rotate";
 /// [`crate::lease::LeasesTaken`]); the forward door closes their tunnels. Not under `lease.*`, so that a consumer
 /// allowed to publish there cannot close other consumers' tunnels.
 pub const LEASE_TAKEN: &str = "proxypool.v1.leaseevents.taken";
+/// The lease service broadcasts every new ban of an exit IP for a site here (core NATS, [`crate::health::BanEvent`]);
+/// the forward door moves the sessions on those proxies off them for that site.
+pub const LEASE_BANNED: &str = "proxypool.v1.leaseevents.banned";
+/// Consumers report how a proxy they hold (or held moments ago) did for a site, without returning it
+/// (request-reply). Public contract.
+pub const LEASE_REPORT: &str = "proxypool.v1.lease.report";
 /// Wildcard covering every lease subject, for permissions (`deploy/nats/`).
 pub const LEASE_ALL: &str = "proxypool.v1.lease.*";
 
@@ -138,6 +146,8 @@ pub const LEASECTL_SYNC: &str = "proxypool.v1.leasectl.sync";
 pub const LEASECTL_LOCK: &str = "proxypool.v1.leasectl.lock";
 /// Gateway → lease service (admin): lift a ban of a proxy's exit IP for a site, or its quarantine.
 pub const LEASECTL_HEAL: &str = "proxypool.v1.leasectl.heal";
+/// Gateway → lease service (admin): one proxy's live lease state (leases, lock, health) from the engine.
+pub const LEASECTL_INSPECT: &str = "proxypool.v1.leasectl.inspect";
 
 /// Gateway → importer: import an uploaded spreadsheet (request-reply; the file itself is in the
 /// [`IMPORT_UPLOADS_BUCKET`] object store).

@@ -5,7 +5,7 @@
 use futures::StreamExt;
 use proxypool_contracts::callback::CallbackNotice;
 use proxypool_contracts::lease::{LeasesTaken, TakenLease};
-use proxypool_contracts::subjects::{subject, LEASE_TAKEN};
+use proxypool_contracts::subjects::{subject, LEASE_BANNED, LEASE_TAKEN};
 
 use crate::jetstream::CALLBACKS;
 
@@ -48,6 +48,33 @@ pub async fn queue(client: &async_nats::Client, notices: &[CallbackNotice], repl
         }
     }
     done
+}
+
+/// Broadcasts a new ban of an exit IP for a site (best effort: a door that misses it keeps a session on that IP
+/// until the session's next lease).
+pub async fn banned(client: &async_nats::Client, event: &proxypool_contracts::health::BanEvent) {
+    match serde_json::to_vec(event) {
+        Ok(body) => {
+            if let Err(e) = client.publish(subject(LEASE_BANNED).into_owned(), body.into()).await {
+                tracing::warn!(error = %e, "cannot broadcast a ban");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot encode a ban"),
+    }
+}
+
+/// The ban broadcast, as a stream of bans (undecodable messages are skipped and logged).
+pub async fn bans(
+    client: &async_nats::Client,
+) -> Result<impl futures::Stream<Item = proxypool_contracts::health::BanEvent> + Send + 'static, crate::SubscribeError>
+{
+    let sub = client
+        .subscribe(subject(LEASE_BANNED).into_owned())
+        .await
+        .map_err(|source| crate::SubscribeError { subject: LEASE_BANNED.to_owned(), source })?;
+    Ok(sub.filter_map(|m| async move {
+        serde_json::from_slice(&m.payload).inspect_err(|e| tracing::warn!(error = %e, "undecodable ban broadcast")).ok()
+    }))
 }
 
 /// The taken-lease broadcast, as a stream of leases (undecodable messages are skipped and logged).

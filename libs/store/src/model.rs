@@ -100,7 +100,8 @@ pub struct HealthDoc {
     /// exits on it), including expired ones kept to double the next ban of the same pair.
     #[serde(default)]
     pub bans: Vec<BanDoc>,
-    /// `healthy`, or `quarantined` (out of the pool until a rotation, checked through the proxy, succeeds).
+    /// `healthy`, `quarantined` (out of the pool until a rotation, checked through the proxy, succeeds) or
+    /// `duplicate_ip` (its last rotation gave it another active proxy's public IP: out of the pool until the next).
     #[serde(default = "default_health_state")]
     pub state: String,
     /// Failures in a row reported by holders (`proxy_error`, `timeout`) or met by the forward door.
@@ -109,6 +110,9 @@ pub struct HealthDoc {
     /// When a holder last asked for a new IP (`POST /webhook/rotate-proxy/{id}`).
     #[serde(default)]
     pub rotate_asked_at: Option<DateTime>,
+    /// With state `duplicate_ip`: the other active proxy whose public IP its last rotation gave it.
+    #[serde(default)]
+    pub duplicate_of: Option<String>,
 }
 
 fn default_health_state() -> String {
@@ -117,7 +121,7 @@ fn default_health_state() -> String {
 
 impl Default for HealthDoc {
     fn default() -> Self {
-        Self { bans: Vec::new(), state: default_health_state(), fails: 0, rotate_asked_at: None }
+        Self { bans: Vec::new(), state: default_health_state(), fails: 0, rotate_asked_at: None, duplicate_of: None }
     }
 }
 

@@ -51,6 +51,8 @@ struct FakeState {
     max_in_flight: Mutex<HashMap<String, usize>>,
     auth_seen: Mutex<Vec<Option<String>>>,
     public_ip: Mutex<String>,
+    /// Public IPs a rotate call of a key hands out, in turn (the echo answers the latest).
+    next_ips: Mutex<HashMap<String, std::collections::VecDeque<String>>>,
     callbacks: Mutex<Vec<serde_json::Value>>,
     callback_failures_left: AtomicUsize,
 }
@@ -70,6 +72,9 @@ async fn rotate(State(s): State<Arc<FakeState>>, Path(key): Path<String>, header
     };
     lock(&s.auth_seen).push(headers.get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned));
     *lock(&s.calls).entry(key.clone()).or_default() += 1;
+    if let Some(ip) = lock(&s.next_ips).get_mut(&key).and_then(std::collections::VecDeque::pop_front) {
+        *lock(&s.public_ip) = ip;
+    }
     {
         let mut inf = lock(&s.in_flight);
         let n = inf.entry(key.clone()).or_default();
@@ -131,6 +136,11 @@ impl FakeWorld {
     /// Sets the answer for keys without their own.
     pub fn default_answer(&self, answer: ProviderAnswer) {
         *lock(&self.state.default_answer) = Some(answer);
+    }
+
+    /// The public IPs the next rotate calls of `key` give, one per call, in turn (then the echo keeps the last).
+    pub fn hand_out_ips(&self, key: &str, ips: &[&str]) {
+        lock(&self.state.next_ips).insert(key.to_owned(), ips.iter().map(|ip| (*ip).to_owned()).collect());
     }
 
     /// Sets what the IP echo answers.

@@ -46,6 +46,9 @@ const REPLAY_MAX: u64 = 64 * 1024;
 pub const PROXY_ID: HeaderName = HeaderName::from_static("x-proxypool-proxy-id");
 /// Response header naming the sticky session.
 pub const SESSION: HeaderName = HeaderName::from_static("x-proxypool-session");
+/// Response header: when the upstream proxy is next due for rotation (RFC 3339); its drain starts then, and a
+/// session moves to another proxy once the rotation takes its lease.
+pub const NEXT_ROTATE: HeaderName = HeaderName::from_static("x-proxypool-next-rotate");
 /// Response header saying why a session's proxy changed (`rotated`, `expired`, `proxy_disabled`, `upstream_failed`…).
 pub const SESSION_CHANGED: HeaderName = HeaderName::from_static("x-proxypool-session-changed");
 /// Response header with the reason of a refusal or a 502.
@@ -339,6 +342,9 @@ fn mark(res: &mut Response<Body>, lease: &Lease, want: &Want, changed: Option<&s
     let h = res.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&lease.grant.id) {
         h.insert(PROXY_ID, v);
+    }
+    if let Some(v) = lease.grant.next_rotate.and_then(|t| HeaderValue::from_str(&t.to_rfc3339()).ok()) {
+        h.insert(NEXT_ROTATE, v);
     }
     if let Some(s) = want.session.as_deref().and_then(|s| HeaderValue::from_str(s).ok()) {
         h.insert(SESSION, s);

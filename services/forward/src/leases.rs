@@ -42,6 +42,10 @@ pub struct Want {
     pub area: Area,
     /// Only from this package.
     pub package: Option<String>,
+    /// Only from this provider.
+    pub provider: Option<String>,
+    /// Only in this region.
+    pub region: Option<String>,
     /// The door.
     pub door: Door,
     /// The sticky session id.
@@ -198,6 +202,9 @@ struct Inner {
     /// Leases held, by key, so that a taken-lease broadcast finds its lease.
     held: Mutex<HashMap<String, std::sync::Weak<Lease>>>,
     sessions: Mutex<HashMap<String, Arc<Session>>>,
+    /// Bans heard from the lease service: proxy id → (site, until epoch ms). A session's next connection to a site
+    /// its proxy's exit IP is banned for moves to another proxy.
+    bans: Mutex<HashMap<String, Vec<(String, i64)>>>,
     returns: TaskTracker,
     stop: CancellationToken,
 }
@@ -212,6 +219,7 @@ impl Book {
                 retries,
                 held: Mutex::default(),
                 sessions: Mutex::default(),
+                bans: Mutex::default(),
                 returns: TaskTracker::new(),
                 stop: CancellationToken::new(),
             }),
@@ -235,6 +243,9 @@ impl Book {
             // Asked again with the same id below: a failover that lost the answer hands back the same grant.
             request_id: Some(proxypool_contracts::lease::new_request_id()),
             domain: want.domain.clone(),
+            provider: want.provider.clone(),
+            region: want.region.clone(),
+            count: None,
         };
         // A lease-leader failover or a NATS reconnect takes a second or two: a client behind the door is better
         // served by waiting that long than by a 503 it may not retry.
@@ -288,10 +299,15 @@ impl Book {
         let mut held = slot.lock().await;
         let mut changed = None;
         if let Some(l) = held.as_ref() {
-            if !l.cancel.is_cancelled() {
+            if l.cancel.is_cancelled() {
+                changed = Some(l.taken().map_or("stopped".to_owned(), |r| r.as_str().to_owned()));
+            } else if want.domain.as_deref().is_some_and(|d| self.banned(&l.grant.id, d)) {
+                // The site banned this proxy's exit IP since the session took it: the lease service skips it for
+                // that site, and so does the session from now on.
+                changed = Some("banned".to_owned());
+            } else {
                 return Ok((l.clone(), None));
             }
-            changed = Some(l.taken().map_or("stopped".to_owned(), |r| r.as_str().to_owned()));
         }
         *held = None;
         let lease = self.acquire(want, exclude).await?;
@@ -398,6 +414,39 @@ impl Book {
         };
         for s in all {
             s.slot.lock().await.take();
+        }
+    }
+
+    /// Whether proxy `id`'s exit IP is banned for `domain` now, as far as the door has heard.
+    fn banned(&self, id: &str, domain: &str) -> bool {
+        let now = now_ms();
+        let bans = self.inner.bans.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        bans.get(id).is_some_and(|b| b.iter().any(|(d, until)| d == domain && *until > now))
+    }
+
+    /// Applies the ban broadcast until the service stops.
+    pub async fn follow_bans(
+        self,
+        mut bans: impl futures::Stream<Item = proxypool_contracts::health::BanEvent> + Unpin,
+    ) {
+        loop {
+            let ban = tokio::select! {
+                b = bans.next() => b,
+                () = self.inner.stop.cancelled() => return,
+            };
+            let Some(ban) = ban else { return };
+            let now = now_ms();
+            let mut known = self.inner.bans.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            // Bounded by what is in force: expired bans go as new ones come.
+            known.retain(|_, b| {
+                b.retain(|(_, until)| *until > now);
+                !b.is_empty()
+            });
+            for proxy in ban.proxies {
+                let b = known.entry(proxy).or_default();
+                b.retain(|(d, _)| *d != ban.domain);
+                b.push((ban.domain.clone(), ban.until_ms));
+            }
         }
     }
 

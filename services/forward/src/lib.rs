@@ -123,6 +123,8 @@ pub(crate) fn want(user: &Username, ip: IpAddr, door: Door) -> Want {
         holder: format!("{}@{ip}", user.consumer),
         area: user.area,
         package: user.package.clone(),
+        provider: user.provider.clone(),
+        region: user.region.clone(),
         door,
         session: user.session.clone(),
         domain: None,
@@ -132,7 +134,15 @@ pub(crate) fn want(user: &Username, ip: IpAddr, door: Door) -> Want {
 /// The session `user` names, held for one connection.
 pub(crate) fn session_of(shared: &Shared, user: &Username) -> Option<SessionUse> {
     let id = user.session.as_ref()?;
-    let key = format!("{}|{}|{}|{id}", user.consumer, user.area.as_str(), user.package.as_deref().unwrap_or_default());
+    let opt = |o: &Option<String>| o.clone().unwrap_or_default();
+    let key = format!(
+        "{}|{}|{}|{}|{}|{id}",
+        user.consumer,
+        user.area.as_str(),
+        opt(&user.package),
+        opt(&user.provider),
+        opt(&user.region)
+    );
     let idle = user.sesstime_minutes.map_or(shared.config.session_default, |m| Duration::from_secs(u64::from(m) * 60));
     Some(shared.book.session(key, idle))
 }
@@ -200,6 +210,8 @@ impl App {
         let taken = proxypool_rpc::notices::taken(&client).await?;
         let book = shared.book.clone();
         let follow = tokio::spawn(book.clone().follow_taken(Box::pin(taken)));
+        let bans = proxypool_rpc::notices::bans(&client).await?;
+        let follow_bans = tokio::spawn(book.clone().follow_bans(Box::pin(bans)));
         let reaper = tokio::spawn(book.clone().reap_sessions());
         let connections = TaskTracker::new();
         let doors = [
@@ -223,6 +235,7 @@ impl App {
         }
         let _ = reaper.await;
         follow.abort();
+        follow_bans.abort();
         book.stop(STOP_LIMIT).await;
         Ok(())
     }

@@ -2,7 +2,7 @@
 //! use, since a proxy URL has no other place for options.
 //!
 //! ```text
-//! <consumer>[-area-<vn|global>][-session-<id>][-sesstime-<minutes>][-package-<code>]
+//! <consumer>[-area-<vn|global>][-session-<id>][-sesstime-<minutes>][-package-<code>][-provider-<name>][-region-<label>]
 //! ```
 //!
 //! - `consumer`: 1–64 of `A–Z a–z 0–9 _ .` (no `-`, which separates the options); it names the holder in the lease
@@ -14,6 +14,8 @@
 //!   `FORWARD_SESSION_DEFAULT`); only with `session`.
 //! - `package`: a package code (`KiotProxy_…`); leases only from that package's proxies. Codes with `-` cannot be
 //!   named here.
+//! - `provider`: a provider's name; leases only from its packages' proxies (names with `-` cannot be named here).
+//! - `region`: a region label (`HCM`); leases only proxies whose public IP is in that region.
 //!
 //! Options come in any order, each at most once. Anything else is refused with the option's name, so a typo never
 //! silently leases from the wrong place.
@@ -34,6 +36,10 @@ pub struct Username {
     pub sesstime_minutes: Option<u32>,
     /// Lease only from this package.
     pub package: Option<String>,
+    /// Lease only from this provider.
+    pub provider: Option<String>,
+    /// Lease only in this region.
+    pub region: Option<String>,
 }
 
 /// The limits the grammar is checked against.
@@ -50,8 +56,15 @@ impl Grammar {
     pub fn parse(&self, raw: &str) -> Result<Username, ApiError> {
         let mut parts = raw.split('-');
         let consumer = word("username.consumer", parts.next().unwrap_or_default())?;
-        let mut u =
-            Username { consumer, area: self.default_area, session: None, sesstime_minutes: None, package: None };
+        let mut u = Username {
+            consumer,
+            area: self.default_area,
+            session: None,
+            sesstime_minutes: None,
+            package: None,
+            provider: None,
+            region: None,
+        };
         let mut seen: Vec<&str> = Vec::new();
         while let Some(key) = parts.next() {
             let Some(value) = parts.next() else {
@@ -71,10 +84,12 @@ impl Grammar {
                     u.sesstime_minutes = Some(n);
                 }
                 "package" => u.package = Some(word("username.package", value)?),
+                "provider" => u.provider = Some(word("username.provider", value)?),
+                "region" => u.region = Some(word("username.region", value)?),
                 other => {
                     return Err(ApiError::invalid(
                         "username",
-                        format!("unknown option {other:?}; the options are area, session, sesstime and package"),
+                        format!("unknown option {other:?}; the options are area, session, sesstime, package, provider and region"),
                     ))
                 }
             }
@@ -99,14 +114,18 @@ mod tests {
 
     #[test]
     fn parses_every_option_in_any_order() {
-        let u = G.parse("scraper-session-a1-area-global-sesstime-5-package-KiotProxy_x").ok();
+        let u = G.parse("scraper-session-a1-region-HCM-area-global-sesstime-5-package-KiotProxy_x-provider-Kiot").ok();
         let u = u.unwrap_or_else(|| Username {
             consumer: String::new(),
             area: Area::Vn,
             session: None,
             sesstime_minutes: None,
             package: None,
+            provider: None,
+            region: None,
         });
+        assert_eq!(u.provider.as_deref(), Some("Kiot"));
+        assert_eq!(u.region.as_deref(), Some("HCM"));
         assert_eq!(u.consumer, "scraper");
         assert_eq!(u.area, Area::Global);
         assert_eq!(u.session.as_deref(), Some("a1"));
@@ -130,6 +149,8 @@ mod tests {
         assert_eq!(field("demo-country-vn").as_deref(), Some("username"));
         assert_eq!(field("demo-area").as_deref(), Some("username"));
         assert_eq!(field("demo-area-vn-area-vn").as_deref(), Some("username"));
+        assert_eq!(field("demo-region-H/N").as_deref(), Some("username.region"));
+        assert_eq!(field("demo-provider-").as_deref(), Some("username.provider"));
         let msg = G.parse("demo-country-vn").err().map(|e| e.message).unwrap_or_default();
         assert!(msg.contains("country"), "{msg}");
     }

@@ -6,6 +6,13 @@
 //!
 //! It is a secondary structure of the engine's state ([`crate::engine::state`]): every change to a proxy's lease
 //! state re-links its entry, so the index always agrees with the state it was derived from.
+//!
+//! Filters keep a pick `O(log n)`: the same order is kept per (area, package) and per (area, region), so a lease
+//! from one package or one region starts at its own first candidate. A provider is a handful of packages: its pick
+//! takes the best first candidate of each of its packages' orders (`O(k log n)` for `k` packages). When two filters
+//! are combined (a package and a region), the most specific order (the package's) is walked and the other filter
+//! checked on each candidate met, so the pick costs `O(log n + s)` with `s` the candidates of that package outside
+//! the region ranked ahead of the first match.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -36,6 +43,8 @@ pub struct Entry {
     pub expired_at_ms: Option<i64>,
     /// `proxy_package_id`, for leases from one package.
     pub package: Option<ObjectId>,
+    /// Region label (empty: unknown), for leases from one region.
+    pub region: String,
 }
 
 impl Entry {
@@ -77,17 +86,34 @@ pub struct PoolIndex {
     max: u32,
     entries: HashMap<ObjectId, Slot>,
     order: HashMap<Area, BTreeSet<Rank>>,
-    /// The same order per (area, package), so that a lease from one package is `O(log n)` too.
-    by_package: HashMap<(Area, ObjectId), BTreeSet<Rank>>,
+    /// The same order per (area, package) and per (area, region), so that a filtered lease is `O(log n)` too.
+    by_key: HashMap<(Area, Key), BTreeSet<Rank>>,
+}
+
+/// A filtered order's key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Key {
+    Package(ObjectId),
+    Region(String),
 }
 
 /// What a pick may hand out.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Filter<'a> {
-    /// Only this package's proxies.
-    pub package: Option<ObjectId>,
-    /// Not these (a retry after they failed). Short lists: checked by scanning.
+    /// Only these packages' proxies (one package, or a provider's packages); `None`: any.
+    pub packages: Option<&'a [ObjectId]>,
+    /// Only proxies with this region label.
+    pub region: Option<&'a str>,
+    /// Not these (a retry after they failed, or the proxies already picked for a multi-lease). Short lists: checked
+    /// by scanning.
     pub exclude: &'a [ObjectId],
+}
+
+impl Filter<'_> {
+    fn admits(&self, e: &Entry) -> bool {
+        self.region.is_none_or(|r| e.region == r)
+            && self.packages.is_none_or(|ps| e.package.is_some_and(|p| ps.contains(&p)))
+    }
 }
 
 #[derive(Debug)]
@@ -98,7 +124,13 @@ struct Slot {
 impl PoolIndex {
     /// An empty index for `PROXY_USE_MAX = max`.
     pub fn new(max: u32) -> Self {
-        Self { max, entries: HashMap::new(), order: HashMap::new(), by_package: HashMap::new() }
+        Self { max, entries: HashMap::new(), order: HashMap::new(), by_key: HashMap::new() }
+    }
+
+    fn keys(entry: &Entry) -> impl Iterator<Item = Key> + '_ {
+        let package = entry.package.map(Key::Package);
+        let region = (!entry.region.is_empty()).then(|| Key::Region(entry.region.clone()));
+        package.into_iter().chain(region)
     }
 
     fn unlink(&mut self, id: ObjectId) -> Option<Slot> {
@@ -107,8 +139,8 @@ impl PoolIndex {
         if let Some(set) = self.order.get_mut(&slot.entry.area) {
             set.remove(&rank);
         }
-        if let Some(pkg) = slot.entry.package {
-            if let Some(set) = self.by_package.get_mut(&(slot.entry.area, pkg)) {
+        for key in Self::keys(&slot.entry) {
+            if let Some(set) = self.by_key.get_mut(&(slot.entry.area, key)) {
                 set.remove(&rank);
             }
         }
@@ -118,8 +150,8 @@ impl PoolIndex {
     fn link(&mut self, id: ObjectId, entry: Entry) {
         if entry.leasable_now_or_later(self.max) {
             self.order.entry(entry.area).or_default().insert(entry.rank(id));
-            if let Some(pkg) = entry.package {
-                self.by_package.entry((entry.area, pkg)).or_default().insert(entry.rank(id));
+            for key in Self::keys(&entry) {
+                self.by_key.entry((entry.area, key)).or_default().insert(entry.rank(id));
             }
         }
         self.entries.insert(id, Slot { entry });
@@ -162,23 +194,25 @@ impl PoolIndex {
         filter: Filter<'_>,
         skip: impl Fn(&ObjectId) -> bool,
     ) -> Option<ObjectId> {
-        let Self { entries, order, by_package, .. } = self;
-        let set = match filter.package {
-            Some(pkg) => by_package.get_mut(&(area, pkg))?,
-            None => order.get_mut(&area)?,
+        let Self { entries, order, by_key, .. } = self;
+        // The orders to walk: each package's, else the region's, else the area's.
+        let keys: Vec<Option<Key>> = match (filter.packages, filter.region) {
+            (Some(ps), _) => ps.iter().map(|p| Some(Key::Package(*p))).collect(),
+            (None, Some(r)) => vec![Some(Key::Region(r.to_owned()))],
+            (None, None) => vec![None],
         };
-        let usable = |id: &ObjectId| {
-            entries.get(id).is_some_and(|s| s.entry.within_rotation_window(now_ms) && !s.entry.expired(now_ms))
-        };
-        while let Some(rank) = set.first().copied() {
-            if usable(&rank.2) {
-                break;
+        let mut best: Option<Rank> = None;
+        for key in keys {
+            let set = match key {
+                Some(k) => by_key.get_mut(&(area, k)),
+                None => order.get_mut(&area),
+            };
+            let Some(set) = set else { continue };
+            if let Some(rank) = first_in(set, entries, now_ms, &filter, &skip) {
+                best = Some(best.map_or(rank, |b| b.min(rank)));
             }
-            set.pop_first();
         }
-        // Excluded proxies stay in the order (they are fine for others); usable ones past them are few steps away,
-        // and unusable ones are left for the next plain pick to drop.
-        set.iter().map(|r| r.2).filter(|id| !filter.exclude.contains(id)).find(|id| usable(id) && !skip(id))
+        best.map(|r| r.2)
     }
 
     /// Counts for `area`.
@@ -208,6 +242,34 @@ impl PoolIndex {
     }
 }
 
+/// The first candidate of one order that `filter` admits and `skip` does not name.
+///
+/// Candidates outside the rotation window or past their subscription are dropped from the front of the order as they
+/// are met: time only moves forward, and they come back only through a change (rotation, catalogue edit), which
+/// re-links them. Excluded, skipped and filtered-out proxies stay (they are fine for others); unusable ones past
+/// them are left for the next plain pick to drop.
+fn first_in(
+    set: &mut BTreeSet<Rank>,
+    entries: &HashMap<ObjectId, Slot>,
+    now_ms: i64,
+    filter: &Filter<'_>,
+    skip: &impl Fn(&ObjectId) -> bool,
+) -> Option<Rank> {
+    let usable = |id: &ObjectId| {
+        entries.get(id).is_some_and(|s| s.entry.within_rotation_window(now_ms) && !s.entry.expired(now_ms))
+    };
+    while let Some(rank) = set.first().copied() {
+        if usable(&rank.2) {
+            break;
+        }
+        set.pop_first();
+    }
+    set.iter()
+        .filter(|r| !filter.exclude.contains(&r.2))
+        .find(|r| usable(&r.2) && entries.get(&r.2).is_some_and(|s| filter.admits(&s.entry)) && !skip(&r.2))
+        .copied()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,6 +287,7 @@ mod tests {
             next_rotate_ms: Some(NOW + 60_000),
             expired_at_ms: None,
             package: None,
+            region: String::new(),
         }
     }
 
@@ -305,14 +368,49 @@ mod tests {
         idx.set(a1, Entry { package: Some(pa), ..entry(Area::Vn, 1, Some(NOW - 10)) });
         idx.set(a2, Entry { package: Some(pa), ..entry(Area::Vn, 2, Some(NOW - 5)) });
         assert_eq!(idx.peek(Area::Vn, NOW), Some(b1), "the least used of all");
-        assert_eq!(idx.pick(Area::Vn, NOW, Filter { package: Some(pa), exclude: &[] }), Some(a1));
-        assert_eq!(idx.pick(Area::Vn, NOW, Filter { package: Some(pa), exclude: &[a1] }), Some(a2));
-        assert_eq!(idx.pick(Area::Vn, NOW, Filter { package: Some(pa), exclude: &[a1, a2] }), None);
-        assert_eq!(idx.pick(Area::Vn, NOW, Filter { package: None, exclude: &[b1] }), Some(a1));
-        assert_eq!(idx.pick(Area::Global, NOW, Filter { package: Some(pa), exclude: &[] }), None);
+        assert_eq!(idx.pick(Area::Vn, NOW, Filter { packages: Some(&[pa]), ..Filter::default() }), Some(a1));
+        assert_eq!(
+            idx.pick(Area::Vn, NOW, Filter { packages: Some(&[pa]), exclude: &[a1], ..Filter::default() }),
+            Some(a2)
+        );
+        assert_eq!(
+            idx.pick(Area::Vn, NOW, Filter { packages: Some(&[pa]), exclude: &[a1, a2], ..Filter::default() }),
+            None
+        );
+        assert_eq!(idx.pick(Area::Vn, NOW, Filter { exclude: &[b1], ..Filter::default() }), Some(a1));
+        assert_eq!(idx.pick(Area::Global, NOW, Filter { packages: Some(&[pa]), ..Filter::default() }), None);
         // A package's proxy that is taken to the cap leaves both orders.
         idx.set(a1, Entry { package: Some(pa), in_use: 3, ..entry(Area::Vn, 3, Some(NOW)) });
-        assert_eq!(idx.pick(Area::Vn, NOW, Filter { package: Some(pa), exclude: &[] }), Some(a2));
-        assert_eq!(idx.pick(Area::Vn, NOW, Filter { package: None, exclude: &[b1, a2] }), None);
+        assert_eq!(idx.pick(Area::Vn, NOW, Filter { packages: Some(&[pa]), ..Filter::default() }), Some(a2));
+        assert_eq!(idx.pick(Area::Vn, NOW, Filter { exclude: &[b1, a2], ..Filter::default() }), None);
+    }
+
+    #[test]
+    fn picks_across_a_providers_packages_and_within_a_region() {
+        let mut idx = PoolIndex::new(3);
+        let (pa, pb, pc) = (ObjectId::new(), ObjectId::new(), ObjectId::new());
+        let (a, b, c, hn) = (ObjectId::new(), ObjectId::new(), ObjectId::new(), ObjectId::new());
+        let at = |pkg, used, region: &str| Entry {
+            package: Some(pkg),
+            region: region.into(),
+            ..entry(Area::Vn, used, Some(NOW - 10))
+        };
+        idx.set(a, at(pa, 2, "HCM"));
+        idx.set(b, at(pb, 1, "HCM"));
+        idx.set(c, at(pc, 0, "HCM"));
+        idx.set(hn, at(pa, 0, "HN"));
+        // A provider of packages a and b: the least used of both, never c's.
+        let provider = [pa, pb];
+        assert_eq!(idx.pick(Area::Vn, NOW, Filter { packages: Some(&provider), ..Filter::default() }), Some(hn));
+        let hcm = Filter { region: Some("HCM"), ..Filter::default() };
+        assert_eq!(idx.pick(Area::Vn, NOW, hcm), Some(c));
+        let both = Filter { packages: Some(&provider), region: Some("HCM"), ..Filter::default() };
+        assert_eq!(idx.pick(Area::Vn, NOW, both), Some(b));
+        assert_eq!(idx.pick(Area::Vn, NOW, Filter { exclude: &[b], ..both }), Some(a));
+        assert_eq!(idx.pick(Area::Vn, NOW, Filter { region: Some("DN"), ..Filter::default() }), None);
+        // A region that changes (a rotation's new IP) moves the proxy between orders.
+        idx.set(c, at(pc, 0, "DN"));
+        assert_eq!(idx.pick(Area::Vn, NOW, hcm), Some(b));
+        assert_eq!(idx.pick(Area::Vn, NOW, Filter { region: Some("DN"), ..Filter::default() }), Some(c));
     }
 }

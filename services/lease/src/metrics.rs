@@ -59,6 +59,26 @@ pub struct LeaseMetrics {
     pub projection_backlog: Gauge,
     /// Outcomes consumers reported with their returns, by kind.
     pub outcomes: Family<OutcomeLabel, Counter>,
+    /// Proxies by health state (`healthy`, `quarantined`, `duplicate_ip`).
+    pub health: Family<HealthLabel, Gauge>,
+    /// (exit IP, site) pairs banned now.
+    pub bans_active: Gauge,
+    /// Quarantines `started` and `healed` (by a rotation or an admin).
+    pub quarantines: Family<EventLabel, Counter>,
+}
+
+/// `state` label of the health gauge.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct HealthLabel {
+    /// `healthy`, `quarantined` or `duplicate_ip`.
+    pub state: &'static str,
+}
+
+/// `event` label of the quarantine counter.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct EventLabel {
+    /// `started` or `healed`.
+    pub event: &'static str,
 }
 
 impl LeaseMetrics {
@@ -88,6 +108,12 @@ impl LeaseMetrics {
         registry.register("projection_backlog", "Proxies changed and not yet projected", projection_backlog.clone());
         let outcomes = Family::<OutcomeLabel, Counter>::default();
         registry.register("outcomes", "Outcomes consumers reported with their returns, by kind", outcomes.clone());
+        let health = Family::<HealthLabel, Gauge>::default();
+        registry.register("health_proxies", "Proxies by health state, as this replica sees them", health.clone());
+        let bans_active = Gauge::default();
+        registry.register("bans_active", "(exit IP, site) pairs banned now", bans_active.clone());
+        let quarantines = Family::<EventLabel, Counter>::default();
+        registry.register("quarantines", "Quarantines started and healed", quarantines.clone());
         Self {
             registry,
             leases,
@@ -100,12 +126,20 @@ impl LeaseMetrics {
             projection_lag,
             projection_backlog,
             outcomes,
+            health,
+            bans_active,
+            quarantines,
         }
     }
 
     /// Counts a lease outcome.
     pub fn lease(&self, result: &'static str) {
         self.leases.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    /// Counts a quarantine `started` or `healed`.
+    pub fn quarantine(&self, event: &'static str) {
+        self.quarantines.get_or_create(&EventLabel { event }).inc();
     }
 
     /// Counts an outcome a consumer reported.
@@ -134,6 +168,11 @@ impl LeaseMetrics {
             set("in_use", held);
             set("rotating", rotating as u64);
         }
+        let (healthy, quarantined, duplicate) = state.health_counts();
+        for (s, n) in [("healthy", healthy), ("quarantined", quarantined), ("duplicate_ip", duplicate)] {
+            self.health.get_or_create(&HealthLabel { state: s }).set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        self.bans_active.set(i64::try_from(state.bans().active(crate::engine::now_ms())).unwrap_or(i64::MAX));
         self.projection_backlog.set(i64::try_from(backlog).unwrap_or(i64::MAX));
     }
 }

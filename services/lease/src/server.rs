@@ -5,10 +5,11 @@ use std::time::Duration;
 
 use async_nats::Client;
 use proxypool_contracts::endpoints::{
-    LeaseAcquire, LeaseCtlHeal, LeaseCtlLock, LeaseCtlRotated, LeaseCtlSync, LeaseRelease, LeaseRenew, LeaseRotate,
+    LeaseAcquire, LeaseAcquireMany, LeaseCtlHeal, LeaseCtlLock, LeaseCtlRotated, LeaseCtlSync, LeaseRelease,
+    LeaseRenew, LeaseRotate,
 };
 use proxypool_contracts::lease::{
-    AcquireRequest, LeaseGrant, ReleaseOutcome, ReleaseRequest, RenewOutcome, RenewRequest, RotateOutcome,
+    AcquireRequest, LeaseGrant, LeaseGrants, ReleaseOutcome, ReleaseRequest, RenewOutcome, RenewRequest, RotateOutcome,
 };
 use proxypool_contracts::rotation::{LockRequest, RotatedRequest, SyncRequest};
 use proxypool_contracts::{subjects, ApiError};
@@ -58,31 +59,56 @@ pub async fn serve_admin(
 }
 
 async fn acquire(service: LeaseService, req: AcquireRequest) -> Result<LeaseGrant, ApiError> {
+    if req.count.is_some_and(|n| n != 1) {
+        return Err(ApiError::invalid(
+            "count",
+            format!(
+                "lease.acquire grants one proxy; ask {} for several",
+                proxypool_contracts::subjects::LEASE_ACQUIRE_MANY
+            ),
+        ));
+    }
+    let mut grants = grant(service, req).await?;
+    grants.pop().ok_or_else(|| ApiError::internal("a grant answered no proxy"))
+}
+
+async fn acquire_many(service: LeaseService, mut req: AcquireRequest) -> Result<LeaseGrants, ApiError> {
+    req.count = Some(req.count.ok_or_else(|| ApiError::invalid("count", "is required (1-10 distinct proxies)"))?);
+    Ok(LeaseGrants { proxies: grant(service, req).await? })
+}
+
+async fn grant(service: LeaseService, req: AcquireRequest) -> Result<Vec<LeaseGrant>, ApiError> {
     let started = std::time::Instant::now();
     let req = req.validate(service.private_callbacks_allowed())?;
     // Under a request deadline (see `proxypool_rpc::still_wanted`), do not grant what nobody will receive.
     if !proxypool_rpc::still_wanted() {
         return Err(ApiError::unavailable("the request did not finish in time; retry shortly"));
     }
-    let span = tracing::info_span!("lease.acquire", area = %req.area);
+    let span = tracing::info_span!("lease.acquire", area = %req.area, count = req.count);
     let result = tracing::Instrument::instrument(service.acquire(&req), span).await;
     // A grant stored after the caller was told `service_unavailable` would be a lease nobody holds: undo it. Unless
     // it was made for a request id: that caller asks again with the same id and collects this very grant, and its
     // retry may already have been answered with it (it waited in the engine behind this commit), so withdrawing it
     // would leave the caller holding a lease that is gone.
-    if let Ok(grant) = &result {
+    if let Ok(grants) = &result {
         if !proxypool_rpc::commit_reply() {
             if req.request_id.is_some() {
                 return Err(ApiError::unavailable(
                     "the request did not finish in time; retry with the same request_id",
                 ));
             }
-            return Err(withdraw(&service, grant).await);
+            let mut answer = None;
+            for g in grants {
+                answer = Some(withdraw(&service, g).await);
+            }
+            return Err(answer.unwrap_or_else(|| ApiError::unavailable("the request did not finish in time")));
         }
     }
     match &result {
-        Ok(_) => {
-            service.metrics().lease("granted");
+        Ok(grants) => {
+            for _ in grants {
+                service.metrics().lease("granted");
+            }
             service.metrics().duration.observe(started.elapsed().as_secs_f64());
         }
         Err(e) if e.code == proxypool_contracts::ErrorCode::NoProxyAvailable => service.metrics().lease("refused"),
@@ -118,13 +144,23 @@ async fn rotate(service: LeaseService, req: RenewRequest) -> Result<RotateOutcom
 fn router(service: &LeaseService) -> Router<LeaseService> {
     Router::new(service.clone())
         .on::<LeaseAcquire, _, _>(acquire)
+        .on::<LeaseAcquireMany, _, _>(acquire_many)
         .on::<LeaseRelease, _, _>(release)
         .on::<LeaseRenew, _, _>(renew)
         .on::<LeaseRotate, _, _>(rotate)
+        .on::<proxypool_contracts::endpoints::LeaseReport, _, _>(
+            |s, req: proxypool_contracts::health::ReportRequest| async move {
+                let req = req.validate()?;
+                tracing::Instrument::instrument(s.report(&req), tracing::info_span!("lease.report")).await
+            },
+        )
         .on::<LeaseCtlSync, _, _>(|s, req: SyncRequest| async move { s.sync(&req).await })
         .on::<LeaseCtlLock, _, _>(|s, req: LockRequest| async move { s.lock(&req).await })
         .on::<LeaseCtlRotated, _, _>(|s, req: RotatedRequest| async move { s.rotated(&req).await })
         .on::<LeaseCtlHeal, _, _>(|s, req: proxypool_contracts::health::HealRequest| async move { s.heal(&req).await })
+        .on::<proxypool_contracts::endpoints::LeaseCtlInspect, _, _>(
+            |s, req: proxypool_contracts::health::InspectRequest| async move { s.inspect(&req).await },
+        )
 }
 
 /// Undoes a grant its caller will never receive, and answers as the caller was answered.

@@ -46,6 +46,7 @@ pub struct LeaseService {
     nats: Option<async_nats::Client>,
     metrics: crate::metrics::LeaseMetrics,
     packages: PackageCache,
+    providers: ProviderCache,
 }
 
 /// How long a package code's id (or its absence) is believed.
@@ -54,6 +55,9 @@ const PACKAGE_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(30
 /// Package codes resolved to ids, so that a lease from one package costs no database read per lease.
 type PackageCache = std::sync::Arc<std::sync::Mutex<HashMap<String, (Option<ObjectId>, std::time::Instant)>>>;
 
+/// Provider names resolved to their packages' ids, for the same reason.
+type ProviderCache = std::sync::Arc<std::sync::Mutex<HashMap<String, (Option<Vec<ObjectId>>, std::time::Instant)>>>;
+
 /// Proxies applied per log batch by a sync.
 const SYNC_CHUNK: usize = 500;
 
@@ -61,6 +65,84 @@ const SYNC_CHUNK: usize = 500;
 const DEFAULT_LOCK_TTL_MS: i64 = 300_000;
 /// Bounds of a requested lock lifetime.
 const LOCK_TTL_RANGE_MS: (i64, i64) = (1_000, 24 * 3_600_000);
+
+/// `no_proxy_available` for `req`, after `found` of its proxies were found: saying whether bans, not load, are why
+/// (a proxy would be free for another site).
+fn no_proxy(
+    txn: &mut crate::engine::Txn<'_>,
+    req: &Acquire,
+    filter: crate::index::Filter<'_>,
+    found: usize,
+) -> ApiError {
+    let mut within = Vec::new();
+    if let Some(p) = &req.package {
+        within.push(format!("package {p}"));
+    }
+    if let Some(p) = &req.provider {
+        within.push(format!("provider {p}"));
+    }
+    if let Some(r) = &req.region {
+        within.push(format!("region {r}"));
+    }
+    let within = if within.is_empty() { String::new() } else { format!(" ({})", within.join(", ")) };
+    let short = if req.count > 1 {
+        format!(": {found} of the {} distinct proxies asked for are free, and none was leased", req.count)
+    } else {
+        String::new()
+    };
+    if let Some(domain) = req.domain.as_deref() {
+        if txn.candidate_within(req.area, filter, None).is_some() {
+            return ApiError::new(
+                ErrorCode::NoProxyAvailable,
+                format!(
+                    "no proxy in area {}{within} can take a lease for {domain} right now{short}: every free one \
+                     exits on an IP that {domain} has banned (bans, not load)",
+                    req.area
+                ),
+            );
+        }
+    }
+    ApiError::new(
+        ErrorCode::NoProxyAvailable,
+        format!("no proxy in area {}{within} can take another lease right now{short}", req.area),
+    )
+}
+
+/// How a reported outcome is judged: the ban it earns the exit IP, whether it quarantines the proxy, and the
+/// proxies exiting on that IP (told of the ban).
+#[derive(Debug, Clone, Default)]
+struct Judged {
+    ban: Option<crate::engine::bans::Ban>,
+    quarantine: bool,
+    exiting: Vec<ObjectId>,
+}
+
+/// Judges an outcome for proxy `id` (and a door's upstream failure). Reports are evidence: enough failures in a row
+/// take the proxy out of the pool, and a rotation (checked through the proxy) is the judge that brings it back. A
+/// site that refused the exit IP bans that pair (the IP as it is now, before any rotation moves the proxy).
+fn judge(
+    txn: &crate::engine::Txn<'_>,
+    id: ObjectId,
+    door_failure: bool,
+    report: Option<&Report>,
+    policy: crate::engine::bans::BanPolicy,
+    threshold: u32,
+) -> Judged {
+    let now = txn.now_ms();
+    let reported = report.map(|r| r.outcome);
+    let (fails, already) = txn.state().get(&id).map_or((0, false), |p| (p.fails, p.quarantined));
+    let quarantine = !already && crate::engine::state::fails_after(fails, door_failure, reported) >= threshold;
+    let mut judged = Judged { quarantine, ..Judged::default() };
+    if let Some(Report { outcome, domain: Some(domain) }) = report {
+        if outcome.is_ban() {
+            let ip = txn.state().get(&id).map(|p| p.exit_ip().to_owned()).unwrap_or_default();
+            let previous = txn.state().bans().latest(&ip, domain);
+            judged.exiting = txn.state().exiting_on(&ip);
+            judged.ban = Some(policy.next(&ip, domain, *outcome, previous, now));
+        }
+    }
+    judged
+}
 
 /// What a grant hands out: the proxy as the state holds it, and the lease `key` granted at `at_ms`.
 fn grant_of(
@@ -179,6 +261,7 @@ impl LeaseService {
             nats: None,
             metrics,
             packages: PackageCache::default(),
+            providers: ProviderCache::default(),
         }
     }
 
@@ -265,59 +348,114 @@ impl LeaseService {
         id.ok_or_else(|| ApiError::not_found(format!("package {code:?} not found")))
     }
 
-    /// Grants a lease in `req.area` (within `req.package`, never one of `req.exclude`), or `no_proxy_available`.
-    pub async fn acquire(&self, req: &Acquire) -> Result<LeaseGrant, ApiError> {
+    /// The ids of the packages of the provider named `name`; `not_found` if there is none.
+    async fn provider_packages(&self, name: &str) -> Result<Vec<ObjectId>, ApiError> {
+        let cached = self.providers.lock().ok().and_then(|c| c.get(name).cloned());
+        let ids = match cached {
+            Some((ids, at)) if at.elapsed() < PACKAGE_CACHE_TTL => ids,
+            _ => {
+                let found = self.store.providers().find_one(doc! { "name": name }).await.map_err(store_error)?;
+                let ids = match found {
+                    Some(p) => Some(
+                        self.store
+                            .packages()
+                            .find(doc! { "proxy_provider_id": p.id })
+                            .await
+                            .map_err(store_error)?
+                            .map_ok(|pkg| pkg.id)
+                            .try_collect::<Vec<_>>()
+                            .await
+                            .map_err(store_error)?,
+                    ),
+                    None => None,
+                };
+                if let Ok(mut c) = self.providers.lock() {
+                    c.insert(name.to_owned(), (ids.clone(), std::time::Instant::now()));
+                }
+                ids
+            }
+        };
+        ids.ok_or_else(|| ApiError::not_found(format!("provider {name:?} not found")))
+    }
+
+    /// Grants `req.count` leases on distinct proxies in `req.area` in one commit (within the package, provider and
+    /// region asked for, never one of `req.exclude`, none exiting on an IP banned for `req.domain`), or none and
+    /// `no_proxy_available`.
+    pub async fn acquire(&self, req: &Acquire) -> Result<Vec<LeaseGrant>, ApiError> {
         let package = match &req.package {
             Some(code) => Some(self.package_id(code).await?),
             None => None,
         };
+        let packages = match (&req.provider, package) {
+            (Some(name), package) => {
+                let mut ids = self.provider_packages(name).await?;
+                // Both: the package, if it is the provider's (else nothing matches).
+                if let Some(p) = package {
+                    ids.retain(|id| *id == p);
+                }
+                Some(ids)
+            }
+            (None, package) => package.map(|p| vec![p]),
+        };
         let (req, base, ttl) = (req.clone(), self.webhook_base.clone(), self.lease_ttl);
         self.engine
             .submit(move |txn| {
-                // A repeated request (its caller lost the answer) gets the lease it was granted, if still held.
-                if let Some((id, key)) = req.request_id.as_deref().and_then(|r| txn.state().recall(r)) {
-                    let lease = txn.state().get(&id).and_then(|p| p.leases.iter().find(|l| l.key == key).cloned());
-                    if let Some(lease) = lease {
-                        return grant_of(txn, id, &lease, &base, ttl);
+                // One request id per lease of the request: `<id>` for a single lease, `<id>.<i>` for each of many.
+                let request_of = |i: u32| {
+                    req.request_id.as_ref().map(|r| if req.count == 1 { r.clone() } else { format!("{r}.{i}") })
+                };
+                let mut picked: Vec<(ObjectId, Option<Lease>)> = Vec::new();
+                let mut exclude: Vec<ObjectId> =
+                    req.exclude.iter().filter_map(|id| ObjectId::parse_str(id.as_str()).ok()).collect();
+                for i in 0..req.count {
+                    // A repeated request (its caller lost the answer) gets the lease it was granted, if still held.
+                    let recalled = request_of(i).and_then(|r| txn.state().recall(&r)).and_then(|(id, key)| {
+                        let lease = txn.state().get(&id)?.leases.iter().find(|l| l.key == key).cloned()?;
+                        Some((id, lease))
+                    });
+                    if let Some((id, lease)) = recalled {
+                        exclude.push(id);
+                        picked.push((id, Some(lease)));
+                        continue;
+                    }
+                    let filter = crate::index::Filter {
+                        packages: packages.as_deref(),
+                        region: req.region.as_deref(),
+                        exclude: &exclude,
+                    };
+                    match txn.candidate_within(req.area, filter, req.domain.as_deref()) {
+                        Some(id) => {
+                            exclude.push(id);
+                            picked.push((id, None));
+                        }
+                        // All or none: nothing is applied until every proxy is found.
+                        None => return Err(no_proxy(txn, &req, filter, picked.len())),
                     }
                 }
-                let exclude: Vec<ObjectId> =
-                    req.exclude.iter().filter_map(|id| ObjectId::parse_str(id.as_str()).ok()).collect();
-                let filter = crate::index::Filter { package, exclude: &exclude };
-                let Some(id) = txn.candidate_within(req.area, filter, req.domain.as_deref()) else {
-                    let within = req.package.as_deref().map(|p| format!(" (package {p})")).unwrap_or_default();
-                    // Say whether bans, not load, are why: a proxy would be free for another site.
-                    if let Some(domain) = req.domain.as_deref() {
-                        if txn.candidate_within(req.area, filter, None).is_some() {
-                            return Err(ApiError::new(
-                                ErrorCode::NoProxyAvailable,
-                                format!(
-                                    "no proxy in area {}{within} can take a lease for {domain} right now: every free \
-                                     one exits on an IP that {domain} has banned (bans, not load)",
-                                    req.area
-                                ),
-                            ));
+                let mut grants = Vec::with_capacity(picked.len());
+                for (i, (id, held)) in (0u32..).zip(picked) {
+                    let lease = match held {
+                        Some(lease) => lease,
+                        None => {
+                            let key = lease_key();
+                            let webhook_url = format!("{base}/{}?key={key}", id.to_hex());
+                            let lease = Lease {
+                                key,
+                                consumer: req.consumer.clone(),
+                                at_ms: txn.now_ms(),
+                                callback_url: req.callback_url.clone(),
+                                door: req.door,
+                                session: req.session.clone(),
+                                request: request_of(i),
+                                renewed_ms: None,
+                            };
+                            txn.apply(Op::Grant { proxy: id, lease: lease.clone(), webhook_url });
+                            lease
                         }
-                    }
-                    return Err(ApiError::new(
-                        ErrorCode::NoProxyAvailable,
-                        format!("no proxy in area {}{within} can take another lease right now", req.area),
-                    ));
-                };
-                let key = lease_key();
-                let webhook_url = format!("{base}/{}?key={key}", id.to_hex());
-                let lease = Lease {
-                    key,
-                    consumer: req.consumer,
-                    at_ms: txn.now_ms(),
-                    callback_url: req.callback_url,
-                    door: req.door,
-                    session: req.session,
-                    request: req.request_id,
-                    renewed_ms: None,
-                };
-                txn.apply(Op::Grant { proxy: id, lease: lease.clone(), webhook_url });
-                grant_of(txn, id, &lease, &base, ttl)
+                    };
+                    grants.push(grant_of(txn, id, &lease, &base, ttl)?);
+                }
+                Ok(grants)
             })
             .await
     }
@@ -335,7 +473,8 @@ impl LeaseService {
                 if ttl.is_some() {
                     txn.apply(Op::Renew { proxy: id, key: key.clone(), at_ms: now });
                 }
-                Ok(RenewOutcome { proxy_id: id.to_hex(), key, expires_at: expires_at(now, ttl) })
+                let next_rotate = txn.state().get(&id).and_then(|p| p.catalog.next_rotate_ms).map(utc);
+                Ok(RenewOutcome { proxy_id: id.to_hex(), key, expires_at: expires_at(now, ttl), next_rotate })
             })
             .await
     }
@@ -374,49 +513,96 @@ impl LeaseService {
         if let Some(r) = &report {
             self.metrics.outcome(r.outcome);
         }
-        let (outcome, quarantined) = self
+        let (outcome, judged) = self
             .engine
             .submit(move |txn| {
                 held(txn, id, &key)?;
                 let now = txn.now_ms();
                 let failure = failure.map(|kind| Failure { kind, at_ms: now });
-                let reported = report.as_ref().map(|r| r.outcome);
-                // Reports are evidence: enough failures in a row take the proxy out of the pool, and a rotation
-                // (checked through the proxy) is the judge that brings it back.
-                let (fails, already) = txn.state().get(&id).map_or((0, false), |p| (p.fails, p.quarantined));
-                let quarantine =
-                    !already && crate::engine::state::fails_after(fails, failure.is_some(), reported) >= threshold;
-                // A site refused the exit IP its holder used: ban that pair (the IP as it is now, before any
-                // rotation moves the proxy elsewhere).
-                let ban = match report {
-                    Some(Report { outcome, domain: Some(domain) }) if outcome.is_ban() => {
-                        let ip = txn.state().get(&id).map(|p| p.exit_ip().to_owned()).unwrap_or_default();
-                        let previous = txn.state().bans().latest(&ip, &domain);
-                        Some(policy.next(&ip, &domain, outcome, previous, now))
-                    }
-                    _ => None,
-                };
+                let judged = judge(txn, id, failure.is_some(), report.as_ref(), policy, threshold);
                 txn.apply(Op::Release {
                     proxy: id,
                     key: key.clone(),
                     uncount,
                     taken: None,
                     failure,
-                    ban,
-                    outcome: reported,
-                    quarantine,
+                    ban: judged.ban.clone(),
+                    outcome: report.as_ref().map(|r| r.outcome),
+                    quarantine: judged.quarantine,
                     rotate_asked_ms: None,
                 });
                 let in_use = txn.state().get(&id).map_or(0, |p| p.in_use());
-                Ok((ReleaseOutcome { proxy_id: id.to_hex(), key, in_use }, quarantine))
+                Ok((ReleaseOutcome { proxy_id: id.to_hex(), key, in_use }, judged))
             })
             .await?;
-        if quarantined {
-            self.metrics.lease("quarantined");
-            tracing::warn!(proxy = %id, threshold, "proxy quarantined after failures in a row; rotating it now");
+        self.after_judgement(id, judged).await;
+        Ok(outcome)
+    }
+
+    /// A consumer reports how a proxy it holds, or held lately, did for a site, without returning it (the forward
+    /// door's clients report this way). Judged as a return's outcome is: a ban of the exit IP for the site, a
+    /// failure in a row. `not_found` when the proxy is unknown or the consumer neither holds it nor held it within
+    /// twice `LEASE_TTL` (10 minutes when leases do not expire).
+    pub async fn report(
+        &self,
+        req: &proxypool_contracts::health::Report,
+    ) -> Result<proxypool_contracts::health::ReportOutcome, ApiError> {
+        let id = parse_id("proxy_id", req.proxy_id.as_str())?;
+        let (policy, threshold) = (self.bans, self.fail_threshold);
+        let window_ms = self.lease_ttl.map_or(600_000, |t| 2 * i64::try_from(t.as_millis()).unwrap_or(i64::MAX / 4));
+        let report = Report { outcome: req.outcome, domain: req.domain.clone() };
+        let consumer = req.consumer.clone();
+        self.metrics.outcome(req.outcome);
+        let (outcome, judged) = self
+            .engine
+            .submit(move |txn| {
+                let now = txn.now_ms();
+                let Some(p) = txn.state().get(&id) else {
+                    return Err(ApiError::not_found(format!("proxy {id} not found")));
+                };
+                if !p.held_by(&consumer, now - window_ms) {
+                    return Err(ApiError::not_found(format!(
+                        "{consumer} does not hold proxy {id} and has not held it lately: report with a lease you \
+                         hold (or held within twice LEASE_TTL)"
+                    )));
+                }
+                let judged = judge(txn, id, false, Some(&report), policy, threshold);
+                txn.apply(Op::Report {
+                    proxy: id,
+                    ban: judged.ban.clone(),
+                    outcome: report.outcome,
+                    quarantine: judged.quarantine,
+                });
+                let outcome = proxypool_contracts::health::ReportOutcome {
+                    proxy_id: id.to_hex(),
+                    banned_ip: judged.ban.as_ref().map(|b| b.ip.clone()),
+                    banned_until: judged.ban.as_ref().map(|b| utc(b.until_ms)),
+                    quarantined: judged.quarantine,
+                };
+                Ok((outcome, judged))
+            })
+            .await?;
+        self.after_judgement(id, judged).await;
+        Ok(outcome)
+    }
+
+    /// What follows a judged outcome once it is durable: a quarantine asks for a rotation, a ban is broadcast (so
+    /// that the forward door moves its sessions on that exit IP off it for the site).
+    async fn after_judgement(&self, id: ObjectId, judged: Judged) {
+        if judged.quarantine {
+            self.metrics.quarantine("started");
+            tracing::warn!(proxy = %id, "proxy quarantined after failures in a row; rotating it now");
             self.rotate_now(id);
         }
-        Ok(outcome)
+        if let (Some(ban), Some(client)) = (judged.ban, &self.nats) {
+            let event = proxypool_contracts::health::BanEvent {
+                ip: ban.ip,
+                domain: ban.domain,
+                until_ms: ban.until_ms,
+                proxies: judged.exiting.into_iter().map(ObjectId::to_hex).collect(),
+            };
+            proxypool_rpc::notices::banned(client, &event).await;
+        }
     }
 
     /// A holder asks for a new IP: its lease ends and the proxy is rotated now (the rotation drains the other
@@ -529,6 +715,77 @@ impl LeaseService {
                 Ok(reply)
             })
             .await
+            .inspect(|reply| {
+                if reply.quarantine_lifted {
+                    self.metrics.quarantine("healed");
+                }
+            })
+    }
+
+    /// One proxy's lease state as the leader holds it now: leases, lock, health. Read inside a commit, so a replica
+    /// that no longer leads cannot answer with a stale view.
+    pub async fn inspect(
+        &self,
+        req: &proxypool_contracts::health::InspectRequest,
+    ) -> Result<proxypool_contracts::health::LiveState, ApiError> {
+        use proxypool_contracts::health::{LiveBan, LiveHealth, LiveLease, LiveRotation, LiveState};
+        let id = parse_id("proxy_id", &req.proxy_id)?;
+        let ttl = self.lease_ttl;
+        self.engine
+            .submit(move |txn| {
+                let now = txn.now_ms();
+                let max = txn.state().max();
+                let Some(p) = txn.state().get(&id) else {
+                    return Err(ApiError::not_found(format!("proxy {id} not found")));
+                };
+                let entry = p.entry();
+                Ok(LiveState {
+                    in_use: p.in_use(),
+                    max,
+                    used_count: p.used_count,
+                    exit_ip: p.exit_ip().to_owned(),
+                    leasable: entry.is_active
+                        && !entry.is_rotating
+                        && entry.in_use < max
+                        && entry.used_count < max
+                        && !entry.expired(now),
+                    rotation: p.lock.as_ref().map(|l| LiveRotation {
+                        job: l.job.clone(),
+                        since: utc(l.since_ms),
+                        deadline: utc(l.deadline()),
+                    }),
+                    leases: p
+                        .leases
+                        .iter()
+                        .map(|l| LiveLease {
+                            consumer: l.consumer.clone(),
+                            door: l.door.map(|d| d.as_str().to_owned()),
+                            session: l.session.clone(),
+                            since: utc(l.at_ms),
+                            expires_at: expires_at(l.base_ms(), ttl),
+                        })
+                        .collect(),
+                    health: LiveHealth {
+                        state: p.health_state().to_owned(),
+                        fails: p.fails,
+                        duplicate_of: p.duplicate_of.map(|o| o.to_hex()),
+                        bans: p
+                            .bans
+                            .iter()
+                            .map(|b| LiveBan {
+                                ip: b.ip.clone(),
+                                domain: b.domain.clone(),
+                                until: utc(b.until_ms),
+                                count: b.count,
+                                reason: b.reason.as_str().to_owned(),
+                                active: b.until_ms > now,
+                            })
+                            .collect(),
+                    },
+                    seq: p.seq,
+                })
+            })
+            .await
     }
 
     /// Claims, restarts, checks or renews the rotation lock (see [`LockRequest`]). Only a claim creates one.
@@ -546,11 +803,14 @@ impl LeaseService {
                     return Err(ApiError::not_found(format!("proxy {id} not found")));
                 };
                 let in_use = p.in_use();
+                let duplicate_of =
+                    req.exit_ip.as_deref().and_then(|ip| txn.state().exit_taken(ip, id)).map(|o| o.to_hex());
                 let reply = |lock: &Lock| LockReply {
                     in_use,
                     since_ms: lock.since_ms,
                     held_ms: u64::try_from(now - lock.since_ms).unwrap_or(0),
                     deadline_ms: lock.deadline(),
+                    duplicate_of: duplicate_of.clone(),
                 };
                 match &p.lock {
                     Some(l) if l.job == req.job_id => {
@@ -612,11 +872,31 @@ impl LeaseService {
                     ));
                 }
                 let mut dropped_leases = if reset { p.in_use() } else { 0 };
+                let healed = reset && p.quarantined;
                 txn.apply(Op::Unlock { proxy: id, reset, catalog: None });
                 dropped_leases += apply_docs(txn, vec![(id, doc)]).dropped_leases;
-                Ok(RotatedReply { dropped_leases })
+                // A successful rotation is judged on the IP it gave: another active proxy's exit keeps it out of the
+                // pool until a rotation gives it one of its own.
+                let judged = txn.state().get(&id).filter(|_| reset).map(|p| {
+                    let of = p.catalog.ip_public.as_deref().and_then(|ip| txn.state().exit_taken(ip, id));
+                    (of, of != p.duplicate_of)
+                });
+                let mut duplicate_of = None;
+                if let Some((of, changed)) = judged {
+                    if changed {
+                        txn.apply(Op::Duplicate { proxy: id, of });
+                    }
+                    duplicate_of = of.map(|o| o.to_hex());
+                }
+                Ok((RotatedReply { dropped_leases, duplicate_of }, healed))
             })
             .await
+            .map(|(reply, healed)| {
+                if healed {
+                    self.metrics.quarantine("healed");
+                }
+                reply
+            })
     }
 
     /// Applies catalogue changes the caller has stored in MongoDB: re-reads the proxies (by `_id`; everything with

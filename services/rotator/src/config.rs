@@ -50,6 +50,9 @@ pub struct RotatorConfig {
     pub ack_wait: Duration,
     /// `ROTATE_MAX_DELIVER` (default 5): deliveries of one job before JetStream gives up on it.
     pub max_deliver: i64,
+    /// `ROTATE_UNIQUE_TRIES` (default 3): rotations tried again when one gives a public IP another active proxy
+    /// already exits on; 0 checks without rotating again.
+    pub unique_tries: u32,
     /// `CALLBACK_TIMEOUT` (seconds, default 5): timeout of one callback POST.
     pub callback_timeout: Duration,
     /// `CALLBACK_MAX_ATTEMPTS` (default 5): deliveries of one notice before it is given up.
@@ -120,6 +123,7 @@ impl RotatorConfig {
             workers,
             ack_wait: env.seconds_or("ROTATE_ACK_WAIT", Duration::from_secs(30))?,
             max_deliver,
+            unique_tries: env.parse_or("ROTATE_UNIQUE_TRIES", 3)?,
             callback_timeout: env.seconds_or("CALLBACK_TIMEOUT", Duration::from_secs(5))?,
             callback_max_attempts: env.parse_or("CALLBACK_MAX_ATTEMPTS", 5)?,
             callback_retry_base: env.seconds_or("CALLBACK_RETRY_BASE", Duration::from_secs(2))?,

@@ -24,6 +24,8 @@ pub struct RotatorMetrics {
     pub callbacks: Family<ResultLabel, Counter>,
     /// Rotate-now requests served.
     pub requests: proxypool_telemetry::metrics::RequestMetrics,
+    /// Rotations that gave a public IP another active proxy already exited on.
+    pub duplicate_ips: Counter,
 }
 
 impl RotatorMetrics {
@@ -37,7 +39,13 @@ impl RotatorMetrics {
         registry.register("rotation_duration_seconds", "Rotate call + IP check + region lookup", duration.clone());
         registry.register("queue_depth", "Rotation jobs pending or in hand", queue_depth.clone());
         registry.register("callbacks", "Callback deliveries, by result", callbacks.clone());
+        let duplicate_ips = Counter::default();
+        registry.register(
+            "duplicate_ips",
+            "Rotations whose new public IP another active proxy already exited on",
+            duplicate_ips.clone(),
+        );
         let requests = registry.requests();
-        Self { registry, rotations, duration, queue_depth, callbacks, requests }
+        Self { registry, rotations, duration, queue_depth, callbacks, requests, duplicate_ips }
     }
 }

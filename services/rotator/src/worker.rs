@@ -62,7 +62,7 @@ impl Rotator {
             };
             let started = Instant::now();
             let outcome = tokio::select! {
-                outcome = self.rotate(&doc) => outcome,
+                outcome = self.rotate_unique(&doc, job) => outcome,
                 () = keeper.lost() => {
                     tracing::warn!(proxy = %id, job = %job.job_id, "rotation abandoned: its lock was lost");
                     return Ok(());
@@ -111,6 +111,41 @@ impl Rotator {
                 Some(l) => lock = l,
                 None => return Ok(false),
             }
+        }
+    }
+
+    /// Rotates (see [`Rotator::rotate`]) until the public IP is one no other active proxy exits on, at most
+    /// `ROTATE_UNIQUE_TRIES` times more (never for a proxy whose rotation is disabled: it cannot get another IP). The
+    /// lease service, which knows every proxy's exit, judges; a duplicate that remains is marked when the rotation
+    /// is reported ([`Rotator::reset_leases`]) and not leased until a later rotation gives it an IP of its own.
+    async fn rotate_unique(
+        &self,
+        doc: &ProxyDoc,
+        job: &RotationJob,
+    ) -> Result<(Address, String, Option<String>), (i32, String)> {
+        let (mut tries, mut doc) = (0, doc.clone());
+        loop {
+            let (addr, ip, region) = self.rotate(&doc).await?;
+            let check = LockRequest {
+                exit_ip: Some(ip.clone()),
+                ..LockRequest::check(&job.proxy_id, &job.job_id, self.lock_ttl_ms())
+            };
+            let duplicate_of = match self.lock(&check).await {
+                Ok(Some(reply)) => reply.duplicate_of,
+                // The lock is gone or the lease service is away: the keeper and the report decide what follows.
+                Ok(None) | Err(_) => None,
+            };
+            let Some(other) = duplicate_of else { return Ok((addr, ip, region)) };
+            self.inner.metrics.duplicate_ips.inc();
+            if doc.disable_auto_rotate || tries >= self.inner.config.unique_tries {
+                tracing::warn!(proxy = %doc.id, %ip, %other, tries, "the new public IP is another proxy's; keeping it out of the pool");
+                return Ok((addr, ip, region));
+            }
+            tries += 1;
+            tracing::info!(proxy = %doc.id, %ip, %other, tries, "the new public IP is another proxy's; rotating again");
+            // The next try starts from the address this one left (a provider may move the proxy).
+            (doc.ip, doc.port, doc.username, doc.password) =
+                (addr.ip, i32::from(addr.port), addr.username, addr.password);
         }
     }
 
@@ -227,6 +262,9 @@ impl Rotator {
             Ok(r) => {
                 if r.dropped_leases > 0 {
                     tracing::warn!(proxy = %job.proxy_id, dropped = r.dropped_leases, "leases dropped by the rotation");
+                }
+                if let Some(other) = r.duplicate_of {
+                    tracing::warn!(proxy = %job.proxy_id, %other, "marked duplicate_ip: not leased until its next rotation");
                 }
                 Ok(())
             }

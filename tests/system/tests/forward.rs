@@ -789,3 +789,80 @@ async fn a_session_whose_lease_is_taken_moves_to_another_proxy_and_says_why() ->
     anyhow::ensure!(header(&err, "x-proxypool-session-changed").is_none(), "{err}");
     Ok(())
 }
+
+/// A door client reports a block with the proxy id the door showed it: the session's next connection to that site
+/// leaves through another proxy and says why; other sites keep the proxy. Reports for a proxy never leased to the
+/// caller, or with a bad outcome, change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_door_client_reports_a_block_and_its_session_moves_off_that_exit_ip_for_that_site() -> R {
+    let w = world(100, 2, &[]).await?;
+    // Two exit IPs (both upstreams listen on loopback, so their addresses are the same).
+    for (n, id) in w.ids.iter().enumerate() {
+        let ip = format!("198.51.100.{}", n + 1);
+        w.app.update_proxy(*id, bson::doc! { "$set": { "ip_public": ip, "updatedAt": bson::DateTime::now() } }).await?;
+    }
+    let target = http_target().await?;
+    let url = format!("http://{target}/page");
+    let user = w.http_proxy("app-session-blocked");
+    let (code, _, err) = curl(&["-v", "-x", &user, &url]).await?;
+    let first = header(&err, "x-proxypool-proxy-id").unwrap_or_default();
+    anyhow::ensure!(code == 0 && !first.is_empty(), "{err}");
+    // The door says when the upstream is next due for rotation (an hour from now here).
+    let due = header(&err, "x-proxypool-next-rotate").unwrap_or_default();
+    let due = chrono::DateTime::parse_from_rfc3339(&due).map_err(|e| anyhow::anyhow!("{due:?}: {e}: {err}"))?;
+    anyhow::ensure!(due > chrono::Utc::now() + chrono::Duration::minutes(50), "{due}");
+    let report = |body: serde_json::Value| {
+        w.app.http.post(w.app.url("/api/outcomes")).header("Authorization", API_KEY).json(&body).send()
+    };
+    // Bad input: a 400 naming the field, nothing banned.
+    let res = report(serde_json::json!({"proxy_id": first, "outcome": "banned", "domain": "127.0.0.1"})).await?;
+    anyhow::ensure!(res.status() == 400, "bad outcome: {}", res.status());
+    let body: serde_json::Value = res.json().await?;
+    anyhow::ensure!(body["error"]["field"] == "outcome", "{body}");
+    let res = report(serde_json::json!({"proxy_id": first, "outcome": "blocked"})).await?;
+    anyhow::ensure!(res.status() == 400, "a block without its site: {}", res.status());
+    // A proxy never leased to this caller: 404.
+    let never = w.app.insert_proxy_with(Area::Vn, |d| d.is_active = false).await?;
+    let res =
+        report(serde_json::json!({"proxy_id": never.to_hex(), "outcome": "blocked", "domain": "127.0.0.1"})).await?;
+    anyhow::ensure!(res.status() == 404, "a stranger's proxy: {}", res.status());
+    let (_, _, err) = curl(&["-v", "-x", &user, &url]).await?;
+    anyhow::ensure!(
+        header(&err, "x-proxypool-proxy-id").as_deref() == Some(first.as_str()),
+        "moved without a ban: {err}"
+    );
+    // The block: the site banned the session's exit IP.
+    let res = report(serde_json::json!({"proxy_id": first, "outcome": "blocked", "domain": "127.0.0.1"})).await?;
+    anyhow::ensure!(res.status() == 200, "report: {}", res.text().await?);
+    let ban: serde_json::Value = res.json().await?;
+    anyhow::ensure!(ban["banned_ip"].as_str().is_some_and(|ip| ip.starts_with("198.51.100.")), "{ban}");
+    // The next connection of the session to that site leaves through the other proxy and says why.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let second = loop {
+        let (code, _, err) = curl(&["-v", "-x", &user, &url]).await?;
+        anyhow::ensure!(code == 0, "{err}");
+        let now = header(&err, "x-proxypool-proxy-id").unwrap_or_default();
+        if now != first {
+            anyhow::ensure!(
+                header(&err, "x-proxypool-session-changed").as_deref() == Some("banned"),
+                "the answer does not say why the session moved: {err}"
+            );
+            break now;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the session stayed on the banned exit IP");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (_, _, err) = curl(&["-v", "-x", &user, &url]).await?;
+    anyhow::ensure!(header(&err, "x-proxypool-proxy-id").as_deref() == Some(second.as_str()), "{err}");
+    anyhow::ensure!(header(&err, "x-proxypool-session-changed").is_none(), "{err}");
+    // Another site through a new session may still leave through the banned IP: the ban is per site.
+    let other_site = format!("http://localhost:{}/page", target.port());
+    let mut seen = std::collections::HashSet::new();
+    for n in 0..6 {
+        let (code, _, err) = curl(&["-v", "-x", &w.http_proxy(&format!("app-session-other{n}")), &other_site]).await?;
+        anyhow::ensure!(code == 0, "{err}");
+        seen.insert(header(&err, "x-proxypool-proxy-id").unwrap_or_default());
+    }
+    anyhow::ensure!(seen.contains(&first), "the banned IP is not leased for other sites: {seen:?}");
+    Ok(())
+}

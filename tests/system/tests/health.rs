@@ -369,6 +369,21 @@ async fn an_admin_lifts_a_ban_and_a_quarantine() -> R {
     let res = admin(reqwest::Method::DELETE, format!("/api/proxies/{id}/quarantine")).await?;
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(lease_for(&app, "shop.example").await?.0, id, "back in the pool");
+    // One proxy in detail: its lease, read from the lease service at once (not from the projection).
+    let res = admin(reqwest::Method::GET, format!("/api/proxies/{id}")).await?;
+    assert_eq!(res.status(), StatusCode::OK);
+    let detail: Value = res.json().await?;
+    let live = &detail["live"];
+    // Two leases held: the one after the unban and this one.
+    let ids = (detail["id"].as_str(), live["in_use"].as_u64(), live["leases"].as_array().map(Vec::len));
+    assert_eq!((ids, live["max"].as_u64()), ((Some(id.as_str()), Some(2), Some(2)), Some(10)), "{detail}");
+    assert_eq!(live["leases"][0]["consumer"], "127.0.0.1", "{detail}");
+    assert_eq!((live["health"]["state"].as_str(), live["health"]["fails"].as_u64()), (Some("healthy"), Some(0)));
+    assert_eq!(live["exit_ip"], "198.51.100.1");
+    assert!(live["leases"][0].get("key").is_none(), "a holder's key is not shown: {detail}");
+    assert!(detail.get("password").is_none_or(Value::is_null), "secrets only with get_full: {detail}");
+    let missing = admin(reqwest::Method::GET, format!("/api/proxies/{}", ObjectId::new())).await?;
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
     let res = admin(reqwest::Method::DELETE, format!("/api/proxies/{id}/quarantine")).await?;
     assert_eq!(res.status(), StatusCode::NOT_FOUND, "not quarantined any more");
     lease.kill().await;
@@ -425,6 +440,81 @@ async fn a_holder_asks_for_a_new_ip_at_most_once_per_interval() -> R {
         anyhow::ensure!(std::time::Instant::now() < deadline, "not rotated: {} calls, {d:?}", fake.calls("r1"));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    rotator.stop().await;
+    app.shutdown().await;
+    Ok(())
+}
+
+/// Waits until MongoDB shows proxy `id` with public IP `ip` and health state `state`.
+async fn wait_for_rotation(app: &TestApp, id: ObjectId, ip: &str, state: &str) -> R<proxypool_store::model::ProxyDoc> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let d = app.proxy(&id.to_hex()).await?;
+        if d.ip_public.as_deref() == Some(ip) && d.health.state == state && !d.is_rotating {
+            return Ok(d);
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "no rotation to {ip} ({state}) in 20 s: {d:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Two modems behind one carrier NAT: a rotation that gives a proxy the public IP another active proxy exits on is
+/// tried again; one that still does after `ROTATE_UNIQUE_TRIES` more leaves the proxy out of the pool, marked
+/// `duplicate_ip` with the other's id, until a rotation gives it an IP of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_to_another_proxys_ip_rotates_again_and_a_lasting_duplicate_is_not_leased() -> R {
+    let app = TestApp::builder().proxy_use_max(10).spawn().await?;
+    let fake = proxypool_system_tests::fakes::FakeWorld::start().await?;
+    let upstream = proxypool_system_tests::fakes::ForwardProxy::start("puser", "ppass").await?;
+    let later = DateTime::from_millis(DateTime::now().timestamp_millis() + 3_600_000);
+    // The proxy already on 203.0.113.50, not due in this test.
+    let first = app
+        .insert_proxy_with(Area::Vn, |d| {
+            d.ip_public = Some("203.0.113.50".into());
+            d.next_rotate = Some(later);
+        })
+        .await?;
+    // The provider hands the rotating proxy the first one's IP once, then one of its own.
+    fake.hand_out_ips("dup", &["203.0.113.50", "203.0.113.51"]);
+    let second =
+        app.insert_proxy_behind(Area::Vn, &upstream, fake.rotate_url("dup"), |d| d.rotate_time = 3_600).await?;
+    let rotator = app.start_rotator(app.rotator_config(&fake)).await?;
+    wait_for_rotation(&app, second, "203.0.113.51", "healthy").await?;
+    assert_eq!(fake.calls("dup"), 2, "rotated again once, after the duplicate");
+    // Now one that stays a duplicate: the first try and three more all give .50.
+    fake.hand_out_ips("dup", &["203.0.113.50"; 4]);
+    let now = proxypool_contracts::rotation::RotateNowRequest { proxy_id: second.to_hex() };
+    app.call::<proxypool_contracts::endpoints::RotateNow>(&now).await?;
+    let d = wait_for_rotation(&app, second, "203.0.113.50", "duplicate_ip").await?;
+    assert_eq!(fake.calls("dup"), 6, "1 + ROTATE_UNIQUE_TRIES (3) rotations");
+    assert_eq!(d.health.duplicate_of.as_deref(), Some(first.to_hex().as_str()), "{:?}", d.health);
+    let listed: Value = app
+        .http
+        .get(app.url("/api/proxies?health=duplicate_ip"))
+        .header("Authorization", API_KEY)
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(listed["data"][0]["id"], second.to_hex().as_str(), "{listed}");
+    assert_eq!(listed["data"][0]["not_leasable"], "duplicate_ip", "{listed}");
+    assert_eq!(listed["data"][0]["health"]["duplicate_of"], first.to_hex().as_str(), "{listed}");
+    // Not leased: every lease goes to the first proxy.
+    for _ in 0..3 {
+        let (id, key) = lease_for(&app, "any.example").await?;
+        assert_eq!(id, first.to_hex(), "the duplicate was leased");
+        give_back(&app, &id, &key, &[]).await?;
+    }
+    let metrics = app.http.get(format!("http://{}/metrics", rotator.admin_addr)).send().await?.text().await?;
+    assert!(metrics.contains("proxypool_rotator_duplicate_ips_total 5"), "{metrics}");
+    // Its next rotation gives it an IP of its own: back in the pool.
+    fake.hand_out_ips("dup", &["203.0.113.52"]);
+    app.call::<proxypool_contracts::endpoints::RotateNow>(&now).await?;
+    wait_for_rotation(&app, second, "203.0.113.52", "healthy").await?;
+    app.update_proxy(first, doc! { "$set": { "is_active": false, "updatedAt": DateTime::now() } }).await?;
+    let (id, key) = lease_for(&app, "any.example").await?;
+    assert_eq!(id, second.to_hex());
+    give_back(&app, &id, &key, &[]).await?;
     rotator.stop().await;
     app.shutdown().await;
     Ok(())

@@ -382,8 +382,11 @@ async fn a_503_past_the_callers_deadline_leaves_no_lease() -> R {
         session: None,
         request_id: None,
         domain: None,
+        provider: None,
+        region: None,
+        count: 1,
     };
-    let grant = service.acquire(&acquire).await?;
+    let grant = service.acquire(&acquire).await?.pop().ok_or_else(|| anyhow::anyhow!("no grant"))?;
     wait_for_leases(&app, &id, 1).await?;
     assert!(service.withdraw(&grant).await?);
     wait_for_leases(&app, &id, 0).await?;

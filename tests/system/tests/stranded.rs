@@ -289,6 +289,7 @@ async fn a_renewed_lease_outlives_its_ttl_and_an_unrenewed_one_does_not() -> R {
         let body: Value = res.json().await?;
         let expiry = body["expires_at"].as_str().unwrap_or_default().to_owned();
         assert!(expiry > last_expiry, "each renewal moves the expiry: {expiry} after {last_expiry}");
+        assert_eq!(body["next_rotate"], kept["next_rotate"], "a renewal says when the proxy rotates: {body}");
         last_expiry = expiry;
     }
     // 3.2 s after the grant (TTL 2 s): the renewed lease is held, the other was taken back.

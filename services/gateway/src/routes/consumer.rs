@@ -6,10 +6,10 @@
 
 use axum::extract::State;
 use axum::Json;
-use proxypool_contracts::endpoints::{LeaseAcquire, LeaseRelease, LeaseRenew, LeaseRotate};
+use proxypool_contracts::endpoints::{LeaseAcquire, LeaseAcquireMany, LeaseRelease, LeaseRenew, LeaseRotate};
 use proxypool_contracts::lease::{
-    new_request_id, AcquireRequest, LeaseGrant, ReleaseOutcome, ReleaseRequest, RenewOutcome, RenewRequest,
-    RotateOutcome,
+    new_request_id, AcquireRequest, LeaseGrant, LeaseGrants, ReleaseOutcome, ReleaseRequest, RenewOutcome,
+    RenewRequest, RotateOutcome,
 };
 use proxypool_contracts::{Area, ObjectIdHex};
 use serde::Deserialize;
@@ -33,11 +33,32 @@ pub struct GetProxyQuery {
     /// The site the lease is for (a host name such as `shop.example`): no proxy whose exit IP that site has banned
     /// is handed out.
     pub domain: Option<String>,
+    /// Only from this provider (its `name`).
+    pub provider: Option<String>,
+    /// Only from this package (its `code`).
+    pub package: Option<String>,
+    /// Only a proxy whose public IP is in this region (its label, such as `HCM`).
+    pub region: Option<String>,
+    /// Proxy ids not to hand out, comma-separated (at most 16).
+    pub exclude: Option<String>,
+    /// Lease this many distinct proxies (1-10) in one go, all or none; the answer is then `{"proxies": [...]}`.
+    #[param(minimum = 1, maximum = 10)]
+    pub count: Option<String>,
+}
+
+/// The answer of `GET /api/get-proxy`: one grant, or `{"proxies": [...]}` when `count` was given.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum GetProxyReply {
+    /// Without `count`.
+    One(Box<LeaseGrant>),
+    /// With `count`.
+    Many(LeaseGrants),
 }
 
 /// Lease a proxy for the calling IP (static key + IP allow list).
 #[utoipa::path(get, path = "/api/get-proxy", tag = "consumer", params(GetProxyQuery), security(("api_key" = [])),
-    responses((status = 200, body = LeaseGrant), (status = 400, body = crate::openapi::ErrorBody),
+    responses((status = 200, body = GetProxyReply), (status = 400, body = crate::openapi::ErrorBody),
         (status = 401, body = crate::openapi::ErrorBody), (status = 403, body = crate::openapi::ErrorBody),
         (status = 503, description = "no_proxy_available or service_unavailable; see Retry-After",
             body = crate::openapi::ErrorBody)))]
@@ -46,17 +67,79 @@ pub async fn get_proxy(
     State(state): State<AppState>,
     Consumer { ip }: Consumer,
     Query(q): Query<GetProxyQuery>,
-) -> HttpResult<Json<LeaseGrant>> {
+) -> HttpResult<Json<GetProxyReply>> {
     let area = Area::parse_field("area", q.area.as_deref())?;
+    let count = match q.count.as_deref() {
+        Some(n) => Some(n.trim().parse::<u32>().map_err(|_| {
+            proxypool_contracts::ApiError::invalid(
+                "count",
+                format!("must be 1-{}", proxypool_contracts::lease::COUNT_MAX),
+            )
+        })?),
+        None => None,
+    };
+    let exclude = q
+        .exclude
+        .as_deref()
+        .map(|list| list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect())
+        .unwrap_or_default();
     let req = AcquireRequest {
         area: Some(area.as_str().to_owned()),
         consumer: Some(ip.to_string()),
         callback_url: q.callback_url.clone(),
         request_id: Some(new_request_id()),
         domain: q.domain.clone(),
+        provider: q.provider.clone(),
+        package: q.package.clone(),
+        region: q.region.clone(),
+        exclude,
+        count,
         ..Default::default()
     };
-    Ok(Json(state.call_retrying::<LeaseAcquire>(&req).await?))
+    Ok(Json(match count {
+        Some(_) => GetProxyReply::Many(state.call_retrying::<LeaseAcquireMany>(&req).await?),
+        None => GetProxyReply::One(Box::new(state.call_retrying::<LeaseAcquire>(&req).await?)),
+    }))
+}
+
+/// Body of `POST /api/outcomes`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub struct OutcomeBody {
+    /// The proxy (as `X-Proxypool-Proxy-Id` or a grant showed it).
+    pub proxy_id: Option<String>,
+    /// `ok`, `blocked`, `captcha`, `proxy_error` or `timeout`.
+    pub outcome: Option<String>,
+    /// The site (a host name); required with `blocked` and `captcha`.
+    pub domain: Option<String>,
+}
+
+/// Report how a proxy you hold (or held lately) did for a site, without returning it: the forward door's clients,
+/// who never see a lease key, report a block this way, and the door's next connection of that session to that site
+/// leaves through another proxy (`X-Proxypool-Session-Changed: banned`). Judged as a return's outcome is. Only for
+/// a proxy leased to the calling IP now or within twice `LEASE_TTL`; any other is a 404.
+#[utoipa::path(post, path = "/api/outcomes", tag = "consumer", request_body = OutcomeBody, security(("api_key" = [])),
+    responses((status = 200, body = proxypool_contracts::health::ReportOutcome),
+        (status = 400, body = crate::openapi::ErrorBody), (status = 401, body = crate::openapi::ErrorBody),
+        (status = 403, body = crate::openapi::ErrorBody),
+        (status = 404, description = "no such proxy, or it is not (and was not lately) leased to you",
+            body = crate::openapi::ErrorBody),
+        (status = 413, description = "the body is over the 2 MB limit", body = crate::openapi::ErrorBody),
+        (status = 503, body = crate::openapi::ErrorBody)))]
+#[tracing::instrument(skip_all)]
+pub async fn report_outcome(
+    State(state): State<AppState>,
+    Consumer { ip }: Consumer,
+    body: crate::routes::body::Body<OutcomeBody>,
+) -> HttpResult<Json<proxypool_contracts::health::ReportOutcome>> {
+    let body = body.0;
+    let req = proxypool_contracts::health::ReportRequest {
+        proxy_id: body.proxy_id,
+        outcome: body.outcome,
+        domain: body.domain,
+        consumer: Some(ip.to_string()),
+    };
+    req.validate()?;
+    Ok(Json(state.call::<proxypool_contracts::endpoints::LeaseReport>(&req).await?))
 }
 
 /// Query of the renew webhook.

@@ -195,10 +195,13 @@ pub struct LeaseView {
 /// A proxy's health as consumers reported it.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HealthView {
-    /// `healthy` or `quarantined` (out of the pool until a rotation succeeds or an admin lifts it).
+    /// `healthy`, `quarantined` (out of the pool until a rotation succeeds or an admin lifts it) or `duplicate_ip`
+    /// (its last rotation gave it the public IP of `duplicate_of`: out of the pool until its next rotation).
     pub state: String,
     /// Failures in a row (`proxy_error`, `timeout`, the forward door's upstream failures).
     pub fails: i64,
+    /// With `duplicate_ip`: the other active proxy on the same public IP.
+    pub duplicate_of: Option<String>,
     /// Bans of exit IPs for sites, reported through this proxy (expired ones included until they are forgotten).
     pub bans: Vec<BanView>,
 }
@@ -241,6 +244,8 @@ impl ProxyView {
             Some("rotating")
         } else if d.health.state == "quarantined" {
             Some("quarantined")
+        } else if d.health.state == "duplicate_ip" {
+            Some("duplicate_ip")
         } else {
             None
         };
@@ -275,6 +280,7 @@ impl ProxyView {
             health: HealthView {
                 state: d.health.state,
                 fails: d.health.fails,
+                duplicate_of: d.health.duplicate_of,
                 bans: d
                     .health
                     .bans
@@ -358,7 +364,8 @@ pub struct ProxyQuery {
     pub active: Option<bool>,
     /// In error (true) or healthy (false).
     pub error: Option<bool>,
-    /// `healthy` or `quarantined` (consumers' failure reports).
+    /// `healthy`, `quarantined` (consumers' failure reports) or `duplicate_ip` (a rotation gave it another proxy's
+    /// public IP).
     pub health: Option<String>,
 }
 
@@ -405,23 +412,63 @@ pub async fn list_proxies(
     }
     match q.health.as_deref() {
         None => {}
-        Some("quarantined") => {
-            filter.insert("health.state", "quarantined");
+        Some(s @ ("quarantined" | "duplicate_ip")) => {
+            filter.insert("health.state", s);
         }
         // Documents written before health existed have none: healthy.
         Some("healthy") => {
-            filter.insert("health.state", doc! { "$ne": "quarantined" });
+            filter.insert("health.state", doc! { "$nin": ["quarantined", "duplicate_ip"] });
         }
         Some(other) => {
             return Err(proxypool_contracts::ApiError::invalid(
                 "health",
-                format!("unknown value {other:?} (expected one of: healthy, quarantined)"),
+                format!("unknown value {other:?} (expected one of: healthy, quarantined, duplicate_ip)"),
             )
             .into())
         }
     }
     let full = q.get_full.unwrap_or(false);
     Ok(Json(list(&state.store.proxies(), filter, &page, |d| ProxyView::of(d, full)).await?))
+}
+
+/// A proxy with its live lease state.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ProxyDetail {
+    /// The proxy as stored (its lease fields are the projection, which trails the engine by a moment).
+    #[serde(flatten)]
+    pub proxy: ProxyView,
+    /// The lease state as the lease service holds it now: leases, rotation lock, health.
+    pub live: proxypool_contracts::health::LiveState,
+}
+
+/// One proxy, with its leases, rotation lock and health read from the lease service (not from the projection).
+#[utoipa::path(get, path = "/api/proxies/{id}", tag = "proxies",
+    params(("id" = inline(crate::extract::Id), Path, description = "Proxy id"),
+        ("get_full" = Option<bool>, Query, description = "Include the password and auth token")),
+    security(("bearer" = []), ("api_key" = [])),
+    responses((status = 200, body = ProxyDetail), (status = 400, body = crate::openapi::ErrorBody),
+        (status = 401, body = crate::openapi::ErrorBody), (status = 404, body = crate::openapi::ErrorBody),
+        (status = 503, description = "the database or the lease service is unavailable; retry",
+            body = crate::openapi::ErrorBody)))]
+pub async fn get_proxy_detail(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(Id(id)): Path<Id>,
+    Query(q): Query<FullQuery>,
+) -> HttpResult<Json<ProxyDetail>> {
+    let d = state.store.proxies().find_one(doc! { "_id": id }).await.map_err(|e| db_error(e, "proxy"))?;
+    let d = d.ok_or_else(|| ApiError::not_found(format!("proxy {id} not found")))?;
+    let req = proxypool_contracts::health::InspectRequest { proxy_id: id.to_hex() };
+    let live = state.call::<proxypool_contracts::endpoints::LeaseCtlInspect>(&req).await?;
+    Ok(Json(ProxyDetail { proxy: ProxyView::of(d, q.get_full.unwrap_or(false)), live }))
+}
+
+/// Query of `GET /api/proxies/{id}`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct FullQuery {
+    /// Include the password and auth token.
+    pub get_full: Option<bool>,
 }
 
 /// Create a proxy.

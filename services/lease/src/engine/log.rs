@@ -22,7 +22,8 @@ use super::state::Op;
 
 /// The log format this replica writes and the newest it reads. 1: the first (no `v`, no `at_ms`); 2: batch
 /// times and terms, lock deadlines, renewals, request ids and the callback outbox; 3: per-site bans on exit IPs
-/// (a release's `ban`), which a format-2 replica would drop without noticing, so it must not lead after one.
+/// (a release's `ban`), quarantines, holders' rotation requests and duplicate exit IPs (`duplicate`), which a
+/// format-2 replica would drop without noticing, so it must not lead after one.
 pub const FORMAT: u32 = 3;
 
 /// One group commit: the operations decided while the previous append was in flight.

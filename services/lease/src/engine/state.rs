@@ -30,6 +30,9 @@ use crate::index::{Entry, PoolIndex};
 /// The most bans one proxy's state remembers.
 pub const BANS_PER_PROXY: usize = 32;
 
+/// The most former holders one proxy's state remembers (for their reports).
+pub const RECENT_HOLDERS: usize = 16;
+
 /// A proxy's failures in a row after a return: the forward door's upstream failure or a reported `proxy_error` or
 /// `timeout` adds one, a reported `ok` resets them, anything else leaves them.
 pub fn fails_after(fails: u32, door_failure: bool, outcome: Option<Outcome>) -> u32 {
@@ -196,6 +199,13 @@ pub struct ProxyState {
     pub quarantined: bool,
     /// When a holder last asked for a new IP (epoch ms, engine clock): one such request per `ROTATE_MIN_INTERVAL`.
     pub rotate_asked_ms: Option<i64>,
+    /// Its last rotation left it exiting on the public IP of this other active proxy: out of the pool until a
+    /// rotation gives it an IP of its own.
+    pub duplicate_of: Option<ObjectId>,
+    /// Holders whose leases ended lately, with their lease's last grant or renewal (epoch ms), newest last, at most
+    /// [`RECENT_HOLDERS`]: they may still report how the proxy did. Not projected (after a reload from MongoDB only
+    /// current holders can report).
+    pub recent: Vec<(String, i64)>,
     /// The log sequence this state reflects (the projection's `lease_rev`).
     pub seq: u64,
 }
@@ -250,6 +260,8 @@ impl ProxyState {
             fails: u32::try_from(d.health.fails).unwrap_or(0),
             quarantined: d.health.state == "quarantined",
             rotate_asked_ms: d.health.rotate_asked_at.map(|t| t.timestamp_millis()),
+            duplicate_of: d.health.duplicate_of.as_deref().and_then(|id| ObjectId::parse_str(id).ok()),
+            recent: Vec::new(),
             seq: u64::try_from(d.lease_rev).unwrap_or(0),
         }
     }
@@ -270,6 +282,8 @@ impl ProxyState {
             fails: 0,
             quarantined: false,
             rotate_asked_ms: None,
+            duplicate_of: None,
+            recent: Vec::new(),
             seq: 0,
         }
     }
@@ -277,6 +291,43 @@ impl ProxyState {
     /// The IP sites see: the verified public IP, or the proxy's own address while none is known.
     pub fn exit_ip(&self) -> &str {
         self.catalog.ip_public.as_deref().filter(|ip| !ip.is_empty()).unwrap_or(&self.catalog.ip)
+    }
+
+    /// Records a ban (replacing an earlier one of the same pair), forgetting the one ending first beyond
+    /// [`BANS_PER_PROXY`] (it only made a later ban of its pair longer).
+    fn add_ban(&mut self, ban: &Ban) {
+        self.bans.retain(|b| b.ip != ban.ip || b.domain != ban.domain);
+        self.bans.push(ban.clone());
+        if self.bans.len() > BANS_PER_PROXY {
+            if let Some(first) = self.bans.iter().enumerate().min_by_key(|(_, b)| b.until_ms).map(|(i, _)| i) {
+                self.bans.remove(first);
+            }
+        }
+    }
+
+    /// Whether `consumer` (as a report names it: an IP, a service id) holds a lease on this proxy, or held one whose
+    /// last grant or renewal is after `since_ms`. A forward-door holder `<name>@<ip>` is matched by its IP.
+    pub fn held_by(&self, consumer: &str, since_ms: i64) -> bool {
+        let matches =
+            |holder: &str| holder == consumer || holder.rsplit_once('@').is_some_and(|(_, ip)| ip == consumer);
+        self.leases.iter().any(|l| matches(&l.consumer))
+            || self.recent.iter().any(|(c, at)| *at >= since_ms && matches(c))
+    }
+
+    /// `healthy`, `quarantined` or `duplicate_ip`.
+    pub fn health_state(&self) -> &'static str {
+        if self.quarantined {
+            "quarantined"
+        } else if self.duplicate_of.is_some() {
+            "duplicate_ip"
+        } else {
+            "healthy"
+        }
+    }
+
+    /// The verified public IP, if known.
+    fn public_ip(&self) -> Option<&str> {
+        self.catalog.ip_public.as_deref().filter(|ip| !ip.is_empty())
     }
 
     /// Leases held.
@@ -288,7 +339,10 @@ impl ProxyState {
     pub fn entry(&self) -> Entry {
         Entry {
             area: self.catalog.area,
-            is_active: self.catalog.active && !self.catalog.ip.is_empty() && !self.quarantined,
+            is_active: self.catalog.active
+                && !self.catalog.ip.is_empty()
+                && !self.quarantined
+                && self.duplicate_of.is_none(),
             is_rotating: self.lock.is_some(),
             in_use: self.in_use(),
             used_count: self.used_count,
@@ -296,6 +350,7 @@ impl ProxyState {
             next_rotate_ms: self.catalog.next_rotate_ms,
             expired_at_ms: self.catalog.expired_at_ms,
             package: self.catalog.package,
+            region: self.catalog.region.clone(),
         }
     }
 
@@ -347,7 +402,8 @@ impl ProxyState {
                     "reason": b.reason.as_str(),
                 })
                 .collect::<Vec<Document>>(),
-            "health.state": if self.quarantined { "quarantined" } else { "healthy" },
+            "health.state": self.health_state(),
+            "health.duplicate_of": self.duplicate_of.map(|id| id.to_hex()),
             "health.fails": i64::from(self.fails),
             "health.rotate_asked_at": self.rotate_asked_ms.map(ms),
         };
@@ -470,6 +526,27 @@ pub enum Op {
         /// Proxy.
         proxy: ObjectId,
     },
+    /// A holder (or a recent one) reported how the proxy did, without returning it: like a release's `ban`,
+    /// `outcome` and `quarantine`.
+    Report {
+        /// Proxy.
+        proxy: ObjectId,
+        /// The ban its `blocked`/`captcha` earned the exit IP for a site.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ban: Option<Ban>,
+        /// What was reported.
+        outcome: Outcome,
+        /// The failures reached `HEALTH_FAIL_THRESHOLD`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        quarantine: bool,
+    },
+    /// A rotation left the proxy exiting on another active proxy's public IP (`of`), or on one of its own (`None`).
+    Duplicate {
+        /// Proxy.
+        proxy: ObjectId,
+        /// The other proxy.
+        of: Option<ObjectId>,
+    },
 }
 
 impl Op {
@@ -484,6 +561,8 @@ impl Op {
             | Op::Upsert { proxy, .. }
             | Op::Unban { proxy, .. }
             | Op::Heal { proxy }
+            | Op::Duplicate { proxy, .. }
+            | Op::Report { proxy, .. }
             | Op::Remove { proxy } => *proxy,
         }
     }
@@ -507,6 +586,8 @@ pub struct State {
     outbox: std::collections::BTreeMap<String, CallbackNotice>,
     /// Every proxy's bans, by exit IP and site.
     bans: BanIndex,
+    /// Proxies by verified public IP.
+    exits: HashMap<String, std::collections::BTreeSet<ObjectId>>,
 }
 
 impl State {
@@ -522,6 +603,7 @@ impl State {
             request_order: BTreeSet::new(),
             outbox: std::collections::BTreeMap::new(),
             bans: BanIndex::default(),
+            exits: HashMap::new(),
         }
     }
 
@@ -561,6 +643,12 @@ impl State {
                 self.locks.remove(&(lock.deadline(), id));
             }
             self.bans.remove(id, &old.bans);
+            if let Some(set) = self.exits.get_mut(old.exit_ip()) {
+                set.remove(&id);
+                if set.is_empty() {
+                    self.exits.remove(old.exit_ip());
+                }
+            }
             self.index.remove(id);
         }
         if let Some(new) = state {
@@ -575,6 +663,7 @@ impl State {
                 self.locks.insert((lock.deadline(), id));
             }
             self.bans.add(id, &new.bans);
+            self.exits.entry(new.exit_ip().to_owned()).or_default().insert(id);
             self.index.set(id, new.entry());
             self.proxies.insert(id, new);
         }
@@ -595,6 +684,36 @@ impl State {
             }),
             None => index.pick(area, now_ms, filter),
         }
+    }
+
+    /// Another active proxy than `id` whose verified public IP is `ip` (and is not itself marked a duplicate): the
+    /// proxy `id` would share its exit with.
+    pub fn exit_taken(&self, ip: &str, id: ObjectId) -> Option<ObjectId> {
+        self.exits.get(ip)?.iter().copied().find(|other| {
+            *other != id
+                && self
+                    .proxies
+                    .get(other)
+                    .is_some_and(|p| p.catalog.active && p.duplicate_of.is_none() && p.public_ip() == Some(ip))
+        })
+    }
+
+    /// Every proxy exiting on `ip` now (its verified public IP, or its address while none is known).
+    pub fn exiting_on(&self, ip: &str) -> Vec<ObjectId> {
+        self.exits.get(ip).map(|s| s.iter().copied().collect()).unwrap_or_default()
+    }
+
+    /// Proxies by health state: (healthy, quarantined, duplicate_ip).
+    pub fn health_counts(&self) -> (usize, usize, usize) {
+        let (mut q, mut d) = (0, 0);
+        for p in self.proxies.values() {
+            match p.health_state() {
+                "quarantined" => q += 1,
+                "duplicate_ip" => d += 1,
+                _ => {}
+            }
+        }
+        (self.proxies.len() - q - d, q, d)
     }
 
     /// Every ban, by exit IP and site.
@@ -697,14 +816,12 @@ impl State {
                     p.rotate_asked_ms = *rotate_asked_ms;
                 }
                 if let Some(ban) = ban {
-                    p.bans.retain(|b| b.ip != ban.ip || b.domain != ban.domain);
-                    p.bans.push(ban.clone());
-                    // Bounded: the one ending first goes (it only made a later ban of its pair longer).
-                    if p.bans.len() > BANS_PER_PROXY {
-                        if let Some(first) = p.bans.iter().enumerate().min_by_key(|(_, b)| b.until_ms).map(|(i, _)| i) {
-                            p.bans.remove(first);
-                        }
-                    }
+                    p.add_ban(ban);
+                }
+                p.recent.retain(|(c, _)| *c != gone.consumer);
+                p.recent.push((gone.consumer.clone(), gone.base_ms()));
+                if p.recent.len() > RECENT_HOLDERS {
+                    p.recent.remove(0);
                 }
                 if let Some(f) = failure {
                     p.upstream_failures = p.upstream_failures.saturating_add(1);
@@ -751,6 +868,14 @@ impl State {
             Op::Heal { .. } => {
                 p.quarantined = false;
                 p.fails = 0;
+            }
+            Op::Duplicate { of, .. } => p.duplicate_of = *of,
+            Op::Report { ban, outcome, quarantine, .. } => {
+                p.fails = fails_after(p.fails, false, Some(*outcome));
+                p.quarantined |= *quarantine;
+                if let Some(ban) = ban {
+                    p.add_ban(ban);
+                }
             }
             Op::Remove { .. } => {
                 let gone = std::mem::take(&mut p.leases);

@@ -5,12 +5,17 @@ use super::*;
 
 impl TestApp {
     pub(super) async fn insert_package(&self) -> anyhow::Result<ObjectId> {
+        self.insert_provider_package("TestProvider", "TEST_PACK", "Test package").await
+    }
+
+    /// Inserts a provider named `provider` with one package (`code`, `name`); answers the package's id.
+    pub async fn insert_provider_package(&self, provider: &str, code: &str, name: &str) -> anyhow::Result<ObjectId> {
         let now = DateTime::now();
         let provider = ProviderDoc {
             id: ObjectId::new(),
-            name: "TestProvider".into(),
-            account: "test".into(),
-            domain: "https://provider.test".into(),
+            name: provider.into(),
+            account: provider.to_lowercase(),
+            domain: format!("https://{}.test", provider.to_lowercase()),
             rotate_fields: None,
             is_active: true,
             created_by: None,
@@ -21,8 +26,8 @@ impl TestApp {
         self.store.providers().insert_one(&provider).await?;
         let package = PackageDoc {
             id: ObjectId::new(),
-            code: "TEST_PACK".into(),
-            name: "Test package".into(),
+            code: code.into(),
+            name: name.into(),
             price: 1.0,
             note: String::new(),
             proxy_provider_id: provider.id,

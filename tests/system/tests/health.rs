@@ -224,7 +224,7 @@ async fn a_bad_outcome_or_domain_is_a_400_naming_the_field_and_the_lease_stays_h
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bans_survive_a_leader_sigkill() -> R {
+async fn bans_and_quarantines_survive_a_leader_sigkill() -> R {
     let (app, mut leader, _, _) = two_proxies("600").await?;
     let mut standby = app.spawn_lease_process("health-standby", &[("BAN_BASE", "600".to_owned())], &[]).await?;
     // Over NATS this time, with the site on the acquire.
@@ -243,10 +243,22 @@ async fn bans_survive_a_leader_sigkill() -> R {
         ..Default::default()
     };
     app.call::<LeaseRelease>(&report).await?.into_result().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let seen = proxies_for(&app, "shop.example", 2).await?;
+    assert!(seen.iter().all(|id| *id != g.id), "the ban: {seen:?} vs {}", g.id);
+    // The other proxy failing three times in a row: quarantined (no rotator runs here to end it).
+    for _ in 0..3 {
+        let (id, key) = lease_for(&app, "shop.example").await?;
+        give_back(&app, &id, &key, &[("outcome", "proxy_error")]).await?;
+    }
     leader.kill().await;
     standby.wait_to_lead(&app.http, Duration::from_secs(10)).await?;
-    let seen = proxies_for(&app, "shop.example", 2).await?;
-    assert!(seen.iter().all(|id| *id != g.id), "the new leader knows the ban: {seen:?} vs {}", g.id);
+    // The new leader knows both: the site gets nothing (bans, not load), other sites only the banned proxy.
+    assert!(refused_for_bans(&app, "shop.example").await?, "the ban or the quarantine was lost");
+    assert_eq!(
+        proxies_for(&app, "news.example", 2).await?,
+        vec![g.id.clone(), g.id.clone()],
+        "the quarantine was lost"
+    );
     standby.kill().await;
     Ok(())
 }
@@ -291,24 +303,16 @@ async fn failures_in_a_row_quarantine_a_proxy_and_its_rotation_brings_it_back() 
         assert_eq!(lease_and_report(&app, outcome).await?, Ok(id.to_hex()), "{outcome}");
     }
     assert_eq!(fake.calls("q1"), 0, "no rotation yet");
-    // The third in a row: quarantined.
+    // The third in a row: quarantined, out of the pool until the rotation (checked through the proxy) judges it.
     assert_eq!(lease_and_report(&app, "proxy_error").await?, Ok(id.to_hex()));
-    // Out of the pool at once (the rotation may already hold it), and rotated through the provider.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let mut refused = 0;
-    loop {
-        match lease_and_report(&app, "ok").await? {
-            Err(code) => {
-                assert_eq!(code, ErrorCode::NoProxyAvailable);
-                refused += 1;
-            }
-            Ok(_) => break,
-        }
-        anyhow::ensure!(std::time::Instant::now() < deadline, "still out of the pool after 20 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(refused >= 1, "the quarantined proxy was leased before its rotation");
+    assert!(out_until_judged(&app).await? >= 1, "the quarantined proxy was leased before its rotation");
     assert_eq!(fake.calls("q1"), 1, "the quarantine rotated it, once");
+    // A consumer that keeps reporting the healthy proxy as failing keeps it out for one check each time, no longer.
+    for _ in 0..3 {
+        assert_eq!(lease_and_report(&app, "proxy_error").await?, Ok(id.to_hex()));
+    }
+    assert!(out_until_judged(&app).await? >= 1, "quarantined again");
+    assert_eq!(fake.calls("q1"), 2, "and judged again, by one more rotation");
     let d = app.proxy(&id.to_hex()).await?;
     assert!(d.ip_public.is_some(), "the rotation checked the new IP through the proxy: {d:?}");
     app.settle().await;
@@ -317,6 +321,24 @@ async fn failures_in_a_row_quarantine_a_proxy_and_its_rotation_brings_it_back() 
     rotator.stop().await;
     app.shutdown().await;
     Ok(())
+}
+
+/// Leases (reporting `ok`) until the pool's one proxy is leased again, within 20 s: how many acquires were refused
+/// meanwhile (each `no_proxy_available`).
+async fn out_until_judged(app: &TestApp) -> R<usize> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut refused = 0;
+    loop {
+        match lease_and_report(app, "ok").await? {
+            Err(code) => {
+                assert_eq!(code, ErrorCode::NoProxyAvailable);
+                refused += 1;
+            }
+            Ok(_) => return Ok(refused),
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "still out of the pool after 20 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// An admin lifts a site's ban of an exit IP and a quarantine; each is leased again at once, and lifting what is not

@@ -32,6 +32,17 @@ async fn round_trip(
     domain: Option<&str>,
     outcome: Option<&str>,
 ) -> anyhow::Result<()> {
+    round_trip_parts(client, w, domain, outcome.zip(domain)).await
+}
+
+/// One acquire (for `site`, if any) and its release (with `report`: an outcome for a site).
+async fn round_trip_parts(
+    client: &async_nats::Client,
+    w: usize,
+    site: Option<&str>,
+    report: Option<(&str, &str)>,
+) -> anyhow::Result<()> {
+    let (domain, outcome) = (site, report.map(|r| r.0));
     let req = AcquireRequest {
         area: Some("vn".into()),
         consumer: Some(format!("bench-{w}")),
@@ -43,7 +54,7 @@ async fn round_trip(
         proxy_id: Some(g.id),
         key: Some(g.key),
         outcome: outcome.map(str::to_owned),
-        domain: outcome.and(domain).map(str::to_owned),
+        domain: report.map(|r| r.1.to_owned()),
         ..Default::default()
     };
     proxypool_rpc::call::<LeaseRelease>(client, &req).await?;
@@ -55,7 +66,7 @@ pub async fn run(secs: f64, concurrency: &[usize], scenario_secs: f64) -> anyhow
     use std::fmt::Write as _;
     let mut out = String::new();
     let dur = Duration::from_secs_f64(secs);
-    let app = TestApp::builder().proxy_use_max(1_000_000).seed(Area::Vn, 1_000).spawn().await?;
+    let app = TestApp::builder().proxy_use_max(10_000).seed(Area::Vn, 1_000).spawn().await?;
     // Half of the pool banned for the site: each ban goes to the proxy the next lease for the site would get.
     for _ in 0..500 {
         round_trip(&app.client, 0, Some(SITE), Some("blocked")).await?;
@@ -63,6 +74,12 @@ pub async fn run(secs: f64, concurrency: &[usize], scenario_secs: f64) -> anyhow
     let _ = writeln!(out, "| cell | clients | plain (round trips/s) | with site + outcome, half banned | ratio |");
     let _ = writeln!(out, "|---|---:|---:|---:|---:|");
     let mut outcomes_64 = None;
+    let med = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or_default()
+    };
+    let mut decomposition: Vec<(&str, usize, Vec<f64>, f64)> = Vec::new();
     for &c in concurrency {
         let (mut plain, mut with) = (Vec::new(), Vec::new());
         for _ in 0..3 {
@@ -83,12 +100,27 @@ pub async fn run(secs: f64, concurrency: &[usize], scenario_secs: f64) -> anyhow
             plain.push(p.ops_per_sec());
             with.push(h.ops_per_sec());
         }
+        // Where the difference goes, at the highest concurrency: the site on the acquire alone, the outcome (with
+        // its site) on the release alone.
+        if Some(&c) == concurrency.iter().max() {
+            let parts: [(&'static str, Option<&'static str>, Option<&'static str>); 2] =
+                [("site on the acquire only", Some(SITE), None), ("outcome on the release only", None, Some("ok"))];
+            for (label, site, outcome) in parts {
+                let mut rates = Vec::new();
+                for _ in 0..3 {
+                    let client = app.client.clone();
+                    let s: Stats = measure(c, dur, move |w| {
+                        let client = client.clone();
+                        async move { round_trip_parts(&client, w, site, outcome.map(|o| (o, SITE))).await }
+                    })
+                    .await;
+                    eprintln!("health c={c}: {label} {s}");
+                    rates.push(s.ops_per_sec());
+                }
+                decomposition.push((label, c, rates, med(&plain)));
+            }
+        }
         let ratios: Vec<f64> = plain.iter().zip(&with).map(|(p, h)| h / p).collect();
-        let med = |v: &[f64]| {
-            let mut v = v.to_vec();
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
         let spread = |v: &[f64]| {
             let (lo, hi) = v.iter().fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
             100.0 * (hi - lo) / med(v)
@@ -105,6 +137,15 @@ pub async fn run(secs: f64, concurrency: &[usize], scenario_secs: f64) -> anyhow
         );
         outcomes_64 = Some((c, med(&with)));
     }
+    for (label, c, rates, plain) in &decomposition {
+        let _ = writeln!(
+            out,
+            "| {label} | {c} | {plain:.0} | {:.0} | {:.2} (runs {}) |",
+            med(rates),
+            med(rates) / plain,
+            rates.iter().map(|r| format!("{:.2}", r / plain)).collect::<Vec<_>>().join(", ")
+        );
+    }
     if let Some((c, rate)) = outcomes_64 {
         let _ = writeln!(
             out,
@@ -116,7 +157,7 @@ pub async fn run(secs: f64, concurrency: &[usize], scenario_secs: f64) -> anyhow
 
     let _ = writeln!(out, "\n| scenario: 200 proxies, a site blocking 20 % of exit IPs, a new IP per rotation | requests | met a blocking IP | share |");
     let _ = writeln!(out, "|---|---:|---:|---:|");
-    for health in [false, true] {
+    for health in [false, true].into_iter().filter(|_| scenario_secs > 0.0) {
         let (requests, blocked, rotations) = scenario(health, Duration::from_secs_f64(scenario_secs)).await?;
         let label = if health { "health on (site named, outcome reported)" } else { "health off (today's consumer)" };
         let _ = writeln!(
@@ -146,7 +187,7 @@ fn fresh_ip(n: u64) -> String {
 async fn scenario(health: bool, dur: Duration) -> anyhow::Result<(u64, u64, u64)> {
     const PROXIES: usize = 200;
     const EVERY: Duration = Duration::from_secs(30);
-    let app = TestApp::builder().proxy_use_max(1_000_000).spawn().await?;
+    let app = TestApp::builder().proxy_use_max(10_000).spawn().await?;
     let next_ip = Arc::new(AtomicU64::new(1));
     let mut ids = Vec::new();
     for n in 0..PROXIES {

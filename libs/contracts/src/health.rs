@@ -226,6 +226,9 @@ pub struct LiveHealth {
     pub state: String,
     /// Failures in a row reported or met.
     pub fails: u32,
+    /// The share of `ok` among the proxy's last 32 judgements (`ok` against `proxy_error`, `timeout` and the door's
+    /// upstream failures; a site's refusal is not the proxy's fault); none before the first.
+    pub success_rate: Option<f64>,
     /// With `duplicate_ip`: the other proxy exiting on the same public IP.
     pub duplicate_of: Option<String>,
     /// Bans reported through this proxy (expired ones included: they double the next ban of their pair).

@@ -107,6 +107,16 @@ pub struct HealthDoc {
     /// Failures in a row reported by holders (`proxy_error`, `timeout`) or met by the forward door.
     #[serde(default)]
     pub fails: i64,
+    /// The last [`RECENT_OUTCOMES`] judgements of the proxy itself, newest in the lowest bit (1: `ok`, 0: a
+    /// `proxy_error`, a `timeout` or a door's upstream failure), and how many of the bits are used.
+    #[serde(default)]
+    pub recent: i64,
+    /// How many bits of `recent` are used (0 to [`RECENT_OUTCOMES`]).
+    #[serde(default)]
+    pub recent_count: i64,
+    /// The share of `ok` among them (none before the first).
+    #[serde(default)]
+    pub success_rate: Option<f64>,
     /// When a holder last asked for a new IP (`POST /webhook/rotate-proxy/{id}`).
     #[serde(default)]
     pub rotate_asked_at: Option<DateTime>,
@@ -115,13 +125,25 @@ pub struct HealthDoc {
     pub duplicate_of: Option<String>,
 }
 
+/// How many of a proxy's latest outcomes its success rate is over.
+pub const RECENT_OUTCOMES: u32 = 32;
+
 fn default_health_state() -> String {
     "healthy".to_owned()
 }
 
 impl Default for HealthDoc {
     fn default() -> Self {
-        Self { bans: Vec::new(), state: default_health_state(), fails: 0, rotate_asked_at: None, duplicate_of: None }
+        Self {
+            bans: Vec::new(),
+            state: default_health_state(),
+            fails: 0,
+            recent: 0,
+            recent_count: 0,
+            success_rate: None,
+            rotate_asked_at: None,
+            duplicate_of: None,
+        }
     }
 }
 

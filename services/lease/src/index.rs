@@ -14,7 +14,8 @@
 //! checked on each candidate met, so the pick costs `O(log n + s)` with `s` the candidates of that package outside
 //! the region ranked ahead of the first match.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use bson::oid::ObjectId;
 use proxypool_contracts::Area;
@@ -45,9 +46,17 @@ pub struct Entry {
     pub package: Option<ObjectId>,
     /// Region label (empty: unknown), for leases from one region.
     pub region: String,
+    /// The sites its exit IP is banned for, with each ban's end (epoch ms; ended ones included until they are
+    /// forgotten): a pick for a site checks them here, with no lookup beyond the entry's own.
+    pub bans: Vec<(String, i64)>,
 }
 
 impl Entry {
+    /// Whether its exit IP is banned for `domain` at `now_ms`.
+    pub fn banned_for(&self, domain: &str, now_ms: i64) -> bool {
+        self.bans.iter().any(|(d, until)| d == domain && *until > now_ms)
+    }
+
     fn rank(&self, id: ObjectId) -> Rank {
         (self.used_count, self.last_used_ms.unwrap_or(i64::MIN), id)
     }
@@ -85,9 +94,9 @@ pub struct AreaStats {
 pub struct PoolIndex {
     max: u32,
     entries: HashMap<ObjectId, Slot>,
-    order: HashMap<Area, BTreeSet<Rank>>,
+    order: HashMap<Area, Order>,
     /// The same order per (area, package) and per (area, region), so that a filtered lease is `O(log n)` too.
-    by_key: HashMap<(Area, Key), BTreeSet<Rank>>,
+    by_key: HashMap<(Area, Key), Order>,
 }
 
 /// A filtered order's key.
@@ -118,8 +127,12 @@ impl Filter<'_> {
 
 #[derive(Debug)]
 struct Slot {
-    entry: Entry,
+    entry: Arc<Entry>,
 }
+
+/// Leasable proxies in pick order, each with its entry: a pick walks the order without a lookup per candidate (a
+/// site's pick may walk past every proxy banned for it).
+type Order = BTreeMap<Rank, Arc<Entry>>;
 
 impl PoolIndex {
     /// An empty index for `PROXY_USE_MAX = max`.
@@ -148,10 +161,12 @@ impl PoolIndex {
     }
 
     fn link(&mut self, id: ObjectId, entry: Entry) {
+        let entry = Arc::new(entry);
         if entry.leasable_now_or_later(self.max) {
-            self.order.entry(entry.area).or_default().insert(entry.rank(id));
+            let rank = entry.rank(id);
+            self.order.entry(entry.area).or_default().insert(rank, entry.clone());
             for key in Self::keys(&entry) {
-                self.by_key.entry((entry.area, key)).or_default().insert(entry.rank(id));
+                self.by_key.entry((entry.area, key)).or_default().insert(rank, entry.clone());
             }
         }
         self.entries.insert(id, Slot { entry });
@@ -180,21 +195,16 @@ impl PoolIndex {
 
     /// Like [`PoolIndex::peek`], within `filter`.
     pub fn pick(&mut self, area: Area, now_ms: i64, filter: Filter<'_>) -> Option<ObjectId> {
-        self.pick_where(area, now_ms, filter, |_| false)
+        self.pick_for(area, now_ms, filter, None)
     }
 
-    /// Like [`PoolIndex::pick`], passing over the proxies `skip` names (those banned for a site). They stay in the
+    /// Like [`PoolIndex::pick`], passing over the proxies whose exit IP is banned for `domain`. They stay in the
     /// order, since they are fine for other sites; a pick walks past them, so it costs `O(log n + s)` with `s` the
     /// skipped proxies ranked ahead of the first usable one (banned proxies are not leased for that site, so they
-    /// keep a low `used_count` and rank early: `s` is at most the number banned for it in the area).
-    pub fn pick_where(
-        &mut self,
-        area: Area,
-        now_ms: i64,
-        filter: Filter<'_>,
-        skip: impl Fn(&ObjectId) -> bool,
-    ) -> Option<ObjectId> {
-        let Self { entries, order, by_key, .. } = self;
+    /// keep a low `used_count` and rank early: `s` is at most the number banned for it in the area), one hash lookup
+    /// each.
+    pub fn pick_for(&mut self, area: Area, now_ms: i64, filter: Filter<'_>, domain: Option<&str>) -> Option<ObjectId> {
+        let Self { order, by_key, .. } = self;
         // The orders to walk: each package's, else the region's, else the area's.
         let keys: Vec<Option<Key>> = match (filter.packages, filter.region) {
             (Some(ps), _) => ps.iter().map(|p| Some(Key::Package(*p))).collect(),
@@ -208,7 +218,7 @@ impl PoolIndex {
                 None => order.get_mut(&area),
             };
             let Some(set) = set else { continue };
-            if let Some(rank) = first_in(set, entries, now_ms, &filter, &skip) {
+            if let Some(rank) = first_in(set, now_ms, &filter, domain) {
                 best = Some(best.map_or(rank, |b| b.min(rank)));
             }
         }
@@ -219,7 +229,7 @@ impl PoolIndex {
     pub fn stats(&self, area: Area) -> AreaStats {
         AreaStats {
             total: self.entries.values().filter(|s| s.entry.area == area).count(),
-            leasable: self.order.get(&area).map_or(0, BTreeSet::len),
+            leasable: self.order.get(&area).map_or(0, BTreeMap::len),
         }
     }
 
@@ -233,41 +243,34 @@ impl PoolIndex {
             held += u64::from(s.entry.in_use);
             rotating += usize::from(s.entry.is_rotating);
         }
-        (total, self.order.get(&area).map_or(0, BTreeSet::len), held, rotating)
+        (total, self.order.get(&area).map_or(0, BTreeMap::len), held, rotating)
     }
 
     /// The state held for a proxy.
     pub fn get(&self, id: &ObjectId) -> Option<&Entry> {
-        self.entries.get(id).map(|s| &s.entry)
+        self.entries.get(id).map(|s| &*s.entry)
     }
 }
 
-/// The first candidate of one order that `filter` admits and `skip` does not name.
+/// The first candidate of one order that `filter` admits and whose exit IP is not banned for `domain`.
 ///
 /// Candidates outside the rotation window or past their subscription are dropped from the front of the order as they
 /// are met: time only moves forward, and they come back only through a change (rotation, catalogue edit), which
-/// re-links them. Excluded, skipped and filtered-out proxies stay (they are fine for others); unusable ones past
+/// re-links them. Excluded, banned and filtered-out proxies stay (they are fine for others); unusable ones past
 /// them are left for the next plain pick to drop.
-fn first_in(
-    set: &mut BTreeSet<Rank>,
-    entries: &HashMap<ObjectId, Slot>,
-    now_ms: i64,
-    filter: &Filter<'_>,
-    skip: &impl Fn(&ObjectId) -> bool,
-) -> Option<Rank> {
-    let usable = |id: &ObjectId| {
-        entries.get(id).is_some_and(|s| s.entry.within_rotation_window(now_ms) && !s.entry.expired(now_ms))
-    };
-    while let Some(rank) = set.first().copied() {
-        if usable(&rank.2) {
+fn first_in(set: &mut Order, now_ms: i64, filter: &Filter<'_>, domain: Option<&str>) -> Option<Rank> {
+    let usable = |e: &Entry| e.within_rotation_window(now_ms) && !e.expired(now_ms);
+    while let Some((_, e)) = set.first_key_value() {
+        if usable(e) {
             break;
         }
         set.pop_first();
     }
+    // No lookup per candidate walked: the window, the filters and the site's bans are all in its entry.
     set.iter()
-        .filter(|r| !filter.exclude.contains(&r.2))
-        .find(|r| usable(&r.2) && entries.get(&r.2).is_some_and(|s| filter.admits(&s.entry)) && !skip(&r.2))
-        .copied()
+        .filter(|(r, _)| !filter.exclude.contains(&r.2))
+        .find(|(_, e)| usable(e) && filter.admits(e) && !domain.is_some_and(|d| e.banned_for(d, now_ms)))
+        .map(|(r, _)| *r)
 }
 
 #[cfg(test)]
@@ -288,6 +291,7 @@ mod tests {
             expired_at_ms: None,
             package: None,
             region: String::new(),
+            bans: Vec::new(),
         }
     }
 

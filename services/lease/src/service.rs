@@ -768,6 +768,7 @@ impl LeaseService {
                     health: LiveHealth {
                         state: p.health_state().to_owned(),
                         fails: p.fails,
+                        success_rate: p.success_rate(),
                         duplicate_of: p.duplicate_of.map(|o| o.to_hex()),
                         bans: p
                             .bans

@@ -318,6 +318,8 @@ async fn failures_in_a_row_quarantine_a_proxy_and_its_rotation_brings_it_back() 
     app.settle().await;
     let d = app.proxy(&id.to_hex()).await?;
     assert_eq!((d.health.state.as_str(), d.health.fails), ("healthy", 0), "{:?}", d.health);
+    // Its record: 3 ok and 8 failures reported (the `ok`s that found it out of the pool leased nothing).
+    assert_eq!((d.health.recent_count, d.health.success_rate), (11, Some(3.0 / 11.0)), "{:?}", d.health);
     rotator.stop().await;
     app.shutdown().await;
     Ok(())
@@ -402,6 +404,7 @@ async fn an_admin_lifts_a_ban_and_a_quarantine() -> R {
     assert_eq!(live["leases"][0]["consumer"], "127.0.0.1", "{detail}");
     assert_eq!((live["health"]["state"].as_str(), live["health"]["fails"].as_u64()), (Some("healthy"), Some(0)));
     assert_eq!(live["exit_ip"], "198.51.100.1");
+    assert_eq!(live["health"]["success_rate"], 0.0, "three proxy_errors, no ok (the block is the site's): {detail}");
     assert!(live["leases"][0].get("key").is_none(), "a holder's key is not shown: {detail}");
     assert!(detail.get("password").is_none_or(Value::is_null), "secrets only with get_full: {detail}");
     let missing = admin(reqwest::Method::GET, format!("/api/proxies/{}", ObjectId::new())).await?;

@@ -200,6 +200,8 @@ pub struct HealthView {
     pub state: String,
     /// Failures in a row (`proxy_error`, `timeout`, the forward door's upstream failures).
     pub fails: i64,
+    /// The share of `ok` among the proxy's last 32 judgements (none before the first).
+    pub success_rate: Option<f64>,
     /// With `duplicate_ip`: the other active proxy on the same public IP.
     pub duplicate_of: Option<String>,
     /// Bans of exit IPs for sites, reported through this proxy (expired ones included until they are forgotten).
@@ -280,6 +282,7 @@ impl ProxyView {
             health: HealthView {
                 state: d.health.state,
                 fails: d.health.fails,
+                success_rate: d.health.success_rate,
                 duplicate_of: d.health.duplicate_of,
                 bans: d
                     .health

@@ -119,6 +119,19 @@ impl BanIndex {
         ids
     }
 
+    /// Every site `ip` has a ban for, with its latest end (ended ones included until they are forgotten).
+    pub fn on_ip(&self, ip: &str) -> Vec<(String, i64)> {
+        self.by_ip
+            .get(ip)
+            .map(|domains| {
+                domains
+                    .iter()
+                    .filter_map(|(d, r)| Some((d.clone(), r.iter().map(|(_, until, _)| *until).max()?)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Whether `ip` is banned for `domain` at `now_ms`.
     pub fn banned(&self, ip: &str, domain: &str, now_ms: i64) -> bool {
         self.latest(ip, domain).is_some_and(|(until, _)| until > now_ms)

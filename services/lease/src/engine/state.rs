@@ -44,6 +44,17 @@ pub fn fails_after(fails: u32, door_failure: bool, outcome: Option<Outcome>) -> 
     }
 }
 
+/// How a return judges the proxy itself: a door's upstream failure or a reported `proxy_error`/`timeout` is a
+/// failure, a reported `ok` a success; a site's refusal (`blocked`, `captcha`) and no report say nothing of it.
+pub fn judgement(door_failure: bool, outcome: Option<Outcome>) -> Option<bool> {
+    match outcome {
+        _ if door_failure => Some(false),
+        Some(Outcome::Ok) => Some(true),
+        Some(Outcome::ProxyError | Outcome::Timeout) => Some(false),
+        _ => None,
+    }
+}
+
 /// What the lease service needs of a proxy's catalogue document: the gates and what a grant hands out.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Catalog {
@@ -197,6 +208,10 @@ pub struct ProxyState {
     pub fails: u32,
     /// Out of the pool until a rotation (a check through the proxy) succeeds.
     pub quarantined: bool,
+    /// The latest judgements of the proxy itself, newest in bit 0 (1: `ok`; 0: `proxy_error`, `timeout` or a door's
+    /// upstream failure), and how many bits are used (at most [`proxypool_store::model::RECENT_OUTCOMES`]). Site
+    /// refusals (`blocked`, `captcha`) are about the IP and the site, not the proxy, and do not count.
+    pub recent_outcomes: (u32, u32),
     /// When a holder last asked for a new IP (epoch ms, engine clock): one such request per `ROTATE_MIN_INTERVAL`.
     pub rotate_asked_ms: Option<i64>,
     /// Its last rotation left it exiting on the public IP of this other active proxy: out of the pool until a
@@ -258,6 +273,10 @@ impl ProxyState {
                 })
                 .collect(),
             fails: u32::try_from(d.health.fails).unwrap_or(0),
+            recent_outcomes: (
+                u32::try_from(d.health.recent & 0xffff_ffff).unwrap_or(0),
+                u32::try_from(d.health.recent_count).unwrap_or(0).min(proxypool_store::model::RECENT_OUTCOMES),
+            ),
             quarantined: d.health.state == "quarantined",
             rotate_asked_ms: d.health.rotate_asked_at.map(|t| t.timestamp_millis()),
             duplicate_of: d.health.duplicate_of.as_deref().and_then(|id| ObjectId::parse_str(id).ok()),
@@ -281,6 +300,7 @@ impl ProxyState {
             bans: Vec::new(),
             fails: 0,
             quarantined: false,
+            recent_outcomes: (0, 0),
             rotate_asked_ms: None,
             duplicate_of: None,
             recent: Vec::new(),
@@ -314,6 +334,23 @@ impl ProxyState {
             || self.recent.iter().any(|(c, at)| *at >= since_ms && matches(c))
     }
 
+    /// The share of `ok` among the proxy's latest judgements, none before the first.
+    pub fn success_rate(&self) -> Option<f64> {
+        let (bits, n) = self.recent_outcomes;
+        (n > 0).then(|| {
+            let mask = if n >= 32 { u32::MAX } else { (1u32 << n) - 1 };
+            f64::from((bits & mask).count_ones()) / f64::from(n)
+        })
+    }
+
+    /// Records a judgement of the proxy: `Some(true)` ok, `Some(false)` a failure of the proxy, `None` nothing.
+    fn judged(&mut self, ok: Option<bool>) {
+        if let Some(ok) = ok {
+            let (bits, n) = self.recent_outcomes;
+            self.recent_outcomes = ((bits << 1) | u32::from(ok), (n + 1).min(proxypool_store::model::RECENT_OUTCOMES));
+        }
+    }
+
     /// `healthy`, `quarantined` or `duplicate_ip`.
     pub fn health_state(&self) -> &'static str {
         if self.quarantined {
@@ -335,7 +372,7 @@ impl ProxyState {
         u32::try_from(self.leases.len()).unwrap_or(u32::MAX)
     }
 
-    /// The candidate-index entry.
+    /// The candidate-index entry, without its bans ([`State`] adds those of its exit IP).
     pub fn entry(&self) -> Entry {
         Entry {
             area: self.catalog.area,
@@ -351,6 +388,8 @@ impl ProxyState {
             expired_at_ms: self.catalog.expired_at_ms,
             package: self.catalog.package,
             region: self.catalog.region.clone(),
+            // Bans follow the exit IP, whichever proxy they were reported through: the state fills them in.
+            bans: Vec::new(),
         }
     }
 
@@ -405,6 +444,9 @@ impl ProxyState {
             "health.state": self.health_state(),
             "health.duplicate_of": self.duplicate_of.map(|id| id.to_hex()),
             "health.fails": i64::from(self.fails),
+            "health.recent": i64::from(self.recent_outcomes.0),
+            "health.recent_count": i64::from(self.recent_outcomes.1),
+            "health.success_rate": self.success_rate(),
             "health.rotate_asked_at": self.rotate_asked_ms.map(ms),
         };
         // The job stays on the document after the unlock: it names the rotation that last held the proxy.
@@ -635,6 +677,20 @@ impl State {
     /// Replaces (or with `None` removes) a proxy's state, keeping the index and the expiry order in step. Also how
     /// the engine restores the states a failed append had changed.
     pub fn put(&mut self, id: ObjectId, state: Option<ProxyState>) {
+        // The exit IPs whose bans this change adds or drops: every other proxy exiting on them is re-linked, since
+        // a ban follows the IP whichever proxy it was reported through.
+        let mut ban_ips: Vec<String> = Vec::new();
+        {
+            let old = self.proxies.get(&id).map(|p| &p.bans);
+            let new = state.as_ref().map(|p| &p.bans);
+            if old != new {
+                for b in old.into_iter().chain(new).flatten() {
+                    if !ban_ips.contains(&b.ip) {
+                        ban_ips.push(b.ip.clone());
+                    }
+                }
+            }
+        }
         if let Some(old) = self.proxies.remove(&id) {
             for l in &old.leases {
                 self.expiry.remove(&(l.base_ms(), id, l.key.clone()));
@@ -664,8 +720,26 @@ impl State {
             }
             self.bans.add(id, &new.bans);
             self.exits.entry(new.exit_ip().to_owned()).or_default().insert(id);
-            self.index.set(id, new.entry());
+            let mut entry = new.entry();
+            entry.bans = self.bans.on_ip(new.exit_ip());
+            self.index.set(id, entry);
             self.proxies.insert(id, new);
+        }
+        for ip in ban_ips {
+            for other in self.exiting_on(&ip) {
+                if other != id {
+                    self.relink(other);
+                }
+            }
+        }
+    }
+
+    /// Re-links a proxy's index entry (its bans changed through another proxy).
+    fn relink(&mut self, id: ObjectId) {
+        if let Some(p) = self.proxies.get(&id) {
+            let mut entry = p.entry();
+            entry.bans = self.bans.on_ip(p.exit_ip());
+            self.index.set(id, entry);
         }
     }
 
@@ -677,13 +751,7 @@ impl State {
         filter: crate::index::Filter<'_>,
         domain: Option<&str>,
     ) -> Option<ObjectId> {
-        let Self { index, proxies, bans, .. } = self;
-        match domain {
-            Some(domain) => index.pick_where(area, now_ms, filter, |id| {
-                proxies.get(id).is_some_and(|p| bans.banned(p.exit_ip(), domain, now_ms))
-            }),
-            None => index.pick(area, now_ms, filter),
-        }
+        self.index.pick_for(area, now_ms, filter, domain)
     }
 
     /// Another active proxy than `id` whose verified public IP is `ip` (and is not itself marked a duplicate): the
@@ -811,6 +879,7 @@ impl State {
                 let Some(at) = p.leases.iter().position(|l| &l.key == key) else { return Vec::new() };
                 let gone = p.leases.remove(at);
                 p.fails = fails_after(p.fails, failure.is_some(), *outcome);
+                p.judged(judgement(failure.is_some(), *outcome));
                 p.quarantined |= *quarantine;
                 if rotate_asked_ms.is_some() {
                     p.rotate_asked_ms = *rotate_asked_ms;
@@ -872,6 +941,7 @@ impl State {
             Op::Duplicate { of, .. } => p.duplicate_of = *of,
             Op::Report { ban, outcome, quarantine, .. } => {
                 p.fails = fails_after(p.fails, false, Some(*outcome));
+                p.judged(judgement(false, Some(*outcome)));
                 p.quarantined |= *quarantine;
                 if let Some(ban) = ban {
                     p.add_ban(ban);
@@ -1042,5 +1112,51 @@ mod tests {
         s.apply(&Op::Remove { proxy: id });
         assert!(s.get(&id).is_none());
         assert!(s.expired_leases(i64::MAX, 10).is_empty());
+    }
+
+    #[test]
+    fn a_ban_reported_through_one_proxy_applies_to_every_proxy_on_that_exit_ip_until_it_ends() {
+        let mut s = State::new(10);
+        let (a, b, c) = (ObjectId::new(), ObjectId::new(), ObjectId::new());
+        let on = |ip: &str| Catalog { ip_public: Some(ip.into()), ..catalog() };
+        s.apply(&Op::Upsert { proxy: a, catalog: on("198.51.100.1"), clear: false });
+        s.apply(&Op::Upsert { proxy: b, catalog: on("198.51.100.1"), clear: false });
+        s.apply(&Op::Upsert { proxy: c, catalog: on("198.51.100.2"), clear: false });
+        let ban = Ban {
+            ip: "198.51.100.1".into(),
+            domain: "shop.example".into(),
+            until_ms: 1_000,
+            count: 1,
+            reason: Outcome::Blocked,
+        };
+        s.apply(&Op::Report { proxy: a, ban: Some(ban), outcome: Outcome::Blocked, quarantine: false });
+        let pick = |s: &mut State, now: i64, domain: &str, exclude: &[ObjectId]| {
+            s.candidate(Area::Vn, now, Filter { exclude, ..Filter::default() }, Some(domain))
+        };
+        assert_eq!(pick(&mut s, 500, "shop.example", &[]), Some(c), "a and b exit on the banned IP");
+        assert_eq!(pick(&mut s, 500, "shop.example", &[c]), None);
+        assert!(pick(&mut s, 500, "news.example", &[c]).is_some(), "another site is not affected");
+        assert!(pick(&mut s, 1_000, "shop.example", &[c]).is_some(), "the ban has ended");
+        // A proxy that moves onto the banned IP carries the ban; an admin's unban lifts it for both.
+        s.apply(&Op::Upsert { proxy: c, catalog: on("198.51.100.1"), clear: false });
+        assert_eq!(pick(&mut s, 500, "shop.example", &[]), None);
+        s.apply(&Op::Unban { proxy: a, ip: "198.51.100.1".into(), domain: "shop.example".into() });
+        assert!(pick(&mut s, 500, "shop.example", &[]).is_some());
+    }
+
+    #[test]
+    fn the_success_rate_counts_the_proxys_own_judgements_only() {
+        let mut p = ProxyState::new(catalog());
+        assert_eq!(p.success_rate(), None);
+        for o in [Outcome::Ok, Outcome::Ok, Outcome::Blocked, Outcome::ProxyError] {
+            p.judged(judgement(false, Some(o)));
+        }
+        p.judged(judgement(true, None));
+        p.judged(judgement(false, None));
+        assert_eq!(p.success_rate(), Some(0.5), "2 ok, 2 failures; a site's refusal and no report do not count");
+        for _ in 0..40 {
+            p.judged(Some(true));
+        }
+        assert_eq!((p.success_rate(), p.recent_outcomes.1), (Some(1.0), 32), "over the last 32 only");
     }
 }

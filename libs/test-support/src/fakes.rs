@@ -51,6 +51,8 @@ struct FakeState {
     max_in_flight: Mutex<HashMap<String, usize>>,
     auth_seen: Mutex<Vec<Option<String>>>,
     public_ip: Mutex<String>,
+    /// Answer each upstream [`ForwardProxy`] its own IP (from the id it sends), as proxies on separate modems see.
+    ip_per_upstream: std::sync::atomic::AtomicBool,
     /// Public IPs a rotate call of a key hands out, in turn (the echo answers the latest).
     next_ips: Mutex<HashMap<String, std::collections::VecDeque<String>>>,
     callbacks: Mutex<Vec<serde_json::Value>>,
@@ -89,9 +91,20 @@ async fn rotate(State(s): State<Arc<FakeState>>, Path(key): Path<String>, header
     (StatusCode::from_u16(answer.status).unwrap_or(StatusCode::OK), answer.body).into_response()
 }
 
-async fn ip(State(s): State<Arc<FakeState>>) -> String {
-    lock(&s.public_ip).clone()
+async fn ip(State(s): State<Arc<FakeState>>, headers: HeaderMap) -> String {
+    let upstream = headers.get(UPSTREAM_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u32>().ok());
+    match upstream {
+        Some(n) if s.ip_per_upstream.load(Ordering::SeqCst) => format!("198.18.{}.{}", (n >> 8) & 255, n & 255),
+        _ => lock(&s.public_ip).clone(),
+    }
 }
+
+/// The header a [`ForwardProxy`] adds to what it forwards: its own id, so that the fake IP echo can tell upstreams
+/// apart ([`FakeWorld::ip_per_upstream`]).
+const UPSTREAM_HEADER: &str = "x-fake-upstream";
+
+/// Ids of the [`ForwardProxy`]s started in this process.
+static UPSTREAMS: AtomicUsize = AtomicUsize::new(1);
 
 async fn region(Path(ip): Path<String>) -> Json<serde_json::Value> {
     Json(serde_json::json!({ "ip": ip, "region": "HCM", "country": "VN" }))
@@ -141,6 +154,12 @@ impl FakeWorld {
     /// The public IPs the next rotate calls of `key` give, one per call, in turn (then the echo keeps the last).
     pub fn hand_out_ips(&self, key: &str, ips: &[&str]) {
         lock(&self.state.next_ips).insert(key.to_owned(), ips.iter().map(|ip| (*ip).to_owned()).collect());
+    }
+
+    /// Makes the IP echo answer each upstream [`ForwardProxy`] an IP of its own (`198.18.x.y` from its id) instead
+    /// of the one [`FakeWorld::set_public_ip`] sets: proxies behind separate upstreams then exit on separate IPs.
+    pub fn ip_per_upstream(&self, yes: bool) {
+        self.state.ip_per_upstream.store(yes, Ordering::SeqCst);
     }
 
     /// Sets what the IP echo answers.
@@ -214,6 +233,7 @@ pub struct ForwardProxy {
 
 #[derive(Clone)]
 struct ProxyState {
+    id: usize,
     expected: String,
     client: reqwest::Client,
     forwarded: Arc<AtomicUsize>,
@@ -230,7 +250,7 @@ async fn forward(State(s): State<ProxyState>, req: Request) -> Response {
         return (StatusCode::BAD_REQUEST, "absolute-form http:// requests only").into_response();
     }
     s.forwarded.fetch_add(1, Ordering::SeqCst);
-    match s.client.request(req.method().clone(), &uri).send().await {
+    match s.client.request(req.method().clone(), &uri).header(UPSTREAM_HEADER, s.id.to_string()).send().await {
         Ok(res) => {
             let status = res.status();
             let body = res.bytes().await.unwrap_or_default();
@@ -251,6 +271,7 @@ impl ForwardProxy {
         };
         let forwarded = Arc::new(AtomicUsize::new(0));
         let state = ProxyState {
+            id: UPSTREAMS.fetch_add(1, Ordering::SeqCst),
             expected,
             client: reqwest::Client::builder().no_proxy().build()?,
             forwarded: forwarded.clone(),

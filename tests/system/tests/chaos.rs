@@ -23,13 +23,18 @@ async fn leases_survive_leader_kills_a_standby_kill_and_a_nats_restart() -> R {
     let started = Instant::now();
     let mut app = TestApp::builder().lease_instances(0).proxy_use_max(u32::try_from(MAX)?).spawn().await?;
     let fake = FakeWorld::start().await?;
-    let upstream = ForwardProxy::start("puser", "ppass").await?;
+    // Each proxy behind an upstream of its own, so each exits on an IP of its own (proxies sharing an exit IP are
+    // kept out of the pool as duplicates).
+    fake.ip_per_upstream(true);
+    let mut upstreams = Vec::new();
     // Every proxy rotates every 2 s (a proxy takes PROXY_USE_MAX leases per rotation cycle), through the fakes.
     for k in 0..12 {
         let key = format!("chaos{k}");
         fake.answer(&key, 200, "{}");
         // Its sync finds no lease replica yet (they start below and load MongoDB): that error is expected.
+        let upstream = ForwardProxy::start("puser", "ppass").await?;
         let _ = app.insert_proxy_behind(Area::Vn, &upstream, fake.rotate_url(&key), |d| d.rotate_time = 2).await;
+        upstreams.push(upstream);
     }
     let first = app.store.proxies().find_one(bson::doc! {}).await?;
     let probe_proxy = first.map(|d| d.id.to_hex()).ok_or_else(|| anyhow::anyhow!("no proxy inserted"))?;

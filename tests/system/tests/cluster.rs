@@ -49,12 +49,17 @@ async fn three_nats_nodes_carry_the_system_through_the_loss_of_any_one() -> R {
     let mut app =
         TestApp::builder().nats_cluster(3).lease_instances(0).proxy_use_max(u32::try_from(MAX)?).spawn().await?;
     let fake = FakeWorld::start().await?;
-    let upstream = ForwardProxy::start("puser", "ppass").await?;
+    // Each proxy behind an upstream of its own, so each exits on an IP of its own (proxies sharing an exit IP are
+    // kept out of the pool as duplicates).
+    fake.ip_per_upstream(true);
+    let mut upstreams = Vec::new();
     for k in 0..12 {
         let key = format!("cluster{k}");
         fake.answer(&key, 200, "{}");
         // No lease replica runs yet to take the sync; they load MongoDB when they start.
+        let upstream = ForwardProxy::start("puser", "ppass").await?;
         let _ = app.insert_proxy_behind(Area::Vn, &upstream, fake.rotate_url(&key), |d| d.rotate_time = 2).await;
+        upstreams.push(upstream);
     }
     let first = app.store.proxies().find_one(bson::doc! {}).await?;
     let probe_proxy = first.map(|d| d.id.to_hex()).ok_or_else(|| anyhow::anyhow!("no proxy inserted"))?;

@@ -83,8 +83,13 @@ impl Supervised {
         let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                return Ok(());
+            // A connection to a port nothing listens on yet can succeed by connecting to itself (Linux picks the
+            // source port from the same ephemeral range, and a socket whose source and destination are the same
+            // address is a "simultaneous open"): that is not the server, which may still be starting.
+            if let Ok(s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+                if s.local_addr().ok() != s.peer_addr().ok() {
+                    return Ok(());
+                }
             }
             // Exited (its port taken, a bad flag): say so now, with its log, rather than after the whole wait.
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {

@@ -97,6 +97,8 @@ pub struct PoolIndex {
     order: HashMap<Area, Order>,
     /// The same order per (area, package) and per (area, region), so that a filtered lease is `O(log n)` too.
     by_key: HashMap<(Area, Key), Order>,
+    /// Proxies known per (area, region label), leasable or not: a region none has is an unknown name, not a full pool.
+    regions: HashMap<(Area, String), usize>,
 }
 
 /// A filtered order's key.
@@ -137,7 +139,7 @@ type Order = BTreeMap<Rank, Arc<Entry>>;
 impl PoolIndex {
     /// An empty index for `PROXY_USE_MAX = max`.
     pub fn new(max: u32) -> Self {
-        Self { max, entries: HashMap::new(), order: HashMap::new(), by_key: HashMap::new() }
+        Self { max, entries: HashMap::new(), order: HashMap::new(), by_key: HashMap::new(), regions: HashMap::new() }
     }
 
     fn keys(entry: &Entry) -> impl Iterator<Item = Key> + '_ {
@@ -148,6 +150,13 @@ impl PoolIndex {
 
     fn unlink(&mut self, id: ObjectId) -> Option<Slot> {
         let slot = self.entries.remove(&id)?;
+        let region = (slot.entry.area, slot.entry.region.clone());
+        if let Some(n) = self.regions.get_mut(&region) {
+            *n -= 1;
+            if *n == 0 {
+                self.regions.remove(&region);
+            }
+        }
         let rank = slot.entry.rank(id);
         if let Some(set) = self.order.get_mut(&slot.entry.area) {
             set.remove(&rank);
@@ -161,6 +170,7 @@ impl PoolIndex {
     }
 
     fn link(&mut self, id: ObjectId, entry: Entry) {
+        *self.regions.entry((entry.area, entry.region.clone())).or_default() += 1;
         let entry = Arc::new(entry);
         if entry.leasable_now_or_later(self.max) {
             let rank = entry.rank(id);
@@ -244,6 +254,11 @@ impl PoolIndex {
             rotating += usize::from(s.entry.is_rotating);
         }
         (total, self.order.get(&area).map_or(0, BTreeMap::len), held, rotating)
+    }
+
+    /// Whether any proxy in `area` (leasable or not) has the region label `region`.
+    pub fn has_region(&self, area: Area, region: &str) -> bool {
+        self.regions.contains_key(&(area, region.to_owned()))
     }
 
     /// The state held for a proxy.

@@ -400,6 +400,13 @@ impl LeaseService {
         let (req, base, ttl) = (req.clone(), self.webhook_base.clone(), self.lease_ttl);
         self.engine
             .submit(move |txn| {
+                // A region no proxy of the area has is a wrong name (404), not a pool that is full for now (503).
+                if let Some(region) = req.region.as_deref().filter(|r| !txn.state().has_region(req.area, r)) {
+                    return Err(ApiError::not_found(format!(
+                        "no proxy in area {} has the region {region:?}",
+                        req.area
+                    )));
+                }
                 // One request id per lease of the request: `<id>` for a single lease, `<id>.<i>` for each of many.
                 let request_of = |i: u32| {
                     req.request_id.as_ref().map(|r| if req.count == 1 { r.clone() } else { format!("{r}.{i}") })

@@ -68,8 +68,10 @@ async fn every_filter_narrows_the_pick() -> R {
     let (status, _) = get(&app, &[("provider", "OtherProvider"), ("package", "TEST_PACK")]).await?;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     // Unknown names are a 404, bad values a 400 naming the field.
-    let (status, body) = get(&app, &[("provider", "Nobody")]).await?;
-    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")), "{body}");
+    for (field, name) in [("provider", "Nobody"), ("package", "NOPE"), ("region", "Nowhere")] {
+        let (status, body) = get(&app, &[(field, name)]).await?;
+        assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")), "{body}");
+    }
     for (field, value) in [("exclude", "nope"), ("count", "11"), ("count", "0"), ("count", "x"), ("region", "\u{7}")] {
         let (status, body) = get(&app, &[(field, value)]).await?;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{field}={value}: {body}");

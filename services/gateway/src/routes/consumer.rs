@@ -60,6 +60,8 @@ pub enum GetProxyReply {
 #[utoipa::path(get, path = "/api/get-proxy", tag = "consumer", params(GetProxyQuery), security(("api_key" = [])),
     responses((status = 200, body = GetProxyReply), (status = 400, body = crate::openapi::ErrorBody),
         (status = 401, body = crate::openapi::ErrorBody), (status = 403, body = crate::openapi::ErrorBody),
+        (status = 404, description = "no such provider or package, or no proxy of the area has that region",
+            body = crate::openapi::ErrorBody),
         (status = 503, description = "no_proxy_available or service_unavailable; see Retry-After",
             body = crate::openapi::ErrorBody)))]
 #[tracing::instrument(skip_all, fields(area = q.area.as_deref().unwrap_or("")))]

@@ -754,6 +754,11 @@ impl State {
         self.index.pick_for(area, now_ms, filter, domain)
     }
 
+    /// Whether any proxy in `area` has the region label `region`.
+    pub fn has_region(&self, area: Area, region: &str) -> bool {
+        self.index.has_region(area, region)
+    }
+
     /// Another active proxy than `id` whose verified public IP is `ip` (and is not itself marked a duplicate): the
     /// proxy `id` would share its exit with.
     pub fn exit_taken(&self, ip: &str, id: ObjectId) -> Option<ObjectId> {

@@ -691,6 +691,8 @@ impl State {
                 }
             }
         }
+        // Most changes (every grant and return) keep the exit IP: the by-IP index is then left as it is.
+        let same_exit = self.proxies.get(&id).map(ProxyState::exit_ip) == state.as_ref().map(ProxyState::exit_ip);
         if let Some(old) = self.proxies.remove(&id) {
             for l in &old.leases {
                 self.expiry.remove(&(l.base_ms(), id, l.key.clone()));
@@ -699,10 +701,12 @@ impl State {
                 self.locks.remove(&(lock.deadline(), id));
             }
             self.bans.remove(id, &old.bans);
-            if let Some(set) = self.exits.get_mut(old.exit_ip()) {
-                set.remove(&id);
-                if set.is_empty() {
-                    self.exits.remove(old.exit_ip());
+            if !same_exit {
+                if let Some(set) = self.exits.get_mut(old.exit_ip()) {
+                    set.remove(&id);
+                    if set.is_empty() {
+                        self.exits.remove(old.exit_ip());
+                    }
                 }
             }
             self.index.remove(id);
@@ -719,7 +723,9 @@ impl State {
                 self.locks.insert((lock.deadline(), id));
             }
             self.bans.add(id, &new.bans);
-            self.exits.entry(new.exit_ip().to_owned()).or_default().insert(id);
+            if !same_exit {
+                self.exits.entry(new.exit_ip().to_owned()).or_default().insert(id);
+            }
             let mut entry = new.entry();
             entry.bans = self.bans.on_ip(new.exit_ip());
             self.index.set(id, entry);
@@ -1004,6 +1010,21 @@ mod tests {
         }
     }
 
+    /// A plain return of `key` (`uncount`: as a withdrawal).
+    fn returned(proxy: ObjectId, key: &str, uncount: bool) -> Op {
+        Op::Release {
+            proxy,
+            key: key.into(),
+            uncount,
+            taken: None,
+            failure: None,
+            ban: None,
+            outcome: None,
+            quarantine: false,
+            rotate_asked_ms: None,
+        }
+    }
+
     fn grant(proxy: ObjectId, key: &str, at_ms: i64) -> Op {
         let lease = Lease {
             key: key.into(),
@@ -1038,31 +1059,11 @@ mod tests {
         s.apply(&grant(id, "b", 20));
         assert_eq!(s.candidate(Area::Vn, 30, Filter::default(), None), None, "full at PROXY_USE_MAX");
         assert_eq!(s.expired_leases(15, 10), vec![(id, "a".to_owned())]);
-        let notices = s.apply(&Op::Release {
-            proxy: id,
-            key: "a".into(),
-            uncount: false,
-            taken: None,
-            failure: None,
-            ban: None,
-            outcome: None,
-            quarantine: false,
-            rotate_asked_ms: None,
-        });
+        let notices = s.apply(&returned(id, "a", false));
         assert!(notices.is_empty());
         // Returning the same key again changes nothing.
         let before = s.get(&id).cloned();
-        s.apply(&Op::Release {
-            proxy: id,
-            key: "a".into(),
-            uncount: false,
-            taken: None,
-            failure: None,
-            ban: None,
-            outcome: None,
-            quarantine: false,
-            rotate_asked_ms: None,
-        });
+        s.apply(&returned(id, "a", false));
         assert_eq!(s.get(&id).cloned(), before);
         // used_count still 2: no more leases in this cycle.
         assert_eq!(s.candidate(Area::Vn, 30, Filter::default(), None), None);
@@ -1086,17 +1087,7 @@ mod tests {
         s.apply(&Op::Renew { proxy: id, key: "a".into(), at_ms: 50 });
         assert!(s.expired_leases(40, 10).is_empty(), "renewed at 50");
         assert_eq!(s.expired_leases(51, 10), vec![(id, "a".to_owned())]);
-        s.apply(&Op::Release {
-            proxy: id,
-            key: "a".into(),
-            uncount: true,
-            taken: None,
-            failure: None,
-            ban: None,
-            outcome: None,
-            quarantine: false,
-            rotate_asked_ms: None,
-        });
+        s.apply(&returned(id, "a", true));
         assert_eq!(s.recall("r-a"), None, "a withdrawn grant is not handed out again");
         s.apply(&grant(id, "b", 20));
         s.forget_requests_before(21);
